@@ -1,0 +1,81 @@
+"""Errors the agent reports. Each maps to one sysexits exit code (DESIGN §7).
+
+Messages name what to check next (the config key, the path, the HTTP status, the likely cause)
+and never contain a token, a client secret or an Authorization header.
+"""
+
+from __future__ import annotations
+
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+#: `once` with several profiles exits with the most severe code, in this order.
+SEVERITY = (EX_CONFIG, EX_NOPERM, EX_CANTCREAT, EX_UNAVAILABLE)
+
+
+class AgentError(Exception):
+    """Base class; ``exit_code`` is what `once` exits with when this ends a profile."""
+
+    exit_code = 1
+
+
+class ConfigError(AgentError):
+    """The configuration is invalid or missing (also: a required credential is absent)."""
+
+    exit_code = EX_CONFIG
+
+
+class SourceUnavailable(AgentError):
+    """A credential source could not be read now (down, unreachable, denied)."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class SourceEmpty(AgentError):
+    """A credential source has nothing to read (an unset variable, a missing file).
+
+    As the only source of a profile this is a configuration error (exit 78).
+    """
+
+    exit_code = EX_CONFIG
+
+
+class CredentialsRejected(AgentError):
+    """The auth server answered 401 invalid_client."""
+
+    exit_code = EX_NOPERM
+
+
+class RequestRejected(AgentError):
+    """The auth server answered 400 or 405: the request is misconfigured (no fast retry)."""
+
+    exit_code = EX_CONFIG
+
+
+class AuthServerUnavailable(AgentError):
+    """5xx, 429, timeouts, connection errors and malformed answers, after the retries."""
+
+    exit_code = EX_UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: seconds the server asked us to wait (429 Retry-After), if any
+        self.retry_after = retry_after
+
+
+class SinkError(AgentError):
+    """A sink could not be written (or, at start, cannot be)."""
+
+    exit_code = EX_CANTCREAT
+
+
+def most_severe(codes: list[int]) -> int:
+    """The exit code for several profiles' outcomes: 78 > 77 > 73 > 69 > 0."""
+    for code in SEVERITY:
+        if code in codes:
+            return code
+    return max(codes, default=EX_OK)

@@ -1,0 +1,120 @@
+"""Small frozen data carriers: a redacted ``Secret``, ``Credentials`` and ``Token``."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str``, f-strings or logs.
+
+    Read the value with :meth:`reveal`, only at the place where it is sent or written.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __format__(self, format_spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> Any:  # never pickled (state is kept as JSON, on purpose)
+        raise TypeError("Secret values are not picklable")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """An OAuth2 client id and secret, as one credential source read them."""
+
+    client_id: str
+    client_secret: Secret
+    #: name of the source that produced them ("env", "vault", "aws")
+    source: str
+    #: the source's version of these credentials (opaque; compared for equality only)
+    version: str
+
+    def fingerprint(self, key: bytes) -> str:
+        """A keyed hash of id and secret: lets state files match credentials without the secret."""
+        material = self.client_id.encode() + b"\0" + self.client_secret.reveal().encode()
+        return hmac.new(key, material, hashlib.sha256).hexdigest()
+
+    def same_as(self, other: Credentials | None) -> bool:
+        """True when id and secret are equal (the source and version may differ)."""
+        return (
+            other is not None
+            and self.client_id == other.client_id
+            and self.client_secret == other.client_secret
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """An access token as the auth server issued it, with absolute times in UTC."""
+
+    access_token: Secret
+    token_type: str
+    #: seconds, as received
+    expires_in: int
+    #: when the request that produced it was sent (so expiry is never later than the server's)
+    obtained_at: datetime
+    expires_at: datetime
+    scope: str | None = None
+    extensions: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def provider_slug(self) -> str | None:
+        slug = self.extensions.get("provider_slug")
+        return slug if isinstance(slug, str) else None
+
+    @property
+    def lifetime(self) -> timedelta:
+        return self.expires_at - self.obtained_at
+
+    def remaining(self, now: datetime) -> timedelta:
+        return self.expires_at - now
+
+    def is_valid(self, now: datetime) -> bool:
+        return now < self.expires_at
+
+    def document(self) -> dict[str, Any]:
+        """The JSON token document (file sink ``json`` format and write-back sinks)."""
+        return {
+            "access_token": self.access_token.reveal(),
+            "token_type": self.token_type,
+            "expires_in": self.expires_in,
+            "expires_at": rfc3339(self.expires_at),
+            "obtained_at": rfc3339(self.obtained_at),
+            "scope": self.scope,
+            "provider_slug": self.provider_slug,
+            "extensions": dict(self.extensions),
+        }
+
+
+def rfc3339(moment: datetime) -> str:
+    """``2026-11-28T16:27:29Z``: UTC, whole seconds, a ``Z`` suffix."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

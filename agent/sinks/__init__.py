@@ -1,0 +1,1 @@
+"""Token sinks: where a new token is written."""

@@ -1,0 +1,1 @@
+"""Credential sources: where the OAuth2 client id and secret come from."""
