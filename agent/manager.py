@@ -1,0 +1,381 @@
+"""One profile's token: the single path every trigger takes (sources → oauth → sinks → schedule).
+
+``Profile.refresh(reason)`` never raises: it returns an :class:`Outcome` with the time of the
+next run. Time (the scheduler), version polls, SIGHUP and 401s all end up here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from agent.errors import (
+    AgentError,
+    AuthServerUnavailable,
+    ConfigError,
+    CredentialsRejected,
+    RequestRejected,
+    SinkError,
+)
+from agent.logs import Redactor
+from agent.models import Credentials, Token, rfc3339
+from agent.oauth import Clock, TokenClient
+from agent.sinks.base import TokenSink
+from agent.sources.chain import SourceChain
+from agent.state import StateStore
+
+ONE_SECOND = timedelta(seconds=1)
+
+
+class State(StrEnum):
+    STARTING = "starting"  # no attempt finished yet
+    OK = "ok"
+    DEGRADED = "degraded"  # the last refresh failed; the kept token is still valid
+    EXPIRED = "expired"  # no valid token
+    MISCONFIGURED = "misconfigured"  # the auth server answered 400/405
+
+
+class Reason(StrEnum):
+    """Why a refresh runs (logged; the rotation triggers re-read the credentials)."""
+
+    START = "start"
+    SCHEDULE = "schedule"
+    RETRY = "retry"
+    ROTATION = "rotation"
+    SIGHUP = "sighup"
+    FORCE = "force"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The schedule of DESIGN §6 (all timedeltas)."""
+
+    refresh_before_expiry: timedelta = timedelta(seconds=60)
+    #: each delay is shortened by a random fraction up to this, so a fleet does not align
+    jitter: float = 0.05
+    retry_first: timedelta = timedelta(seconds=2)
+    retry_cap: timedelta = timedelta(minutes=5)
+    retry_cap_expired: timedelta = timedelta(seconds=30)
+    #: after 401 (unchanged credentials) or 400/405: slow, capped
+    rejected_first: timedelta = timedelta(minutes=1)
+    rejected_cap: timedelta = timedelta(minutes=15)
+    #: after the server handed back a token we hold, at and past its expiry
+    reuse_poll: timedelta = timedelta(milliseconds=300)
+    #: re-read the sources at every scheduled refresh (when version polling is off)
+    reread_on_schedule: bool = False
+
+    def refresh_delay(self, lifetime: timedelta) -> timedelta:
+        """``max(lifetime - max(margin, lifetime/10), lifetime/2, 1 s)``."""
+        margin = max(self.refresh_before_expiry, lifetime / 10)
+        return max(lifetime - margin, lifetime / 2, ONE_SECOND)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one run of :meth:`Profile.refresh` did."""
+
+    #: a token is held that the sinks have (new, reused or restored)
+    ok: bool
+    next_at: datetime
+    #: a new token was written to the sinks
+    new_token: bool = False
+    error: AgentError | None = None
+
+
+class Profile:
+    """The state and the refresh path of one profile. Thread-safe (one run at a time)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        chain: SourceChain,
+        client: TokenClient,
+        sinks: Sequence[TokenSink],
+        store: StateStore,
+        timing: Timing,
+        clock: Clock,
+        redactor: Redactor | None = None,
+        rng: random.Random | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.name = name
+        self.chain = chain
+        self.client = client
+        self.sinks = list(sinks)
+        self._store = store
+        self._timing = timing
+        self._clock = clock
+        self._redactor = redactor
+        self._rng = rng or random.Random()  # noqa: S311 - jitter
+        self._log = logger or logging.getLogger("agent")
+        self._lock = threading.RLock()
+
+        self.state = State.STARTING
+        self.token: Token | None = None
+        self.credentials: Credentials | None = None
+        self.last_error: str | None = None
+        self.last_refresh: datetime | None = None
+        self._failures = 0
+        #: sinks that missed the current token (retried until written or superseded)
+        self._unwritten: list[TokenSink] = []
+
+    # ---------------------------------------------------------------- helpers
+    def _extra(self, event: str, **fields: object) -> dict[str, object]:
+        return {"profile": self.name, "event": event, **fields}
+
+    def _remember(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+        if self._redactor is not None:
+            self._redactor.add(credentials.client_secret.reveal())
+
+    def _hold(self, token: Token) -> None:
+        self.token = token
+        if self._redactor is not None:
+            self._redactor.add(token.access_token.reveal())
+
+    def _fingerprint(self, credentials: Credentials) -> str:
+        return credentials.fingerprint(self._store.key)
+
+    def check_sinks(self) -> None:
+        """Each sink proves at start that it can write (raises SinkError)."""
+        for sink in self.sinks:
+            sink.check()
+
+    # ---------------------------------------------------------------- restore
+    def restore(self) -> bool:
+        """Take the recorded token for the current credentials, if still valid.
+
+        Reads the credentials (raises the source's error). The sinks are written again with
+        it (files may be gone after a reboot), without counting as a new token.
+        """
+        with self._lock:
+            credentials = self.chain.read()
+            self._remember(credentials)
+            token = self._store.load(self.name, self._fingerprint(credentials))
+            now = self._clock()
+            if token is None or not token.is_valid(now):
+                return False
+            self._hold(token)
+            self._write_sinks(token)
+            self.state = State.OK
+            self.last_refresh = token.obtained_at
+            self._log.info(
+                "reusing the recorded token (provider %s), valid until %s",
+                token.provider_slug or "?",
+                rfc3339(token.expires_at),
+                extra=self._extra(
+                    "token_restored",
+                    provider_slug=token.provider_slug,
+                    expires_at=rfc3339(token.expires_at),
+                ),
+            )
+            return True
+
+    def due(self) -> datetime:
+        """When the held token should be refreshed (now if none)."""
+        if self.token is None:
+            return self._clock()
+        return self._refresh_at(self.token)
+
+    def _refresh_at(self, token: Token) -> datetime:
+        delay = self._timing.refresh_delay(token.lifetime)
+        delay -= delay * self._rng.uniform(0, self._timing.jitter)
+        return token.obtained_at + max(delay, ONE_SECOND)
+
+    # ---------------------------------------------------------------- refresh
+    def refresh(self, reason: Reason) -> Outcome:
+        with self._lock:
+            try:
+                return self._refresh(reason)
+            except AgentError as exc:
+                return self._failed(exc)
+            except Exception as exc:  # a bug must not stop the schedule
+                self._log.exception(
+                    "unexpected error while refreshing", extra=self._extra("internal_error")
+                )
+                return self._failed(AgentError(f"internal error: {type(exc).__name__}"))
+
+    def _refresh(self, reason: Reason) -> Outcome:
+        now = self._clock()
+        held = self.token if self.token is not None and self.token.is_valid(now) else None
+        if (
+            reason in (Reason.SCHEDULE, Reason.RETRY)
+            and self._unwritten
+            and held is not None
+            and now < self._refresh_at(held)
+        ):
+            return self._retry_sinks(held)
+
+        reread = (
+            self.credentials is None
+            or reason not in (Reason.SCHEDULE,)
+            or self._timing.reread_on_schedule
+            or self.state is not State.OK
+        )
+        credentials = self.chain.read() if reread else self.credentials
+        assert credentials is not None
+        if self.credentials is not None and not credentials.same_as(self.credentials):
+            self._log.info(
+                "new credentials from source %s (client_id %r)",
+                credentials.source,
+                credentials.client_id,
+                extra=self._extra("credentials_changed", source=credentials.source),
+            )
+        self._remember(credentials)
+
+        fetched = self.client.fetch(
+            credentials,
+            previous=self.token if reason is not Reason.FORCE else None,
+            reread=self.chain.read,
+        )
+        if fetched.credentials is not credentials:
+            self._remember(fetched.credentials)
+        self._failures = 0
+        self.last_error = None
+        now = self._clock()
+        if fetched.reused:
+            self._hold(fetched.token)
+            self.state = State.OK if fetched.token.is_valid(now) else State.EXPIRED
+            next_at = max(fetched.token.expires_at, now + self._timing.reuse_poll)
+            self._log.info(
+                "the auth server returned the token already held; asking again at its "
+                "expiry %s",
+                rfc3339(fetched.token.expires_at),
+                extra=self._extra("token_unchanged", expires_at=rfc3339(fetched.token.expires_at)),
+            )
+            return Outcome(ok=True, next_at=next_at)
+
+        token = fetched.token
+        self._hold(token)
+        self.last_refresh = now
+        self._store.save(self.name, self._fingerprint(fetched.credentials), token)
+        self._log.info(
+            "new token for provider %s, expires %s (%s)",
+            token.provider_slug or "?",
+            rfc3339(token.expires_at),
+            reason.value,
+            extra=self._extra(
+                "token_refreshed",
+                provider_slug=token.provider_slug,
+                expires_at=rfc3339(token.expires_at),
+                reason=reason.value,
+                source=fetched.credentials.source,
+            ),
+        )
+        self._unwritten = list(self.sinks)
+        return self._retry_sinks(token, new=True)
+
+    def _retry_sinks(self, token: Token, *, new: bool = False) -> Outcome:
+        self._unwritten = self._write_sinks(token, only=self._unwritten)
+        next_at = self._refresh_at(token)
+        if not self._unwritten:
+            self.state = State.OK
+            return Outcome(ok=True, next_at=next_at, new_token=new)
+        self._failures += 1
+        names = ", ".join(sink.name for sink in self._unwritten)
+        error = SinkError(f"not written: {names}")
+        self.last_error = str(error)
+        self.state = State.DEGRADED
+        retry_at = self._clock() + self._backoff(self._timing.retry_first, self._timing.retry_cap)
+        return Outcome(ok=False, next_at=min(next_at, retry_at), new_token=new, error=error)
+
+    def _write_sinks(
+        self, token: Token, *, only: Sequence[TokenSink] | None = None
+    ) -> list[TokenSink]:
+        """Write every sink (one failing never blocks the others); returns those that failed."""
+        failed = []
+        for sink in self.sinks if only is None else only:
+            try:
+                sink.write(token)
+            except SinkError as exc:
+                failed.append(sink)
+                self._log.error(
+                    "cannot write %s: %s",
+                    sink.name,
+                    exc,
+                    extra=self._extra("sink_error", sink=sink.name),
+                )
+        return failed
+
+    # ---------------------------------------------------------------- failure
+    def _backoff(self, first: timedelta, cap: timedelta) -> timedelta:
+        exponent = min(max(self._failures - 1, 0), 16)
+        delay: timedelta = min(first * (2**exponent), cap)
+        return delay - delay * self._rng.uniform(0, 0.25)
+
+    def _failed(self, exc: AgentError) -> Outcome:
+        self._failures += 1
+        now = self._clock()
+        valid = self.token is not None and self.token.is_valid(now)
+        timing = self._timing
+        if isinstance(exc, RequestRejected):
+            self.state = State.MISCONFIGURED
+            delay = self._backoff(timing.rejected_first, timing.rejected_cap)
+        elif isinstance(exc, CredentialsRejected):
+            self.state = State.DEGRADED if valid else State.EXPIRED
+            delay = self._backoff(timing.rejected_first, timing.rejected_cap)
+        else:
+            self.state = State.DEGRADED if valid else State.EXPIRED
+            cap = timing.retry_cap if valid else timing.retry_cap_expired
+            delay = self._backoff(timing.retry_first, cap)
+            if isinstance(exc, AuthServerUnavailable) and exc.retry_after is not None:
+                delay = max(delay, timedelta(seconds=exc.retry_after))
+        if not valid and isinstance(exc, CredentialsRejected | RequestRejected):
+            delay = min(delay, max(timing.retry_cap_expired, timing.rejected_first))
+        if valid and self.token is not None and not isinstance(exc, RequestRejected):
+            # never sleep through the expiry of the token we hold
+            until_expiry = self.token.expires_at - now
+            if until_expiry > ONE_SECOND:
+                delay = min(delay, until_expiry)
+        delay = max(delay, ONE_SECOND)
+        self.last_error = str(exc)
+        kept = (
+            f"; keeping the current token (valid until {rfc3339(self.token.expires_at)})"
+            if valid and self.token is not None
+            else "; no valid token is held"
+        )
+        self._log.error(
+            "refresh failed: %s%s; next attempt in %ds",
+            exc,
+            kept,
+            round(delay.total_seconds()),
+            extra=self._extra(
+                "refresh_failed",
+                reason=type(exc).__name__,
+                retry_in=round(delay.total_seconds(), 1),
+            ),
+        )
+        return Outcome(ok=False, next_at=now + delay, error=exc)
+
+    # ---------------------------------------------------------------- polling
+    def poll(self) -> bool:
+        """Cheap version check of the sources; True when a re-auth is needed now.
+
+        Skipped (False) while a refresh of this profile runs: that refresh reads them anyway.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            result = self.chain.poll()
+        except ConfigError as exc:
+            self._log.error("source check failed: %s", exc, extra=self._extra("source_error"))
+            return False
+        finally:
+            self._lock.release()
+        if result.changed:
+            self._log.info(
+                "rotation detected: %s", result.detail, extra=self._extra("rotation_detected")
+            )
+        return result.changed
+
+    def close(self) -> None:
+        self.client.close()
+        self.chain.close()
+        for sink in self.sinks:
+            sink.close()

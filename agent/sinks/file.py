@@ -1,0 +1,432 @@
+"""The file sink: the token on local disk, written atomically (DESIGN §4).
+
+A write goes to a temp file in the same directory (``O_CREAT|O_EXCL|O_NOFOLLOW``, 0600), gets
+its ``mode`` and ``owner``/``group``, is filled and ``fsync``-ed, and is then renamed onto the
+path, after which the directory is ``fsync``-ed. A reader therefore sees the old token or the new
+one, never a partial file, even when the agent is killed mid-write. Temp files left by a kill -9
+are named ``.<basename>.dvs-agent.<16 hex>.tmp`` and removed by :meth:`FileSink.check`.
+
+The token is read (``Secret.reveal``) only in :func:`render`; no message here ever contains it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import pwd
+import re
+import secrets
+import signal
+import stat
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from agent.errors import SinkError
+from agent.models import Token, rfc3339
+
+Format = Literal["raw", "json", "env"]
+
+#: the formats :func:`render` knows, for config validation
+FORMATS: tuple[Format, ...] = ("raw", "json", "env")
+
+_TMP_MARK = ".dvs-agent."
+_TMP_SUFFIX = ".tmp"
+_TMP_RANDOM_HEX = 16
+_DIR_MODE = 0o750
+_STDERR_LINE_MAX = 200
+_REDACTED = "**********"
+#: characters that would break a ``KEY=VALUE`` line of an env file
+_ENV_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+_log = logging.getLogger(__name__)
+
+
+def render(token: Token, fmt: Format) -> bytes:
+    """The bytes the sink writes for ``token`` in format ``fmt``.
+
+    ``raw`` is the token alone with no trailing newline; ``json`` is the token document
+    (:meth:`Token.document`) and a newline; ``env`` is three ``KEY=VALUE`` lines that systemd's
+    ``EnvironmentFile`` and ``docker --env-file`` both read.
+    """
+    value = token.access_token.reveal()
+    if fmt == "raw":
+        return value.encode()
+    if fmt == "json":
+        return msgspec.json.encode(token.document()) + b"\n"
+    if fmt == "env":
+        if _ENV_UNSAFE.search(value) or _ENV_UNSAFE.search(token.token_type):
+            # an opaque RFC 6750 token never has these; refuse rather than write a broken file
+            raise SinkError("the token contains control characters: it cannot be written as env")
+        return (
+            f"DVS_ACCESS_TOKEN={value}\n"
+            f"DVS_TOKEN_TYPE={token.token_type.lower()}\n"
+            f"DVS_TOKEN_EXPIRES_AT={rfc3339(token.expires_at)}\n"
+        ).encode()
+    raise SinkError(f"unknown file sink format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+class FileSink:
+    """Writes each new token to one file; satisfies :class:`agent.sinks.base.TokenSink`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fmt: Format = "raw",
+        mode: int = 0o640,
+        owner: str | None = None,
+        group: str | None = None,
+        on_change: Sequence[str] | None = None,
+        on_change_timeout: float = 30.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        #: the file consumers read; never a symlink
+        self.path = Path(path)
+        self.fmt: Format = fmt
+        #: permission bits applied at every write (``fchmod``, so the umask does not apply)
+        self.mode = mode
+        #: user and group (names or numeric ids) applied at every write; None leaves them
+        self.owner = owner
+        self.group = group
+        #: argv run (no shell) after each successful write; None or empty runs nothing
+        self.on_change: tuple[str, ...] = tuple(on_change or ())
+        #: seconds before a running on_change command is killed
+        self.on_change_timeout = on_change_timeout
+        self.name = f"file:{self.path}"
+        self._log = logger or _log
+        self._dir = self.path.parent
+        self._tmp_pattern = re.compile(
+            re.escape("." + self.path.name + _TMP_MARK)
+            + f"[0-9a-f]{{{_TMP_RANDOM_HEX}}}"
+            + re.escape(_TMP_SUFFIX)
+        )
+        self._ids: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    # -- the TokenSink protocol ---------------------------------------------------------
+
+    def check(self) -> None:
+        """Prove at start that :meth:`write` can succeed, and clean up after a kill -9.
+
+        Raises :class:`SinkError` for a symlink (or a non-file) at the path, an invalid
+        ``mode``, an unknown ``owner``/``group``, a directory that cannot be created or written,
+        or ownership the agent is not allowed to give.
+        """
+        if self.fmt not in FORMATS:
+            raise SinkError(
+                f"{self.path}: unknown format {self.fmt!r}: choose one of {', '.join(FORMATS)}"
+            )
+        if not 0 <= self.mode <= 0o7777:
+            raise SinkError(f"{self.path}: mode {self.mode:#o} is not a file mode (e.g. 0640)")
+        uid, gid = self._resolve_ids()
+        self._refuse_unsafe_target()
+        self._ensure_dir(gid)
+        self._remove_stale_temp_files()
+        self._refuse_sticky_replace()
+        # the probe goes through the same steps as a write, minus the rename
+        tmp, fd = self._create_temp()
+        try:
+            self._apply_attributes(fd, uid, gid)
+        except OSError as exc:
+            raise SinkError(f"cannot write {self.path}: {self._explain(exc)}") from None
+        finally:
+            os.close(fd)
+            _unlink_quietly(tmp)
+
+    def write(self, token: Token) -> None:
+        """Replace the file with ``token`` atomically, then run ``on_change``.
+
+        Raises :class:`SinkError` naming the path and the system error; the temp file is
+        removed on any failure and the previous file is left as it was.
+        """
+        data = render(token, self.fmt)
+        with self._lock:
+            uid, gid = self._resolve_ids()
+            self._refuse_unsafe_target()
+            if not self._dir.is_dir():
+                self._ensure_dir(gid)
+            tmp, fd = self._create_temp()
+            try:
+                try:
+                    self._apply_attributes(fd, uid, gid)
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                _unlink_quietly(tmp)
+                raise SinkError(f"cannot write {self.path}: {self._explain(exc)}") from None
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            try:
+                _fsync_dir(self._dir)
+            except OSError as exc:
+                # the new file is in place but may not survive a power loss: report it
+                raise SinkError(
+                    f"wrote {self.path} but could not fsync {self._dir}: {self._explain(exc)}"
+                ) from None
+            self._log.debug("wrote %s (%s, mode %#o)", self.path, self.fmt, self.mode)
+        if self.on_change:
+            self._run_on_change(token)
+
+    def close(self) -> None:
+        """Nothing to release; the file stays in place so consumers keep working."""
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _resolve_ids(self) -> tuple[int, int]:
+        """(uid, gid) to apply, -1 for "leave as created"; names are looked up once."""
+        if self._ids is None:
+            self._ids = (
+                _resolve("owner", self.owner, _uid_of),
+                _resolve("group", self.group, _gid_of),
+            )
+        return self._ids
+
+    def _refuse_unsafe_target(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise SinkError(f"cannot inspect {self.path}: {self._explain(exc)}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise SinkError(
+                f"{self.path} is a symlink; the file sink refuses symlinks: "
+                "remove it or point sinks.path at a regular file"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise SinkError(f"{self.path} exists and is not a regular file: choose another path")
+
+    def _ensure_dir(self, gid: int) -> None:
+        """Create the missing directories above the path with mode 0750 (and ``group``)."""
+        missing: list[Path] = []
+        here = self._dir
+        while not here.exists() and here != here.parent:
+            missing.append(here)
+            here = here.parent
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, _DIR_MODE)
+            except FileExistsError:
+                continue  # created meanwhile by someone else: leave it as it is
+            except OSError as exc:
+                raise SinkError(
+                    f"cannot create directory {directory} for {self.path}: {self._explain(exc)}"
+                ) from None
+            try:
+                os.chmod(directory, _DIR_MODE)  # the umask may have taken bits away
+                if gid != -1:  # members of the file's group must be able to reach it
+                    os.chown(directory, -1, gid)
+            except OSError as exc:
+                raise SinkError(
+                    f"cannot set mode/group of directory {directory}: {self._explain(exc)}"
+                ) from None
+        if not self._dir.is_dir():
+            raise SinkError(f"{self._dir} (the directory of {self.path}) is not a directory")
+
+    def _remove_stale_temp_files(self) -> None:
+        try:
+            names = os.listdir(self._dir)
+        except OSError as exc:
+            raise SinkError(
+                f"cannot list {self._dir} (for {self.path}): {self._explain(exc)}"
+            ) from None
+        for name in names:
+            if self._tmp_pattern.fullmatch(name):
+                stale = self._dir / name
+                try:
+                    os.unlink(stale)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise SinkError(
+                        f"cannot remove stale temp file {stale}: {self._explain(exc)}"
+                    ) from None
+                self._log.info("removed stale temp file %s", stale)
+
+    def _refuse_sticky_replace(self) -> None:
+        """In a sticky directory (like /tmp) only the file's owner may replace it."""
+        euid = os.geteuid()
+        if euid == 0:
+            return
+        try:
+            dir_st = os.stat(self._dir)
+            file_st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise SinkError(f"cannot inspect {self.path}: {self._explain(exc)}") from None
+        if dir_st.st_mode & stat.S_ISVTX and euid not in (file_st.st_uid, dir_st.st_uid):
+            raise SinkError(
+                f"cannot replace {self.path}: it belongs to uid {file_st.st_uid} in the sticky "
+                f"directory {self._dir}, and the agent runs as uid {euid}: remove the file or "
+                "choose another sinks.path"
+            )
+
+    def _create_temp(self) -> tuple[Path, int]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        while True:
+            tmp = self._dir / (
+                f".{self.path.name}{_TMP_MARK}{secrets.token_hex(_TMP_RANDOM_HEX // 2)}"
+                f"{_TMP_SUFFIX}"
+            )
+            try:
+                return tmp, os.open(tmp, flags, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise SinkError(f"cannot write {self.path}: {self._explain(exc)}") from None
+
+    def _apply_attributes(self, fd: int, uid: int, gid: int) -> None:
+        try:
+            os.fchmod(fd, self.mode)
+            if uid != -1 or gid != -1:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, self.mode)  # chown clears setuid/setgid bits; put them back
+        except PermissionError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+            raise SinkError(
+                f"cannot set owner/group of {self.path} (owner={self.owner!r}, "
+                f"group={self.group!r}): operation not permitted: the agent runs as uid "
+                f"{os.geteuid()}; changing the owner needs root (CAP_CHOWN) and the group needs "
+                "membership of it"
+            ) from None
+
+    def _explain(self, exc: OSError) -> str:
+        """The errno text and, where there is one, the likely fix."""
+        text = exc.strerror or type(exc).__name__
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return (
+                f"{text.lower()}: the agent runs as uid {os.geteuid()}; give it write access "
+                f"to {self._dir} or choose another sinks.path"
+            )
+        if exc.errno == errno.EROFS:
+            return f"{text.lower()}: {self._dir} is on a read-only file system"
+        return text
+
+    def _run_on_change(self, token: Token) -> None:
+        """Run the on_change argv; every failure is a WARNING, never an exception."""
+        argv = list(self.on_change)
+        env = dict(os.environ)
+        env["DVS_TOKEN_FILE"] = os.fspath(self.path.absolute())
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=env,
+                close_fds=True,
+                start_new_session=True,  # its own process group: a timeout kills it all
+            )
+        except OSError as exc:
+            reason = "not found" if isinstance(exc, FileNotFoundError) else exc.strerror
+            self._log.warning(
+                "on_change for %s: cannot run %s: %s", self.path, argv[0], reason or exc
+            )
+            return
+        timed_out = False
+        try:
+            _, err = proc.communicate(timeout=self.on_change_timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc.pid)
+            try:
+                _, err = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # something escaped the process group
+                proc.kill()
+                proc.wait()
+                err = b""
+        last = _last_line(err, token.access_token.reveal())
+        if timed_out:
+            self._log.warning(
+                "on_change for %s: %s timed out after %gs and was killed (exit code %s): %s",
+                self.path,
+                argv[0],
+                self.on_change_timeout,
+                proc.returncode,
+                last,
+            )
+        elif proc.returncode != 0:
+            self._log.warning(
+                "on_change for %s: %s failed with exit code %s: %s",
+                self.path,
+                argv[0],
+                proc.returncode,
+                last,
+            )
+        else:
+            self._log.info("on_change for %s: %s succeeded", self.path, argv[0])
+
+
+def _resolve(key: str, value: str | None, lookup: Callable[[str], int]) -> int:
+    if value is None or value == "":
+        return -1
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return lookup(text)
+    except KeyError:
+        raise SinkError(
+            f"sinks.{key} = {text!r}: no such {'user' if key == 'owner' else 'group'} on this "
+            "host (use a name that exists or a numeric id)"
+        ) from None
+
+
+def _uid_of(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid_of(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _last_line(stderr: bytes | None, token: str) -> str:
+    """The last non-empty stderr line, at most 200 characters, with the token blanked out."""
+    lines = [line for line in (stderr or b"").decode(errors="replace").splitlines() if line]
+    if not lines:
+        return "(no stderr)"
+    line = lines[-1]
+    if token:
+        line = line.replace(token, _REDACTED)
+    if len(line) > _STDERR_LINE_MAX:
+        line = line[:_STDERR_LINE_MAX] + "…"
+    return line

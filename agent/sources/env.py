@@ -1,0 +1,96 @@
+"""The environment credential source: ``DVS_CLIENT_ID``/``DVS_CLIENT_SECRET`` or ``…_FILE``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+
+from agent.errors import ConfigError, SourceEmpty, SourceUnavailable
+from agent.models import Credentials, Secret
+
+
+class EnvSource:
+    """Reads the client id and secret from environment variables.
+
+    Each variable also honours ``NAME_FILE`` (a path, as Docker secrets and systemd credentials
+    use); both set is an error; one trailing newline of a file is stripped. A ``_FILE`` is read
+    again at every call, so rewriting it is a rotation.
+    """
+
+    name = "env"
+
+    def __init__(
+        self,
+        *,
+        client_id_var: str = "DVS_CLIENT_ID",
+        client_secret_var: str = "DVS_CLIENT_SECRET",  # noqa: S107 - a variable name
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._id_var = client_id_var
+        self._secret_var = client_secret_var
+        self._environ = os.environ if environ is None else environ
+
+    def read(self) -> Credentials:
+        client_id = self._value(self._id_var)
+        secret = self._value(self._secret_var)
+        return Credentials(
+            client_id=client_id,
+            client_secret=Secret(secret),
+            source=self.name,
+            version=_version(client_id, secret),
+        )
+
+    def version(self) -> str:
+        return self.read().version
+
+    def close(self) -> None:
+        return None
+
+    def _value(self, var: str) -> str:
+        direct = self._environ.get(var)
+        file_var = f"{var}_FILE"
+        path = self._environ.get(file_var)
+        if direct is not None and path is not None:
+            raise ConfigError(
+                f"both {var} and {file_var} are set: set one of them (the env source reads "
+                f"{var} directly, or the file that {file_var} names)"
+            )
+        if path is not None:
+            value = _read_file(path, file_var)
+        elif direct is not None:
+            value = direct
+        else:
+            raise SourceEmpty(
+                f"{var} is not set (nor {file_var}): export it in the agent's environment "
+                f"(systemd: Environment=/EnvironmentFile=, or LoadCredential= with {file_var})"
+            )
+        if not value:
+            where = f"the file {path} ({file_var})" if path is not None else var
+            raise SourceEmpty(f"{where} is empty")
+        return value
+
+
+def _read_file(path: str, file_var: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise SourceEmpty(f"{file_var} names {path}, which does not exist") from None
+    except PermissionError:
+        raise SourceUnavailable(
+            f"{file_var} names {path}, which the agent (uid {os.geteuid()}) may not read: "
+            "fix its owner or mode"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceUnavailable(f"cannot read {path} ({file_var}): {exc}") from None
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
+def _version(client_id: str, secret: str) -> str:
+    digest = hashlib.sha256(client_id.encode() + b"\0" + secret.encode()).hexdigest()
+    return f"sha256:{digest[:16]}"
