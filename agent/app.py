@@ -1,0 +1,335 @@
+"""``Agent``: builds every object from the config, owns them, and runs ``once`` or ``run``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+
+import msgspec
+
+from agent.config import Config, ProfileConfig, load_config
+from agent.errors import EX_OK, AgentError, ConfigError, SinkError, most_severe
+from agent.logs import Redactor, set_level
+from agent.manager import Outcome, Profile, Reason, State, Timing
+from agent.models import rfc3339
+from agent.notify import sd_notify
+from agent.oauth import Clock, TokenClient, utc_now
+from agent.schedule import RefreshScheduler
+from agent.sinks.base import TokenSink
+from agent.sinks.file import FileSink
+from agent.sources.base import CredentialSource
+from agent.sources.chain import SourceChain
+from agent.sources.env import EnvSource
+from agent.state import StateStore
+
+#: SIGTERM/SIGINT: stop within this long, whatever is in flight (files are replaced atomically)
+STOP_DEADLINE_SECONDS = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    code: int
+    #: every worker finished before the deadline (else the caller should exit hard)
+    clean: bool
+
+
+class Agent:
+    """One process, many profiles; profiles share nothing but the process."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock = utc_now,
+        redactor: Redactor | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.config = config
+        self._config_path = config_path
+        self._environ = os.environ if environ is None else environ
+        self._clock = clock
+        self._redactor = redactor
+        self._log = logger or logging.getLogger("agent")
+        self._stopping = threading.Event()
+        self.store = StateStore(Path(config.agent.state_dir), logger=self._log)
+        self.profiles: dict[str, Profile] = {
+            name: self._build(name, pc) for name, pc in config.profiles.items()
+        }
+        self._scheduler: RefreshScheduler | None = None
+        self._first_done: set[str] = set()
+        self._ready_sent = False
+        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    # ------------------------------------------------------------------ building
+    def _build(self, name: str, pc: ProfileConfig) -> Profile:
+        log = self._log
+        sources: list[CredentialSource] = []
+        for source_name in pc.sources:
+            if source_name == "env":
+                sources.append(
+                    EnvSource(
+                        client_id_var=pc.env.client_id_var,
+                        client_secret_var=pc.env.client_secret_var,
+                        environ=self._environ,
+                    )
+                )
+        sinks: list[TokenSink] = [
+            FileSink(
+                Path(sink.path),
+                fmt=sink.format,
+                mode=int(sink.mode),
+                owner=sink.owner,
+                group=sink.group,
+                on_change=sink.on_change,
+                on_change_timeout=sink.on_change_timeout.total_seconds(),
+                logger=logging.getLogger("agent.sink"),
+            )
+            for sink in pc.sinks
+        ]
+        client = TokenClient(
+            token_url=pc.resolved_token_url,
+            profile=name,
+            grant_type_location=pc.grant_type_location,
+            scope=pc.scope,
+            timeout=pc.request_timeout,
+            ca_bundle=pc.ca_bundle,
+            clock=self._clock,
+            stopping=self._stopping,
+            logger=logging.getLogger("agent.oauth"),
+        )
+        timing = Timing(
+            refresh_before_expiry=pc.refresh_before_expiry,
+            reread_on_schedule=pc.rotation.poll_interval <= timedelta(0),
+        )
+        return Profile(
+            name,
+            chain=SourceChain(sources, profile=name, logger=log),
+            client=client,
+            sinks=sinks,
+            store=self.store,
+            timing=timing,
+            clock=self._clock,
+            redactor=self._redactor,
+            logger=log,
+        )
+
+    def prepare(self) -> None:
+        """Fail at start, not at the first refresh: state_dir and every sink must be writable."""
+        self.store.prepare()
+        for profile in self.profiles.values():
+            profile.check_sinks()
+
+    def close(self) -> None:
+        for profile in self.profiles.values():
+            profile.close()
+
+    # ---------------------------------------------------------------------- once
+    def once(self, *, only: str | None = None, force: bool = False) -> int:
+        """One token per profile into its sinks; the most severe exit code of all."""
+        if only is not None and only not in self.profiles:
+            raise ConfigError(
+                f"--profile {only}: no such profile; the config has: {', '.join(self.profiles)}"
+            )
+        self.store.prepare()
+        codes = []
+        for name, profile in self.profiles.items():
+            if only is not None and name != only:
+                continue
+            codes.append(self._once(profile, force=force))
+        return most_severe(codes)
+
+    def _once(self, profile: Profile, *, force: bool) -> int:
+        extra = {"profile": profile.name}
+        try:
+            profile.check_sinks()
+            if not force and profile.restore() and profile.due() > self._clock():
+                return EX_OK
+        except AgentError as exc:
+            self._log.error("%s", exc, extra=extra)
+            return exc.exit_code
+        outcome = profile.refresh(Reason.FORCE if force else Reason.START)
+        if outcome.ok:
+            return EX_OK
+        return outcome.error.exit_code if outcome.error else 1
+
+    # ----------------------------------------------------------------------- run
+    def run(self) -> RunResult:
+        """The daemon: schedule every profile, then serve signals until SIGTERM/SIGINT."""
+        self.prepare()
+        scheduler = RefreshScheduler(clock=self._clock, on_outcome=self._on_outcome)
+        self._scheduler = scheduler
+        for profile in self.profiles.values():
+            self._schedule(profile, restore=True)
+        previous = self._install_signals()
+        scheduler.start()
+        self._log.info(
+            "dvs-agent running with %d profile(s): %s",
+            len(self.profiles),
+            ", ".join(self.profiles),
+            extra={"event": "started"},
+        )
+        self._check_ready()
+        try:
+            while True:
+                event = self._events.get()
+                if event == "stop":
+                    break
+                if event == "reload":
+                    self.reload()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self._shutdown()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (thread-safe and signal-safe)."""
+        self._events.put("stop")
+
+    def request_reload(self) -> None:
+        self._events.put("reload")
+
+    def _install_signals(self) -> dict[int, signal._HANDLER]:
+        previous: dict[int, signal._HANDLER] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self._events.put("reload" if signum == signal.SIGHUP else "stop")
+
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
+        return previous
+
+    def _schedule(self, profile: Profile, *, restore: bool, reason: Reason | None = None) -> None:
+        assert self._scheduler is not None
+        first_run = self._clock()
+        if restore:
+            try:
+                if profile.restore():
+                    first_run = profile.due()
+                    self._first_done.add(profile.name)
+            except AgentError as exc:
+                self._log.error(
+                    "%s", exc, extra={"profile": profile.name, "event": "source_error"}
+                )
+        poll = self.config.profiles[profile.name].rotation.poll_interval
+        self._scheduler.add(profile, first_run=first_run, poll_interval=poll)
+        if reason is not None:
+            self._scheduler.trigger(profile.name, reason)
+
+    def _on_outcome(self, profile: Profile, reason: Reason, outcome: Outcome) -> None:
+        self._first_done.add(profile.name)
+        self._check_ready()
+
+    def _check_ready(self) -> None:
+        if self._ready_sent or not self._first_done.issuperset(self.profiles):
+            return
+        self._ready_sent = True
+        bad = [f"{p.name}: {p.state.value}" for p in self.profiles.values() if p.state != State.OK]
+        status = "all profiles ok" if not bad else "not ok: " + "; ".join(bad)
+        sd_notify(f"READY=1\nSTATUS={status}", self._environ)
+
+    def _shutdown(self) -> RunResult:
+        self._log.info("stopping; token files are left in place", extra={"event": "stopping"})
+        sd_notify("STOPPING=1", self._environ)
+        self._stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+        deadline = time.monotonic() + STOP_DEADLINE_SECONDS
+        clean = True
+        for thread in threading.enumerate():
+            if thread is threading.current_thread() or thread.daemon:
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+            clean = clean and not thread.is_alive()
+        self.close()
+        return RunResult(EX_OK, clean)
+
+    # -------------------------------------------------------------------- reload
+    def trigger_all(self, reason: Reason) -> None:
+        if self._scheduler is not None:
+            for name in self.profiles:
+                self._scheduler.trigger(name, reason)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and the credentials of every profile now."""
+        self._log.info("SIGHUP: re-reading the config and every profile's credentials",
+                       extra={"event": "reload"})
+        new = self.config
+        if self._config_path is not None:
+            try:
+                new = load_config(self._config_path)
+            except ConfigError as exc:
+                self._log.error(
+                    "the new config is invalid, keeping the running one: %s",
+                    exc,
+                    extra={"event": "reload_failed"},
+                )
+        if new == self.config:
+            self.trigger_all(Reason.SIGHUP)
+            return
+        self._apply(new)
+
+    def _apply(self, new: Config) -> None:
+        assert self._scheduler is not None
+        old = self.config
+        if new.agent.state_dir != old.agent.state_dir or new.health != old.health:
+            self._log.warning(
+                "agent.state_dir and [health] changes take effect at the next restart",
+                extra={"event": "reload"},
+            )
+        set_level(new.agent.log_level)
+        applied: dict[str, ProfileConfig] = {}
+        for name in list(self.profiles):
+            if name not in new.profiles:
+                self._scheduler.remove(name)
+                self.profiles.pop(name).close()
+                self._log.info("profile removed", extra={"profile": name, "event": "reload"})
+        for name, pc in new.profiles.items():
+            if name in self.profiles and old.profiles.get(name) == pc:
+                self._scheduler.trigger(name, Reason.SIGHUP)
+                applied[name] = pc
+                continue
+            try:
+                profile = self._build(name, pc)
+                profile.check_sinks()
+            except (SinkError, ConfigError) as exc:
+                self._log.error(
+                    "cannot apply the new settings, keeping the running ones: %s",
+                    exc,
+                    extra={"profile": name, "event": "reload_failed"},
+                )
+                if name in old.profiles and name in self.profiles:
+                    applied[name] = old.profiles[name]
+                continue
+            if name in self.profiles:
+                self._scheduler.remove(name)
+                self.profiles.pop(name).close()
+            self.profiles[name] = profile
+            self._schedule(profile, restore=True, reason=Reason.SIGHUP)
+            applied[name] = pc
+            self._log.info("profile (re)configured", extra={"profile": name, "event": "reload"})
+        # what runs now: the new settings where they applied, the old ones where they failed
+        self.config = msgspec.structs.replace(new, profiles=applied)
+
+
+def describe(profile: Profile) -> str:
+    """One line about a profile's token, for ``once`` and ``dev`` output (no secrets)."""
+    token = profile.token
+    if token is None:
+        return f"{profile.name}: {profile.state.value}"
+    return (
+        f"{profile.name}: {profile.state.value}, provider {token.provider_slug or '?'}, "
+        f"expires {rfc3339(token.expires_at)}"
+    )

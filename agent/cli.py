@@ -1,0 +1,195 @@
+"""The ``dvs-agent`` command: arguments, exit codes and signals; the work is in ``agent.app``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from agent import __version__
+from agent.config import CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, Config, load_config
+from agent.errors import EX_CONFIG, EX_OK, EX_USAGE, AgentError, most_severe
+from agent.logs import setup_logging
+
+DESCRIPTION = """\
+Keeps a valid OSIGU/DVS access token on a local path for the services next to it.
+Reads the OAuth2 client id and secret from a credential source, exchanges them at the
+auth server, writes the token atomically, refreshes it before it expires, and re-authenticates
+at once when the credentials are rotated."""
+
+EPILOG = f"""\
+config: -c PATH, else ${CONFIG_PATH_ENV}, else {DEFAULT_CONFIG_PATH}
+exit codes: 0 ok, 64 usage, 69 auth server or source unavailable, 73 a sink could not be
+written, 77 credentials rejected (401), 78 configuration invalid or missing
+signals (run): SIGHUP re-reads the config and credentials and re-authenticates now;
+SIGTERM/SIGINT stop within 5 s, leaving the token files in place
+
+try it: dvs-agent dev   (a local token issuer and an agent against it, in ./dev/)"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dvs-agent",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dvs-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    config_opt = _Parser(add_help=False)
+    config_opt.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        help=f"config file (default: ${CONFIG_PATH_ENV}, else {DEFAULT_CONFIG_PATH})",
+    )
+
+    commands.add_parser(
+        "run",
+        parents=[config_opt],
+        help="run the agent in the foreground (systemd Type=notify aware)",
+        description="Run the agent: keep every profile's token fresh until SIGTERM/SIGINT.",
+    )
+    once = commands.add_parser(
+        "once",
+        parents=[config_opt],
+        help="write one token per profile into its sinks, then exit",
+        description="Write one token per profile into its sinks, then exit. A recorded token "
+        "that is still valid for the same credentials is reused (no request).",
+    )
+    once.add_argument("--profile", metavar="NAME", help="only this profile")
+    once.add_argument(
+        "--force", action="store_true", help="request a new token even if one is still valid"
+    )
+    check = commands.add_parser(
+        "check",
+        parents=[config_opt],
+        help="validate the config (and with --connect, the sources and sinks)",
+        description="Validate the config file. With --connect, also read each profile's "
+        "credential sources (never printing a secret) and check that every sink is writable.",
+    )
+    check.add_argument(
+        "--connect", action="store_true", help="also read the sources and check the sinks"
+    )
+    dev = commands.add_parser(
+        "dev",
+        help="try it out: a local token issuer and an agent against it",
+        description="Serve a token endpoint with the auth server's behaviour on loopback "
+        "(demo credentials, short-lived tokens), write a ready config under --dir and run an "
+        "agent against it that keeps DIR/token and DIR/token.json fresh. Ctrl-C stops both.",
+    )
+    dev.add_argument("--dir", default="dev", help="where to write the config and tokens (./dev)")
+    dev.add_argument("--port", type=int, default=8780, help="issuer port on 127.0.0.1 (8780)")
+    dev.add_argument(
+        "--expires-in", type=int, default=30, metavar="SECONDS", help="token lifetime (30)"
+    )
+    dev.add_argument(
+        "--issuer-only",
+        action="store_true",
+        help="serve only the token endpoint (for consumers' own integration tests)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: str = args.command
+    try:
+        if command == "dev":
+            from agent.dev import run_dev
+
+            return run_dev(
+                Path(args.dir), port=args.port, expires_in=args.expires_in,
+                issuer_only=args.issuer_only,
+            )
+        path = _config_path(args.config)
+        config = load_config(path)
+        if command == "check":
+            return _check(config, path, connect=args.connect)
+        redactor = setup_logging(config.agent.log_level, config.agent.log_format)
+        from agent.app import Agent
+
+        agent = Agent(config, config_path=path, redactor=redactor)
+        if command == "once":
+            try:
+                return agent.once(only=args.profile, force=args.force)
+            finally:
+                agent.close()
+        result = agent.run()
+        if not result.clean:
+            # a request still in flight past the deadline: the files are complete, exit now
+            logging.shutdown()
+            os._exit(result.code)
+        return result.code
+    except AgentError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+def _config_path(cli_value: str | None) -> Path:
+    from agent.config import resolve_config_path
+
+    return resolve_config_path(cli_value, os.environ)
+
+
+def _error(message: str) -> None:
+    logging.getLogger("agent").error("%s", message)
+    if not logging.getLogger().handlers:
+        print(f"dvs-agent: error: {message}", file=sys.stderr)
+
+
+def _check(config: Config, path: Path, *, connect: bool) -> int:
+    out = sys.stdout
+    names = ", ".join(config.profiles)
+    print(f"{path}: ok, {len(config.profiles)} profile(s): {names}", file=out)
+    print(f"  state_dir {config.agent.state_dir}", file=out)
+    for name, pc in config.profiles.items():
+        poll = pc.rotation.poll_interval.total_seconds()
+        print(
+            f"profile {name}: {pc.resolved_token_url} (grant_type in {pc.grant_type_location}), "
+            f"sources {' → '.join(pc.sources)}, "
+            f"refresh {pc.refresh_before_expiry.total_seconds():g}s before expiry, "
+            f"{'poll every ' + format(poll, 'g') + 's' if poll else 'no polling'}",
+            file=out,
+        )
+        for sink in pc.sinks:
+            print(f"  sink file {sink.path} ({sink.format}, {int(sink.mode):04o})", file=out)
+    if not connect:
+        return EX_OK
+    setup_logging("warning", "text")
+    from agent.app import Agent
+
+    agent = Agent(config, config_path=path)
+    codes = []
+    try:
+        for name, profile in agent.profiles.items():
+            try:
+                credentials = profile.chain.read()
+                print(
+                    f"{name}: source {credentials.source} yields client_id "
+                    f"{credentials.client_id!r} and a secret",
+                    file=out,
+                )
+                profile.check_sinks()
+                print(f"{name}: every sink is writable", file=out)
+                codes.append(EX_OK)
+            except AgentError as exc:
+                print(f"{name}: {exc}", file=out)
+                codes.append(exc.exit_code)
+    finally:
+        agent.close()
+    return most_severe(codes) if codes else EX_CONFIG

@@ -1,0 +1,133 @@
+"""``dvs-agent dev``: a local token issuer with the seed's behaviour, and an agent against it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.devserver import TokenServer
+from agent.errors import EX_OK, EX_UNAVAILABLE
+from agent.logs import setup_logging
+
+DEMO_CLIENT_ID = "demo-client"
+DEMO_CLIENT_SECRET = "demo-secret"  # noqa: S105 - the dev issuer's published demo secret
+
+_CONFIG = """\
+# Written by `dvs-agent dev`: an agent against the local dev issuer. Runs as it is:
+#   export DVS_CLIENT_ID={client_id} DVS_CLIENT_SECRET_FILE={dir}/client_secret
+#   dvs-agent run -c {dir}/agent.toml
+[agent]
+log_level = "info"
+log_format = "text"
+state_dir = "{dir}/state"
+
+[health]
+listen = ""
+
+[profiles.dvs]
+token_url = "{url}"
+refresh_before_expiry = "10s"
+
+[profiles.dvs.rotation]
+poll_interval = "1s"
+
+[[profiles.dvs.sinks]]
+type = "file"
+path = "{dir}/token"
+format = "raw"
+mode = "0600"
+
+[[profiles.dvs.sinks]]
+type = "file"
+path = "{dir}/token.json"
+format = "json"
+mode = "0600"
+"""
+
+
+def _say(line: str) -> None:
+    stamp = datetime.now(UTC).strftime("%H:%M:%S")
+    print(f"{stamp} issuer  {line}", flush=True)
+
+
+def _watch_secret(path: Path, server: TokenServer, stop: threading.Event) -> None:
+    """Rotation demo: what is written to DIR/client_secret becomes the issuer's secret too."""
+    current = DEMO_CLIENT_SECRET
+    while not stop.wait(0.5):
+        try:
+            secret = path.read_text().rstrip("\r\n")
+        except OSError:
+            continue
+        if secret and secret != current:
+            current = secret
+            server.set_secret(DEMO_CLIENT_ID, secret)
+            _say(f"client secret rotated (from {path}); the old one is now rejected")
+
+
+def run_dev(directory: Path, *, port: int, expires_in: int, issuer_only: bool) -> int:
+    try:
+        server = TokenServer(
+            port=port,
+            clients={DEMO_CLIENT_ID: DEMO_CLIENT_SECRET},
+            expires_in=expires_in,
+            on_event=_say,
+        )
+    except OSError as exc:
+        print(
+            f"dvs-agent dev: cannot listen on 127.0.0.1:{port} ({exc.strerror}); is another "
+            "dev issuer running? pass --port",
+            file=sys.stderr,
+        )
+        return EX_UNAVAILABLE
+    server.start()
+    _say(f"token endpoint {server.url} (tokens live {expires_in}s)")
+    _say(f"demo credentials: DVS_CLIENT_ID={DEMO_CLIENT_ID} DVS_CLIENT_SECRET={DEMO_CLIENT_SECRET}")
+    stop = threading.Event()
+    try:
+        if issuer_only:
+            _say("serving only the issuer; Ctrl-C stops it")
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: stop.set())
+            stop.wait()
+            return EX_OK
+        return _run_agent(directory, server, stop)
+    finally:
+        stop.set()
+        server.stop()
+
+
+def _run_agent(directory: Path, server: TokenServer, stop: threading.Event) -> int:
+    from agent.app import Agent
+    from agent.config import load_config
+
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    secret_file = directory / "client_secret"
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(DEMO_CLIENT_SECRET)
+    config_path = directory / "agent.toml"
+    config_path.write_text(
+        _CONFIG.format(dir=directory, url=server.url, client_id=DEMO_CLIENT_ID)
+    )
+    config = load_config(config_path)
+    redactor = setup_logging("info", "text")
+    watcher = threading.Thread(
+        target=_watch_secret, args=(secret_file, server, stop), name="dev-secret", daemon=True
+    )
+    watcher.start()
+    _say(f"agent config {config_path}")
+    _say(f"the agent keeps {directory / 'token'} and {directory / 'token.json'} fresh")
+    _say(f"try a rotation: echo new-secret > {secret_file}   (Ctrl-C stops both)")
+    environ = dict(os.environ)
+    environ.pop("DVS_CLIENT_SECRET", None)
+    environ.update(
+        {"DVS_CLIENT_ID": DEMO_CLIENT_ID, "DVS_CLIENT_SECRET_FILE": str(secret_file)}
+    )
+    agent = Agent(config, config_path=config_path, environ=environ, redactor=redactor)
+    result = agent.run()
+    return result.code

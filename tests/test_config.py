@@ -1,0 +1,839 @@
+"""agent.config: the TOML schema, durations, modes, key-path errors and cross-field checks."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+import msgspec.inspect as mi
+import pytest
+
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    AgentSection,
+    Config,
+    EnvSourceConfig,
+    FileSinkConfig,
+    HealthSection,
+    ProfileConfig,
+    RotationConfig,
+    load_config,
+    parse_config,
+    parse_duration,
+    resolve_config_path,
+    sink_types,
+)
+from agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "config" / "agent.example.toml"
+DEV = ROOT / "config" / "dev.toml"
+
+MINIMAL = """
+[[profiles.dvs.sinks]]
+path = "/run/dvs-agent/token"
+"""
+
+
+def profile_toml(profile: str = "", sink: str = "", *, top: str = "") -> str:
+    """One profile `dvs` with one file sink; extra lines go into each table."""
+    return (
+        f"{top}\n[profiles.dvs]\n{profile}\n"
+        f'[[profiles.dvs.sinks]]\npath = "/run/dvs-agent/token"\n{sink}\n'
+    )
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="agent.toml")
+    message = str(info.value)
+    assert message.startswith("agent.toml: ")
+    return message
+
+
+# ------------------------------------------------------------------------ shipped config files
+
+
+def test_example_config_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert list(config.profiles) == ["dvs"]
+    assert config.profiles["dvs"].sinks[0].path == "/run/dvs-agent/token"
+
+
+def test_example_config_shows_the_defaults() -> None:
+    config = load_config(EXAMPLE)
+    assert config.agent == AgentSection()
+    assert config.health == HealthSection()
+    profile = config.profiles["dvs"]
+    assert profile == ProfileConfig(sinks=profile.sinks)
+    assert profile.sinks == [FileSinkConfig(path="/run/dvs-agent/token")]
+
+
+def _schema_keys(type_info: mi.Type) -> Iterator[str]:
+    if isinstance(type_info, mi.UnionType):
+        for member in type_info.types:
+            yield from _schema_keys(member)
+    elif isinstance(type_info, mi.ListType):
+        yield from _schema_keys(type_info.item_type)
+    elif isinstance(type_info, mi.DictType):
+        yield from _schema_keys(type_info.value_type)
+    elif isinstance(type_info, mi.StructType):
+        if type_info.tag_field:
+            yield type_info.tag_field
+        for field in type_info.fields:
+            yield field.encode_name
+            yield from _schema_keys(field.type)
+
+
+def test_example_config_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    missing = [
+        key
+        for key in sorted(set(_schema_keys(mi.type_info(Config))))
+        if not re.search(rf"^#? ?{key} = |^\[\[?(?:[\w.]*\.)?{key}(?:\.[\w.]*)?\]\]?$", text, re.M)
+    ]
+    assert missing == [], f"not documented in the example: {missing}"
+
+
+def test_dev_config_loads_as_specified() -> None:
+    config = load_config(DEV)
+    assert config.agent.log_format == "text"
+    assert config.agent.state_dir == "./dev/state"
+    assert config.health.listen == ""
+    assert config.health.address is None
+    assert list(config.profiles) == ["dvs"]
+    profile = config.profiles["dvs"]
+    assert profile.resolved_token_url == "http://127.0.0.1:8780/v1/oauth/token"
+    assert profile.sources == ["env"]
+    assert profile.env == EnvSourceConfig()
+    assert profile.rotation.poll_interval == timedelta(seconds=2)
+    assert profile.refresh_before_expiry == timedelta(seconds=10)
+    assert [(s.path, s.format, s.mode) for s in profile.sinks] == [
+        ("./dev/token", "raw", 0o600),
+        ("./dev/token.json", "json", 0o600),
+    ]
+
+
+# ---------------------------------------------------------------------------------- defaults
+
+
+def test_defaults_match_the_design() -> None:
+    config = parse_config(MINIMAL)
+    assert config.agent.log_level == "info"
+    assert config.agent.log_format == "json"
+    assert config.agent.state_dir == "/var/lib/dvs-agent"
+    assert config.health.listen == "127.0.0.1:8787"
+    assert config.health.address == ("127.0.0.1", 8787)
+    profile = config.profiles["dvs"]
+    assert profile.environment == "sandbox"
+    assert profile.token_url is None
+    assert profile.resolved_token_url == "https://sandbox.osigu.com/v1/oauth/token"
+    assert profile.grant_type_location == "query"
+    assert profile.scope is None
+    assert profile.ca_bundle is None
+    assert profile.request_timeout == timedelta(seconds=10)
+    assert profile.refresh_before_expiry == timedelta(seconds=60)
+    assert profile.sources == ["env"]
+    assert profile.env.client_id_var == "DVS_CLIENT_ID"
+    assert profile.env.client_secret_var == "DVS_CLIENT_SECRET"
+    assert profile.rotation.poll_interval == timedelta(seconds=30)
+    sink = profile.sinks[0]
+    assert isinstance(sink, FileSinkConfig)
+    assert sink.format == "raw"
+    assert sink.mode == 0o640
+    assert sink.owner is None
+    assert sink.group is None
+    assert sink.on_change is None
+    assert sink.on_change_timeout == timedelta(seconds=30)
+    assert sink_types() == ("file",)
+
+
+def test_defaults_are_timedeltas_and_structs_are_frozen() -> None:
+    config = parse_config(MINIMAL)
+    profile = config.profiles["dvs"]
+    for value in (
+        profile.request_timeout,
+        profile.refresh_before_expiry,
+        profile.rotation.poll_interval,
+        profile.sinks[0].on_change_timeout,
+    ):
+        assert isinstance(value, timedelta)
+    with pytest.raises(AttributeError):
+        profile.scope = "x"  # type: ignore[misc]
+    assert RotationConfig().poll_interval == timedelta(seconds=30)
+
+
+def test_a_sink_without_type_is_a_file_sink() -> None:
+    assert isinstance(parse_config(MINIMAL).profiles["dvs"].sinks[0], FileSinkConfig)
+
+
+@pytest.mark.parametrize(
+    ("environment", "url"),
+    [
+        ("sandbox", "https://sandbox.osigu.com/v1/oauth/token"),
+        ("production", "https://api.osigu.com/v1/oauth/token"),
+    ],
+)
+def test_resolved_token_url(environment: str, url: str) -> None:
+    config = parse_config(profile_toml(f'environment = "{environment}"'))
+    assert config.profiles["dvs"].resolved_token_url == url
+    override = parse_config(
+        profile_toml(f'environment = "{environment}"\ntoken_url = "https://auth.example/t"')
+    )
+    assert override.profiles["dvs"].resolved_token_url == "https://auth.example/t"
+
+
+def test_resolve_config_path() -> None:
+    env = {"DVS_AGENT_CONFIG": "/srv/agent.toml"}
+    assert resolve_config_path("/x.toml", env) == Path("/x.toml")
+    assert resolve_config_path(None, env) == Path("/srv/agent.toml")
+    assert resolve_config_path(None, {}) == Path(DEFAULT_CONFIG_PATH)
+    assert resolve_config_path(None, {"DVS_AGENT_CONFIG": ""}) == Path(DEFAULT_CONFIG_PATH)
+
+
+# --------------------------------------------------------------------------------- durations
+
+GOOD_DURATIONS = [
+    (30, timedelta(seconds=30)),
+    (0, timedelta(0)),
+    (1.5, timedelta(seconds=1.5)),
+    ("0", timedelta(0)),
+    ("30", timedelta(seconds=30)),
+    ("1.5", timedelta(seconds=1.5)),
+    ("500ms", timedelta(milliseconds=500)),
+    ("30s", timedelta(seconds=30)),
+    ("0.25s", timedelta(milliseconds=250)),
+    ("5m", timedelta(minutes=5)),
+    ("24h", timedelta(hours=24)),
+    ("1d", timedelta(days=1)),
+    ("1m30s", timedelta(seconds=90)),
+    ("1h0m5s", timedelta(hours=1, seconds=5)),
+    ("1.5h", timedelta(minutes=90)),
+    (" 30s ", timedelta(seconds=30)),
+]
+
+BAD_DURATIONS: list[object] = [
+    "5x",
+    "",
+    "s",
+    "30 s",
+    "5S",
+    "1e3",
+    "-5",
+    "-5s",
+    -1,
+    -0.5,
+    True,
+    False,
+    None,
+    [30],
+    float("nan"),
+    float("inf"),
+    "99999999999d",
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), GOOD_DURATIONS)
+def test_parse_duration_good(value: object, expected: timedelta) -> None:
+    parsed = parse_duration(value)
+    assert isinstance(parsed, timedelta)
+    assert parsed == expected
+
+
+@pytest.mark.parametrize("value", BAD_DURATIONS)
+def test_parse_duration_bad(value: object) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(("value", "expected"), GOOD_DURATIONS)
+def test_durations_in_the_file_go_through_the_parser(value: object, expected: timedelta) -> None:
+    literal = f'"{value}"' if isinstance(value, str) else str(value)
+    config = parse_config(profile_toml(f"refresh_before_expiry = {literal}"))
+    parsed = config.profiles["dvs"].refresh_before_expiry
+    assert isinstance(parsed, timedelta)
+    assert parsed == expected
+
+
+@pytest.mark.parametrize("value", ['"30s"', "30", '"0"', '"1.5"'])
+def test_poll_interval_accepts_the_documented_forms(value: str) -> None:
+    config = parse_config(profile_toml(f"rotation = {{ poll_interval = {value} }}"))
+    parsed = config.profiles["dvs"].rotation.poll_interval
+    assert isinstance(parsed, timedelta)
+    assert parsed == parse_duration(value.strip('"'))
+
+
+def test_bad_duration_names_the_key_and_the_forms() -> None:
+    message = error_of(profile_toml('[profiles.dvs.rotation]\npoll_interval = "5x"'))
+    assert message == (
+        'agent.toml: profiles.dvs.rotation.poll_interval: invalid duration "5x": use seconds (30) '
+        'or a number with a unit: "500ms", "30s", "5m", "24h"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('request_timeout = "-1s"', "request_timeout"),
+        ("refresh_before_expiry = true", "refresh_before_expiry"),
+    ],
+)
+def test_negative_or_boolean_duration_is_rejected(line: str, key: str) -> None:
+    assert f"profiles.dvs.{key}: invalid duration" in error_of(profile_toml(line))
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ('request_timeout = "0"', "request_timeout", "more than 0"),
+        ('request_timeout = "6m"', "request_timeout", "at most 5 minutes"),
+        ('rotation = { poll_interval = "500ms" }', "rotation.poll_interval", "at least 1s"),
+    ],
+)
+def test_duration_ranges(line: str, key: str, problem: str) -> None:
+    message = error_of(profile_toml(line))
+    assert f"profiles.dvs.{key}: " in message
+    assert problem in message
+
+
+def test_poll_interval_zero_disables_polling() -> None:
+    config = parse_config(profile_toml('rotation = { poll_interval = "0" }'))
+    assert config.profiles["dvs"].rotation.poll_interval == timedelta(0)
+
+
+def test_on_change_timeout_must_be_positive() -> None:
+    message = error_of(profile_toml(sink='on_change_timeout = "0s"'))
+    assert "profiles.dvs.sinks[0].on_change_timeout: must be more than 0" in message
+
+
+# -------------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"0640"', 0o640), ('"640"', 0o640), ('"0o600"', 0o600), ("0o600", 0o600), ('"0"', 0)],
+)
+def test_mode_good(value: str, expected: int) -> None:
+    config = parse_config(profile_toml(sink=f"mode = {value}"))
+    assert config.profiles["dvs"].sinks[0].mode == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('"0666"', "world-writable"),
+        ("0o602", "world-writable"),
+        ('"rw-r-----"', "octal digits"),
+        ('"0648"', "octal digits"),
+        ('"01640"', "between 0o000 and 0o777"),
+        ("0o1000", "between 0o000 and 0o777"),
+        ("640", "decimal unless written 0o640"),
+        ("-1", "between 0o000 and 0o777"),
+        ("true", "invalid mode"),
+        ("6.4", "invalid mode"),
+    ],
+)
+def test_mode_bad(value: str, problem: str) -> None:
+    message = error_of(profile_toml(sink=f"mode = {value}"))
+    assert "profiles.dvs.sinks[0].mode: invalid mode" in message
+    assert problem in message
+
+
+# ----------------------------------------------------------------------- unknown keys, types
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        (f"bogus = 1\n{MINIMAL}", "bogus"),
+        (f'[agent]\nlog_levl = "info"\n{MINIMAL}', "agent.log_levl"),
+        (f"[health]\nport = 1\n{MINIMAL}", "health.port"),
+        (profile_toml("enviroment = 'sandbox'"), "profiles.dvs.enviroment"),
+        (profile_toml("[profiles.dvs.env]\nclient_id = 'X'"), "profiles.dvs.env.client_id"),
+        (profile_toml("[profiles.dvs.rotation]\npoll = 1"), "profiles.dvs.rotation.poll"),
+        (profile_toml(sink="permissions = '0600'"), "profiles.dvs.sinks[0].permissions"),
+    ],
+)
+def test_unknown_key_names_its_path(text: str, path: str) -> None:
+    message = error_of(text)
+    assert message.startswith(f"agent.toml: {path}: unknown key")
+    assert "expected one of:" in message
+
+
+def test_unknown_key_lists_the_allowed_keys() -> None:
+    message = error_of(profile_toml("[profiles.dvs.rotation]\npoll = 1"))
+    assert message.endswith("expected one of: poll_interval")
+
+
+def test_key_under_the_wrong_header_says_where_it_belongs() -> None:
+    text = '[profiles.dvs.rotation]\npoll_interval = "30s"\nsinks = [{ path = "/t" }]\n'
+    message = error_of(text)
+    assert "profiles.dvs.rotation.sinks: unknown key" in message
+    assert "[profiles.dvs]" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "values"),
+    [
+        (
+            f'[agent]\nlog_level = "loud"\n{MINIMAL}',
+            "agent.log_level",
+            ['"debug"', '"info"', '"warning"', '"error"'],
+        ),
+        (f'[agent]\nlog_format = "xml"\n{MINIMAL}', "agent.log_format", ['"json"', '"text"']),
+        (profile_toml('environment = "prod"'), "profiles.dvs.environment", ['"production"']),
+        (
+            profile_toml('grant_type_location = "header"'),
+            "profiles.dvs.grant_type_location",
+            ['"query"', '"body"'],
+        ),
+        (
+            profile_toml(sink='format = "yaml"'),
+            "profiles.dvs.sinks[0].format",
+            ['"raw"', '"json"', '"env"'],
+        ),
+        (f"[agent]\nlog_level = 3\n{MINIMAL}", "agent.log_level", ['"info"']),
+    ],
+)
+def test_literal_violation_names_key_and_allowed_values(
+    text: str, path: str, values: list[str]
+) -> None:
+    message = error_of(text)
+    assert message.startswith(f"agent.toml: {path}: ")
+    assert "expected one of:" in message
+    for value in values:
+        assert value in message
+
+
+def test_log_level_loud_message() -> None:
+    message = error_of(f'[agent]\nlog_level = "loud"\n{MINIMAL}')
+    assert message.startswith('agent.toml: agent.log_level: invalid value "loud"; expected one of:')
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "expected"),
+    [
+        (profile_toml("scope = 3"), "profiles.dvs.scope", "expected a string, got an integer"),
+        (profile_toml("sources = 'env'"), "profiles.dvs.sources", "expected an array"),
+        (
+            profile_toml(sink="on_change = 'x'"),
+            "profiles.dvs.sinks[0].on_change",
+            "expected an array, got a string",
+        ),
+        (f"agent = 1\n{MINIMAL}", "agent", "expected a table, got an integer"),
+    ],
+)
+def test_wrong_type_names_the_key(text: str, path: str, expected: str) -> None:
+    message = error_of(text)
+    assert message.startswith(f"agent.toml: {path}: ")
+    assert expected in message
+
+
+# ---------------------------------------------------------------- profiles, sources, sinks
+
+
+@pytest.mark.parametrize("text", ["", "[agent]\n", "[profiles]\n"])
+def test_no_profiles(text: str) -> None:
+    message = error_of(text)
+    assert "agent.toml: profiles: " in message
+    assert "[profiles.NAME]" in message
+
+
+def test_no_sinks_key() -> None:
+    message = error_of('[profiles.dvs]\nenvironment = "sandbox"\n')
+    assert "profiles.dvs.sinks: required" in message
+    assert "[[profiles.dvs.sinks]]" in message
+
+
+def test_empty_sinks() -> None:
+    message = error_of("[profiles.dvs]\nsinks = []\n")
+    assert "profiles.dvs.sinks: at least one sink is required" in message
+
+
+def test_sink_path_required() -> None:
+    message = error_of('[[profiles.dvs.sinks]]\nformat = "raw"\n')
+    assert "profiles.dvs.sinks[0].path: required key is missing" in message
+
+
+def test_sink_path_empty_or_directory() -> None:
+    assert "sinks[0].path: must not be empty" in error_of('[[profiles.dvs.sinks]]\npath = ""\n')
+    assert "names a directory" in error_of('[[profiles.dvs.sinks]]\npath = "/run/x/"\n')
+
+
+def test_duplicate_sink_paths_in_one_profile() -> None:
+    text = (
+        '[[profiles.dvs.sinks]]\npath = "/run/dvs-agent/token"\n'
+        '[[profiles.dvs.sinks]]\npath = "/run/dvs-agent/../dvs-agent/token"\nformat = "json"\n'
+    )
+    message = error_of(text)
+    assert "profiles.dvs.sinks[1].path" in message
+    assert "profiles.dvs.sinks[0].path" in message
+    assert "two sinks cannot write one file" in message
+
+
+def test_duplicate_sink_paths_across_profiles_compare_absolute_paths() -> None:
+    cwd = os.getcwd()
+    text = (
+        '[[profiles.a.sinks]]\npath = "./dev/token"\n'
+        f'[[profiles.b.sinks]]\npath = "{cwd}/dev/token"\n'
+    )
+    message = error_of(text)
+    assert "profiles.b.sinks[0].path" in message
+    assert "profiles.a.sinks[0].path" in message
+
+
+def test_distinct_sink_paths_are_fine() -> None:
+    text = '[[profiles.a.sinks]]\npath = "/run/a"\n[[profiles.b.sinks]]\npath = "/run/b"\n'
+    assert set(parse_config(text).profiles) == {"a", "b"}
+
+
+@pytest.mark.parametrize("name", ["-dvs", "dvs tenant", "dvs/x", "_x", "ü"])
+def test_bad_profile_name(name: str) -> None:
+    message = error_of(f'[[profiles."{name}".sinks]]\npath = "/run/t"\n')
+    assert "invalid profile name" in message
+    assert message.startswith("agent.toml: profiles.")
+
+
+@pytest.mark.parametrize("name", ["dvs", "tenant-1", "a.b", "A_b.9"])
+def test_good_profile_name(name: str) -> None:
+    config = parse_config(f'[[profiles."{name}".sinks]]\npath = "/run/t"\n')
+    assert list(config.profiles) == [name]
+
+
+def test_profile_name_with_a_dot_is_quoted_in_key_paths() -> None:
+    message = error_of('[[profiles."a.b".sinks]]\npath = "/run/t"\nmode = "0777"\n')
+    assert message.startswith('agent.toml: profiles."a.b".sinks[0].mode: ')
+
+
+@pytest.mark.parametrize("source", ["vault", "aws"])
+def test_unsupported_source(source: str) -> None:
+    message = error_of(profile_toml(f'sources = ["{source}", "env"]'))
+    assert message == (
+        f"agent.toml: profiles.dvs.sources[0]: source '{source}' is not supported by this "
+        'version of dvs-agent (0.1); supported: "env"'
+    )
+
+
+@pytest.mark.parametrize("table", ["vault", "aws"])
+def test_unsupported_source_table(table: str) -> None:
+    message = error_of(profile_toml(f'[profiles.dvs.{table}]\npath = "dvs/osigu"'))
+    assert f"profiles.dvs.{table}: " in message
+    assert "not supported by this version of dvs-agent (0.1)" in message
+
+
+def test_unknown_source() -> None:
+    message = error_of(profile_toml('sources = ["ldap"]'))
+    assert 'profiles.dvs.sources[0]: invalid value "ldap"; expected one of: "env"' in message
+
+
+def test_sources_empty_or_duplicated() -> None:
+    assert "profiles.dvs.sources: must name at least one source" in error_of(
+        profile_toml("sources = []")
+    )
+    assert "profiles.dvs.sources[1]: 'env' is listed twice" in error_of(
+        profile_toml('sources = ["env", "env"]')
+    )
+
+
+@pytest.mark.parametrize("kind", ["redis", "vault", "aws"])
+def test_unsupported_sink_type(kind: str) -> None:
+    text = (
+        '[[profiles.dvs.sinks]]\npath = "/run/t"\n'
+        f'[[profiles.dvs.sinks]]\ntype = "{kind}"\nurl = "redis://127.0.0.1"\n'
+    )
+    message = error_of(text)
+    assert message == (
+        f"agent.toml: profiles.dvs.sinks[1].type: sink type '{kind}' is not supported by this "
+        'version of dvs-agent (0.1); supported: "file"'
+    )
+
+
+def test_unknown_sink_type() -> None:
+    message = error_of('[[profiles.dvs.sinks]]\ntype = "s3"\npath = "/run/t"\n')
+    assert message == (
+        'agent.toml: profiles.dvs.sinks[0].type: unknown sink type "s3"; supported: "file"'
+    )
+
+
+def test_on_change_must_be_a_non_empty_argv() -> None:
+    for value in ("[]", '[""]'):
+        message = error_of(profile_toml(sink=f"on_change = {value}"))
+        assert "profiles.dvs.sinks[0].on_change: must be a non-empty argv list" in message
+    config = parse_config(profile_toml(sink='on_change = ["systemctl", "reload", "app"]'))
+    assert config.profiles["dvs"].sinks[0].on_change == ["systemctl", "reload", "app"]
+
+
+def test_owner_and_group_must_not_be_empty() -> None:
+    assert "sinks[0].owner: must not be empty" in error_of(profile_toml(sink='owner = ""'))
+    config = parse_config(profile_toml(sink='owner = "dvs"\ngroup = "dvs"'))
+    assert (config.profiles["dvs"].sinks[0].owner, config.profiles["dvs"].sinks[0].group) == (
+        "dvs",
+        "dvs",
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('client_id_var = "1ID"', "client_id_var"),
+        ('client_secret_var = "DVS-SECRET"', "client_secret_var"),
+        ('client_id_var = ""', "client_id_var"),
+    ],
+)
+def test_env_var_names_must_be_valid(line: str, key: str) -> None:
+    message = error_of(profile_toml(f"[profiles.dvs.env]\n{line}"))
+    assert f"profiles.dvs.env.{key}: " in message
+    assert "not a valid environment variable name" in message
+
+
+def test_env_vars_must_differ() -> None:
+    text = profile_toml('[profiles.dvs.env]\nclient_id_var = "X"\nclient_secret_var = "X"')
+    assert "profiles.dvs.env.client_secret_var: must differ" in error_of(text)
+
+
+# ---------------------------------------------------------------------------------- token_url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/v1/oauth/token",
+        "http://10.0.0.1:8780/token",
+        "http://localhost.example.com/token",
+        "http://[::2]/token",
+    ],
+)
+def test_plain_http_to_a_non_loopback_host_is_refused(url: str) -> None:
+    message = error_of(profile_toml(f'token_url = "{url}"'))
+    assert "profiles.dvs.token_url: plain http is allowed only for loopback hosts" in message
+    assert "the client secret would cross the network in clear" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8780/v1/oauth/token",
+        "http://127.8.9.10/token",
+        "http://[::1]:8780/token",
+        "http://localhost:8780/token",
+        "https://auth.example.com/oauth/token",
+        "HTTPS://auth.example.com/oauth/token",
+    ],
+)
+def test_good_token_urls(url: str) -> None:
+    assert parse_config(profile_toml(f'token_url = "{url}"')).profiles["dvs"].token_url == url
+
+
+@pytest.mark.parametrize(
+    "url", ["auth.example.com/token", "/v1/oauth/token", "ftp://example.com/t", "https://"]
+)
+def test_token_url_must_be_absolute_http(url: str) -> None:
+    message = error_of(profile_toml(f'token_url = "{url}"'))
+    assert "profiles.dvs.token_url: " in message
+    assert "absolute http(s) URL" in message
+
+
+def test_token_url_with_credentials_is_refused_without_echoing_them() -> None:
+    message = error_of(profile_toml('token_url = "https://client:hunter2@auth.example.com/t"'))
+    assert "profiles.dvs.token_url: must not contain user:password@" in message
+    assert "hunter2" not in message
+
+
+def test_token_url_bad_port() -> None:
+    message = error_of(profile_toml('token_url = "https://auth.example.com:99999/t"'))
+    assert "profiles.dvs.token_url: " in message
+
+
+# ------------------------------------------------------------------ other per-key checks
+
+
+def test_scope() -> None:
+    config = parse_config(profile_toml('scope = "read write"'))
+    assert config.profiles["dvs"].scope == "read write"
+    for bad in ('""', '"read  write"', '"a\\"b"'):
+        assert "profiles.dvs.scope: invalid scope" in error_of(profile_toml(f"scope = {bad}"))
+
+
+def test_ca_bundle(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    config = parse_config(profile_toml(f'ca_bundle = "{bundle}"'))
+    assert config.profiles["dvs"].ca_bundle == str(bundle)
+    missing = error_of(profile_toml(f'ca_bundle = "{tmp_path}/nope.pem"'))
+    assert "profiles.dvs.ca_bundle: " in missing
+    assert "no such file" in missing
+    directory = error_of(profile_toml(f'ca_bundle = "{tmp_path}"'))
+    assert "profiles.dvs.ca_bundle: " in directory
+    assert "not a regular file" in directory
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ("127.0.0.1:8787", ("127.0.0.1", 8787)),
+        ("[::1]:9000", ("::1", 9000)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+        ("localhost:65535", ("localhost", 65535)),
+        ("", None),
+    ],
+)
+def test_health_listen_good(listen: str, address: tuple[str, int] | None) -> None:
+    config = parse_config(f'[health]\nlisten = "{listen}"\n{MINIMAL}')
+    assert config.health.address == address
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "8787",
+        ":8787",
+        "127.0.0.1:0",
+        "127.0.0.1:70000",
+        "127.0.0.1:http",
+        "::1:8787",
+        "[::g]:8787",
+        "999.1.1.1:80",
+        "a b:80",
+    ],
+)
+def test_health_listen_bad(listen: str) -> None:
+    message = error_of(f'[health]\nlisten = "{listen}"\n{MINIMAL}')
+    assert message.startswith(f'agent.toml: health.listen: "{listen}": ')
+
+
+@pytest.mark.parametrize("state_dir", ["/var/lib/dvs-agent", "./dev/state", "../state", "."])
+def test_state_dir_absolute_or_explicitly_relative(state_dir: str) -> None:
+    config = parse_config(f'[agent]\nstate_dir = "{state_dir}"\n{MINIMAL}')
+    assert config.agent.state_dir == state_dir
+
+
+@pytest.mark.parametrize("state_dir", ["dev/state", "state", ""])
+def test_state_dir_implicitly_relative_is_refused(state_dir: str) -> None:
+    message = error_of(f'[agent]\nstate_dir = "{state_dir}"\n{MINIMAL}')
+    assert "agent.toml: agent.state_dir: " in message
+
+
+def test_several_check_errors_are_reported_together() -> None:
+    text = (
+        '[agent]\nstate_dir = "state"\n[health]\nlisten = "x"\n'
+        '[[profiles."bad name".sinks]]\npath = "/run/t"\n'
+    )
+    lines = error_of(text).splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("agent.toml: ") for line in lines)
+
+
+# ---------------------------------------------------------------------------- files, syntax
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: no such file; pass -c PATH or set DVS_AGENT_CONFIG"
+    assert info.value.exit_code == 78
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b'[agent]\nlog_level = "\xff"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+@pytest.fixture
+def unreadable_config() -> Iterator[Path]:
+    """A config file that an unprivileged user cannot read, in a directory it can enter."""
+    directory = Path(tempfile.mkdtemp(prefix="dvs-agent-config-"))
+    try:
+        directory.chmod(0o711)
+        path = directory / "agent.toml"
+        path.write_text(MINIMAL)
+        path.chmod(0o000)
+        yield path
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_unreadable_file(unreadable_config: Path) -> None:
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError) as info:
+            load_config(unreadable_config)
+        message = str(info.value)
+    else:
+        # root reads every file: run the loader as an unprivileged user (DESIGN §9)
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot drop privileges")
+        code = (
+            "import sys\nfrom pathlib import Path\nfrom agent.config import load_config\n"
+            "from agent.errors import ConfigError\n"
+            "try:\n    load_config(Path(sys.argv[1]))\nexcept ConfigError as exc:\n"
+            "    print(exc)\nelse:\n    print('loaded')\n"
+        )
+        result = subprocess.run(
+            [
+                setpriv,
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                code,
+                str(unreadable_config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd="/",
+        )
+        assert result.returncode == 0, result.stderr
+        message = result.stdout.strip()
+    assert message.startswith(f"{unreadable_config}: permission denied")
+    assert "owner and mode" in message
+
+
+def test_toml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\nlog_level = "info"\n[profiles.dvs\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:3:14: TOML syntax error: ")
+
+
+def test_toml_syntax_error_at_end_of_document() -> None:
+    message = error_of("[agent]\nlog_level = ")
+    assert message.startswith("agent.toml: TOML syntax error: ")
+
+
+def test_load_config_names_the_file_in_errors(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(profile_toml(sink='mode = "0777"'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: profiles.dvs.sinks[0].mode: ")
+
+
+def test_parse_config_is_pure_msgspec_structs() -> None:
+    config = parse_config(MINIMAL)
+    assert isinstance(config, msgspec.Struct)
+    assert msgspec.structs.asdict(config.agent) == {
+        "log_level": "info",
+        "log_format": "json",
+        "state_dir": "/var/lib/dvs-agent",
+    }
