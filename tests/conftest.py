@@ -1,0 +1,171 @@
+"""Shared fixtures: the token-endpoint test server, config files, and the agent as a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.devserver import TokenServer
+
+CLIENT_ID = "svc-client"
+CLIENT_SECRET = "s3cr3t-Value_with+chars/and=more"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def server() -> Iterator[TokenServer]:
+    with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}) as srv:
+        yield srv
+
+
+def write_config(
+    directory: Path,
+    url: str,
+    *,
+    extra_profile: str = "",
+    sinks: str | None = None,
+    agent: str = "",
+    poll: str = "30s",
+    log_level: str = "debug",
+    log_format: str = "json",
+) -> Path:
+    """A config with one profile ``dvs`` writing ``directory/token`` (raw) and token.json."""
+    if sinks is None:
+        sinks = f"""
+[[profiles.dvs.sinks]]
+type = "file"
+path = "{directory}/token"
+mode = "0640"
+
+[[profiles.dvs.sinks]]
+type = "file"
+path = "{directory}/token.json"
+format = "json"
+"""
+    path = directory / "agent.toml"
+    path.write_text(
+        f"""
+[agent]
+log_level = "{log_level}"
+log_format = "{log_format}"
+state_dir = "{directory}/state"
+{agent}
+
+[profiles.dvs]
+token_url = "{url}"
+{extra_profile}
+
+[profiles.dvs.rotation]
+poll_interval = "{poll}"
+{sinks}
+"""
+    )
+    return path
+
+
+def agent_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DVS_", "NOTIFY_SOCKET", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"))
+    }
+    env.update({"DVS_CLIENT_ID": CLIENT_ID, "DVS_CLIENT_SECRET": CLIENT_SECRET})
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        env=agent_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+@dataclass
+class AgentProcess:
+    """``dvs-agent run`` as a child process; its stderr goes to a file the test can read."""
+
+    config: Path
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    logs: list[str] = field(default_factory=list)
+
+    def start(self) -> AgentProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
+            env=self.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        handle.close()
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def _spawn(config: Path, env: dict[str, str] | None = None) -> AgentProcess:
+        proc = AgentProcess(
+            config=config,
+            env=agent_env() if env is None else env,
+            log_path=tmp_path / f"agent-{len(started)}.log",
+        ).start()
+        started.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in started:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.kill()
