@@ -247,13 +247,12 @@ class Agent:
         if self._scheduler is not None:
             self._scheduler.shutdown()
         deadline = time.monotonic() + STOP_DEADLINE_SECONDS
-        clean = True
-        for thread in threading.enumerate():
-            if thread is threading.current_thread() or thread.daemon:
-                continue
-            thread.join(max(0.0, deadline - time.monotonic()))
-            clean = clean and not thread.is_alive()
-        self.close()
+        scheduler = self._scheduler
+        while scheduler is not None and scheduler.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        clean = scheduler is None or not scheduler.busy()
+        if clean:  # closing a client that a stuck thread still uses could block
+            self.close()
         return RunResult(EX_OK, clean)
 
     # -------------------------------------------------------------------- reload

@@ -125,6 +125,10 @@ class RefreshScheduler:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
 
+    def busy(self) -> bool:
+        """True while any profile's refresh runs."""
+        return any(slot.running for slot in self._slots.values())
+
     def next_run(self, name: str) -> datetime | None:
         slot = self._slots.get(name)
         return slot.next_at if slot else None

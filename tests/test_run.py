@@ -1,0 +1,257 @@
+"""`dvs-agent run` as a real process: schedule, rotation triggers, signals, restarts."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.devserver import Fault, TokenServer
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, agent_env, wait_for, write_config
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _file_env(tmp_path: Path, secret: str = CLIENT_SECRET) -> tuple[Path, dict[str, str]]:
+    secret_file = tmp_path / "client_secret"
+    secret_file.write_text(secret)
+    env = agent_env(DVS_CLIENT_SECRET_FILE=str(secret_file))
+    del env["DVS_CLIENT_SECRET"]
+    return secret_file, env
+
+
+def test_short_tokens_refresh_without_a_request_storm(tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+    with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=1) as server:
+        agent = spawn(write_config(tmp_path, server.url))
+        assert server.wait_for_requests(1, timeout=15)
+        time.sleep(5)
+        count = len(server.token_requests())
+        # one request per second at most (lifetime 1 s, never sooner than 1 s after obtaining)
+        assert 2 <= count <= 9, count
+        assert agent.stop() == 0
+
+
+def test_refreshes_before_expiry_and_keeps_files_fresh(tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+    with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=3) as server:
+        agent = spawn(write_config(tmp_path, server.url))
+        assert server.wait_for_requests(3, timeout=20)
+        token = tmp_path / "token"
+        assert wait_for(lambda: _read(token) in server.issued())
+        issued = server.issued()[_read(token) or ""]
+        assert issued.expires_at > time.time()
+        assert agent.stop() == 0
+        assert token.exists()  # left in place on exit
+
+
+def test_sigterm_stops_within_5s_even_mid_request(server: TokenServer, tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+    server.enqueue(Fault.slow(60))
+    agent = spawn(write_config(tmp_path, server.url, extra_profile='request_timeout = "60s"'))
+    assert server.wait_for_requests(1, timeout=15)
+    time.sleep(0.3)
+    started = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5.5
+
+
+def test_restart_within_token_life_sends_no_request(
+    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+) -> None:
+    config = write_config(tmp_path, server.url)
+    first = spawn(config)
+    assert wait_for(lambda: _read(tmp_path / "token") in server.issued())
+    assert first.stop() == 0
+    second = spawn(config)
+    assert wait_for(lambda: "dvs-agent running" in second.output())
+    assert wait_for(lambda: "reusing the recorded token" in second.output())
+    time.sleep(1)
+    assert len(server.token_requests()) == 1
+    assert second.stop() == 0
+
+
+def test_sighup_rereads_credentials_and_reauths_now(
+    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+) -> None:
+    secret_file, env = _file_env(tmp_path)
+    agent = spawn(write_config(tmp_path, server.url, poll="0"), env)
+    token = tmp_path / "token"
+    assert wait_for(lambda: _read(token) in server.issued())
+    before = _read(token)
+    server.set_secret(CLIENT_ID, "rotated-1")
+    secret_file.write_text("rotated-1\n")
+    agent.signal(signal.SIGHUP)
+    assert wait_for(lambda: _read(token) not in (before, None), timeout=10), agent.output()
+    assert server.issued()[_read(token) or ""].client_secret == "rotated-1"
+    assert agent.stop() == 0
+
+
+def test_polled_rotation_reauths_within_poll_interval(
+    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+) -> None:
+    secret_file, env = _file_env(tmp_path)
+    agent = spawn(write_config(tmp_path, server.url, poll="1s"), env)
+    token = tmp_path / "token"
+    assert wait_for(lambda: _read(token) in server.issued())
+    server.set_secret(CLIENT_ID, "rotated-2")
+    secret_file.write_text("rotated-2")
+    written = time.monotonic()
+    assert wait_for(
+        lambda: (t := _read(token)) in server.issued()
+        and server.issued()[t or ""].client_secret == "rotated-2",
+        timeout=10,
+    ), agent.output()
+    # generous: poll interval 1 s (+10 % jitter) + 1 s, on a shared machine x3
+    assert time.monotonic() - written < 6
+    assert "rotation detected" in agent.output()
+    assert agent.stop() == 0
+
+
+def test_bad_rotation_keeps_token_and_recovers(
+    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+) -> None:
+    secret_file, env = _file_env(tmp_path)
+    agent = spawn(write_config(tmp_path, server.url, poll="1s"), env)
+    token = tmp_path / "token"
+    assert wait_for(lambda: _read(token) in server.issued())
+    good = _read(token)
+    mtime = token.stat().st_mtime_ns
+    secret_file.write_text("not-the-secret")  # ops rotated the store to a wrong value
+    assert wait_for(lambda: "401" in agent.output(), timeout=10)
+    count = len(server.token_requests())
+    time.sleep(4)
+    # slow backoff after a 401: no hammering (at most one more attempt in 4 s)
+    assert len(server.token_requests()) - count <= 1
+    assert _read(token) == good and token.stat().st_mtime_ns == mtime
+    assert "keeping the current token" in agent.output()
+    assert "not-the-secret" not in agent.output()
+    secret_file.write_text(CLIENT_SECRET)  # fixed in the store
+    assert wait_for(lambda: _read(token) not in (good, None), timeout=10), agent.output()
+    assert agent.stop() == 0
+
+
+def test_spring_style_same_token_is_not_rewritten(tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+    with TokenServer(
+        clients={CLIENT_ID: CLIENT_SECRET}, expires_in=4, reuse_tokens=True
+    ) as server:
+        marker = tmp_path / "changes"
+        sinks = f"""
+[[profiles.dvs.sinks]]
+type = "file"
+path = "{tmp_path}/token"
+on_change = ["sh", "-c", "echo x >> {marker}"]
+"""
+        agent = spawn(write_config(tmp_path, server.url, sinks=sinks))
+        token = tmp_path / "token"
+        assert wait_for(lambda: _read(token) in server.issued())
+        first = _read(token) or ""
+        expires_at = server.issued()[first].expires_at
+        # the agent asks early (half-life), gets the same token back, leaves the file alone,
+        # then asks again at the expiry and gets a new one within about a second
+        assert wait_for(lambda: _read(token) not in (first, None), timeout=15), agent.output()
+        switched = time.time()
+        assert switched - expires_at < 2.5
+        assert len(server.token_requests()) >= 3  # start, early (same token), at expiry
+        assert "already held" in agent.output()
+        assert wait_for(lambda: marker.exists() and len(marker.read_text().split()) == 2)
+        assert agent.stop() == 0
+
+
+def test_invalid_config_on_sighup_keeps_running(
+    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+) -> None:
+    config = write_config(tmp_path, server.url)
+    agent = spawn(config)
+    assert wait_for(lambda: _read(tmp_path / "token") in server.issued())
+    config.write_text(config.read_text() + "\n[agent2]\n")
+    agent.signal(signal.SIGHUP)
+    assert wait_for(lambda: "keeping the running one" in agent.output(), timeout=10)
+    assert agent.proc is not None and agent.proc.poll() is None
+    assert agent.stop() == 0
+
+
+def test_sd_notify_ready_after_first_token(server: TokenServer, tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(15)
+    try:
+        agent = spawn(write_config(tmp_path, server.url), agent_env(NOTIFY_SOCKET=address))
+        message = sock.recv(4096).decode()
+        assert "READY=1" in message
+        assert "STATUS=all profiles ok" in message
+        assert (tmp_path / "token").exists()
+        assert agent.stop() == 0
+        assert "STOPPING=1" in sock.recv(4096).decode()
+    finally:
+        sock.close()
+
+
+def test_kill_9_at_random_moments_never_leaves_a_partial_token(
+    tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+) -> None:
+    """An agent refreshing every second is SIGKILLed and restarted many times; every read of
+    the token file is a complete token the server issued."""
+    with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=2) as server:
+        config = write_config(tmp_path, server.url, log_level="warning")
+        token = tmp_path / "token"
+        bad: list[str] = []
+        reads = 0
+        stop = threading.Event()
+
+        def reader() -> None:
+            nonlocal reads
+            while not stop.is_set():
+                content = _read(token)
+                if content is None:
+                    continue
+                reads += 1
+                if content not in server.issued():
+                    bad.append(repr(content[:80]))
+
+        agent = spawn(config)
+        assert wait_for(lambda: token.exists(), timeout=15)
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        rng = random.Random(1234)
+        try:
+            for _ in range(20):
+                time.sleep(rng.uniform(0.2, 1.5))
+                agent.kill()
+                agent = spawn(config)
+        finally:
+            time.sleep(1)
+            stop.set()
+            thread.join(5)
+        assert agent.stop() == 0
+        assert not bad, bad[:5]
+        assert reads > 100
+        assert len(server.issued()) >= 5
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert leftovers == [] or all(".dvs-agent." in name for name in leftovers)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to prepare a foreign-owned dir")
+def test_unwritable_sink_at_start_exits_73(server: TokenServer, tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    sinks = f"""
+[[profiles.dvs.sinks]]
+type = "file"
+path = "{blocker}/token"
+"""
+    agent = spawn(write_config(tmp_path, server.url, sinks=sinks))
+    assert agent.proc is not None
+    assert agent.proc.wait(15) == 73
+    assert str(blocker) in agent.output()
