@@ -220,9 +220,7 @@ class Agent:
                     first_run = profile.due()
                     self._first_done.add(profile.name)
             except AgentError as exc:
-                self._log.error(
-                    "%s", exc, extra={"profile": profile.name, "event": "source_error"}
-                )
+                self._log.error("%s", exc, extra={"profile": profile.name, "event": "source_error"})
         poll = self.config.profiles[profile.name].rotation.poll_interval
         self._scheduler.add(profile, first_run=first_run, poll_interval=poll)
         if reason is not None:
@@ -263,8 +261,10 @@ class Agent:
 
     def reload(self) -> None:
         """SIGHUP: re-read the config and the credentials of every profile now."""
-        self._log.info("SIGHUP: re-reading the config and every profile's credentials",
-                       extra={"event": "reload"})
+        self._log.info(
+            "SIGHUP: re-reading the config and every profile's credentials",
+            extra={"event": "reload"},
+        )
         new = self.config
         if self._config_path is not None:
             try:

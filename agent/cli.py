@@ -111,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent.dev import run_dev
 
             return run_dev(
-                Path(args.dir), port=args.port, expires_in=args.expires_in,
+                Path(args.dir),
+                port=args.port,
+                expires_in=args.expires_in,
                 issuer_only=args.issuer_only,
             )
         path = _config_path(args.config)

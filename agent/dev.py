@@ -111,9 +111,7 @@ def _run_agent(directory: Path, server: TokenServer, stop: threading.Event) -> i
     with os.fdopen(fd, "w") as handle:
         handle.write(DEMO_CLIENT_SECRET)
     config_path = directory / "agent.toml"
-    config_path.write_text(
-        _CONFIG.format(dir=directory, url=server.url, client_id=DEMO_CLIENT_ID)
-    )
+    config_path.write_text(_CONFIG.format(dir=directory, url=server.url, client_id=DEMO_CLIENT_ID))
     config = load_config(config_path)
     redactor = setup_logging("info", "text")
     watcher = threading.Thread(
@@ -125,9 +123,7 @@ def _run_agent(directory: Path, server: TokenServer, stop: threading.Event) -> i
     _say(f"try a rotation: echo new-secret > {secret_file}   (Ctrl-C stops both)")
     environ = dict(os.environ)
     environ.pop("DVS_CLIENT_SECRET", None)
-    environ.update(
-        {"DVS_CLIENT_ID": DEMO_CLIENT_ID, "DVS_CLIENT_SECRET_FILE": str(secret_file)}
-    )
+    environ.update({"DVS_CLIENT_ID": DEMO_CLIENT_ID, "DVS_CLIENT_SECRET_FILE": str(secret_file)})
     agent = Agent(config, config_path=config_path, environ=environ, redactor=redactor)
     result = agent.run()
     return result.code

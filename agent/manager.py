@@ -244,8 +244,7 @@ class Profile:
             self.state = State.OK if fetched.token.is_valid(now) else State.EXPIRED
             next_at = max(fetched.token.expires_at, now + self._timing.reuse_poll)
             self._log.info(
-                "the auth server returned the token already held; asking again at its "
-                "expiry %s",
+                "the auth server returned the token already held; asking again at its expiry %s",
                 rfc3339(fetched.token.expires_at),
                 extra=self._extra("token_unchanged", expires_at=rfc3339(fetched.token.expires_at)),
             )

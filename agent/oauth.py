@@ -336,8 +336,8 @@ class TokenClient:
         status = response.status_code
         if status == 400:
             cause = (
-                "the request is malformed: with OSIGU keep grant_type_location = \"query\"; "
-                "use \"body\" only for standard OAuth2 servers"
+                'the request is malformed: with OSIGU keep grant_type_location = "query"; '
+                'use "body" only for standard OAuth2 servers'
             )
         elif status == 405:
             cause = "the endpoint refused the method: token_url may point at the wrong path"

@@ -152,8 +152,11 @@ class AgentProcess:
         self.proc.wait()
 
 
+Spawn = Callable[..., AgentProcess]
+
+
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
     started: list[AgentProcess] = []
 
     def _spawn(config: Path, env: dict[str, str] | None = None) -> AgentProcess:

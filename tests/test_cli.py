@@ -31,9 +31,7 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0 and __version__ in result.stdout
 
 
-@pytest.mark.parametrize(
-    "args", [[], ["frobnicate"], ["once", "--bogus"], ["dev", "--port", "x"]]
-)
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["once", "--bogus"], ["dev", "--port", "x"]])
 def test_usage_errors_exit_64(args: list[str]) -> None:
     result = run_cli(*args)
     assert result.returncode == 64, result.stderr
@@ -101,9 +99,7 @@ def test_example_configs_are_valid() -> None:
         assert result.returncode == 0, result.stderr
 
 
-def test_env_only_agent_does_not_import_boto3_or_hvac(
-    server: TokenServer, tmp_path: Path
-) -> None:
+def test_env_only_agent_does_not_import_boto3_or_hvac(server: TokenServer, tmp_path: Path) -> None:
     config = write_config(tmp_path, server.url)
     code = (
         "import sys\n"
@@ -114,8 +110,12 @@ def test_env_only_agent_does_not_import_boto3_or_hvac(
         "sys.exit(rc)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], env=agent_env(), capture_output=True, text=True,
-        check=False, cwd=REPO,
+        [sys.executable, "-c", code],
+        env=agent_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout

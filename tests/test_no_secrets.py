@@ -12,6 +12,7 @@ from agent.devserver import Fault, TokenServer
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
+    Spawn,
     agent_env,
     run_cli,
     wait_for,
@@ -64,7 +65,7 @@ def test_once_scenarios_at_debug_level_leak_nothing(server: TokenServer, tmp_pat
 
 
 def test_daemon_with_rotation_at_debug_level_leaks_nothing(
-    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+    server: TokenServer, tmp_path: Path, spawn: Spawn
 ) -> None:
     secret_file = tmp_path / "client_secret"
     secret_file.write_text(CLIENT_SECRET)

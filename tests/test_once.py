@@ -75,9 +75,7 @@ def test_recorded_token_not_reused_for_other_credentials(
     assert server.issued()[token].client_secret == "rotated-secret"
 
 
-def test_5xx_gives_up_after_four_requests_and_exits_69(
-    server: TokenServer, tmp_path: Path
-) -> None:
+def test_5xx_gives_up_after_four_requests_and_exits_69(server: TokenServer, tmp_path: Path) -> None:
     server.enqueue(*[Fault.http_status(503)] * 10)
     result = _once(write_config(tmp_path, server.url))
     assert result.returncode == 69, result.stderr
@@ -124,9 +122,7 @@ def test_400_and_405_exit_78_without_retry(server: TokenServer, tmp_path: Path) 
 
 def test_body_mode_against_a_standard_server(tmp_path: Path) -> None:
     with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, accept_body_grant=True) as server:
-        config = write_config(
-            tmp_path, server.url, extra_profile='grant_type_location = "body"'
-        )
+        config = write_config(tmp_path, server.url, extra_profile='grant_type_location = "body"')
         result = _once(config)
         assert result.returncode == 0, result.stderr
         (request,) = server.token_requests()
@@ -155,9 +151,7 @@ def test_429_with_long_retry_after_exits_69_naming_the_wait(
     assert "120" in result.stderr
 
 
-def test_429_with_short_retry_after_waits_and_succeeds(
-    server: TokenServer, tmp_path: Path
-) -> None:
+def test_429_with_short_retry_after_waits_and_succeeds(server: TokenServer, tmp_path: Path) -> None:
     server.enqueue(Fault.http_status(429, retry_after="1"))
     result = _once(write_config(tmp_path, server.url))
     assert result.returncode == 0, result.stderr

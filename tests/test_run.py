@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import socket
@@ -10,10 +9,15 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from agent.devserver import Fault, TokenServer
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, agent_env, wait_for, write_config
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Spawn,
+    agent_env,
+    wait_for,
+    write_config,
+)
 
 
 def _read(path: Path) -> str | None:
@@ -31,7 +35,7 @@ def _file_env(tmp_path: Path, secret: str = CLIENT_SECRET) -> tuple[Path, dict[s
     return secret_file, env
 
 
-def test_short_tokens_refresh_without_a_request_storm(tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+def test_short_tokens_refresh_without_a_request_storm(tmp_path: Path, spawn: Spawn) -> None:
     with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=1) as server:
         agent = spawn(write_config(tmp_path, server.url))
         assert server.wait_for_requests(1, timeout=15)
@@ -42,7 +46,7 @@ def test_short_tokens_refresh_without_a_request_storm(tmp_path: Path, spawn) -> 
         assert agent.stop() == 0
 
 
-def test_refreshes_before_expiry_and_keeps_files_fresh(tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+def test_refreshes_before_expiry_and_keeps_files_fresh(tmp_path: Path, spawn: Spawn) -> None:
     with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=3) as server:
         agent = spawn(write_config(tmp_path, server.url))
         assert server.wait_for_requests(3, timeout=20)
@@ -54,7 +58,9 @@ def test_refreshes_before_expiry_and_keeps_files_fresh(tmp_path: Path, spawn) ->
         assert token.exists()  # left in place on exit
 
 
-def test_sigterm_stops_within_5s_even_mid_request(server: TokenServer, tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_stops_within_5s_even_mid_request(
+    server: TokenServer, tmp_path: Path, spawn: Spawn
+) -> None:
     server.enqueue(Fault.slow(60))
     agent = spawn(write_config(tmp_path, server.url, extra_profile='request_timeout = "60s"'))
     assert server.wait_for_requests(1, timeout=15)
@@ -67,7 +73,7 @@ def test_sigterm_stops_within_5s_even_mid_request(server: TokenServer, tmp_path:
 
 
 def test_restart_within_token_life_sends_no_request(
-    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+    server: TokenServer, tmp_path: Path, spawn: Spawn
 ) -> None:
     config = write_config(tmp_path, server.url)
     first = spawn(config)
@@ -82,7 +88,7 @@ def test_restart_within_token_life_sends_no_request(
 
 
 def test_sighup_rereads_credentials_and_reauths_now(
-    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+    server: TokenServer, tmp_path: Path, spawn: Spawn
 ) -> None:
     secret_file, env = _file_env(tmp_path)
     agent = spawn(write_config(tmp_path, server.url, poll="0"), env)
@@ -98,7 +104,7 @@ def test_sighup_rereads_credentials_and_reauths_now(
 
 
 def test_polled_rotation_reauths_within_poll_interval(
-    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+    server: TokenServer, tmp_path: Path, spawn: Spawn
 ) -> None:
     secret_file, env = _file_env(tmp_path)
     agent = spawn(write_config(tmp_path, server.url, poll="1s"), env)
@@ -108,8 +114,10 @@ def test_polled_rotation_reauths_within_poll_interval(
     secret_file.write_text("rotated-2")
     written = time.monotonic()
     assert wait_for(
-        lambda: (t := _read(token)) in server.issued()
-        and server.issued()[t or ""].client_secret == "rotated-2",
+        lambda: (
+            (t := _read(token)) in server.issued()
+            and server.issued()[t or ""].client_secret == "rotated-2"
+        ),
         timeout=10,
     ), agent.output()
     # generous: poll interval 1 s (+10 % jitter) + 1 s, on a shared machine x3
@@ -119,7 +127,7 @@ def test_polled_rotation_reauths_within_poll_interval(
 
 
 def test_bad_rotation_keeps_token_and_recovers(
-    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+    server: TokenServer, tmp_path: Path, spawn: Spawn
 ) -> None:
     secret_file, env = _file_env(tmp_path)
     agent = spawn(write_config(tmp_path, server.url, poll="1s"), env)
@@ -141,10 +149,8 @@ def test_bad_rotation_keeps_token_and_recovers(
     assert agent.stop() == 0
 
 
-def test_spring_style_same_token_is_not_rewritten(tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
-    with TokenServer(
-        clients={CLIENT_ID: CLIENT_SECRET}, expires_in=4, reuse_tokens=True
-    ) as server:
+def test_spring_style_same_token_is_not_rewritten(tmp_path: Path, spawn: Spawn) -> None:
+    with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=4, reuse_tokens=True) as server:
         marker = tmp_path / "changes"
         sinks = f"""
 [[profiles.dvs.sinks]]
@@ -169,7 +175,7 @@ on_change = ["sh", "-c", "echo x >> {marker}"]
 
 
 def test_invalid_config_on_sighup_keeps_running(
-    server: TokenServer, tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+    server: TokenServer, tmp_path: Path, spawn: Spawn
 ) -> None:
     config = write_config(tmp_path, server.url)
     agent = spawn(config)
@@ -181,7 +187,9 @@ def test_invalid_config_on_sighup_keeps_running(
     assert agent.stop() == 0
 
 
-def test_sd_notify_ready_after_first_token(server: TokenServer, tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+def test_sd_notify_ready_after_first_token(
+    server: TokenServer, tmp_path: Path, spawn: Spawn
+) -> None:
     address = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
@@ -199,7 +207,7 @@ def test_sd_notify_ready_after_first_token(server: TokenServer, tmp_path: Path, 
 
 
 def test_kill_9_at_random_moments_never_leaves_a_partial_token(
-    tmp_path: Path, spawn  # type: ignore[no-untyped-def]
+    tmp_path: Path, spawn: Spawn
 ) -> None:
     """An agent refreshing every second is SIGKILLed and restarted many times; every read of
     the token file is a complete token the server issued."""
@@ -242,8 +250,9 @@ def test_kill_9_at_random_moments_never_leaves_a_partial_token(
         assert leftovers == [] or all(".dvs-agent." in name for name in leftovers)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to prepare a foreign-owned dir")
-def test_unwritable_sink_at_start_exits_73(server: TokenServer, tmp_path: Path, spawn) -> None:  # type: ignore[no-untyped-def]
+def test_unwritable_sink_at_start_exits_73(
+    server: TokenServer, tmp_path: Path, spawn: Spawn
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     sinks = f"""
