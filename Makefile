@@ -18,7 +18,8 @@ run: $(STAMP)
 	$(BIN)/dvs-agent dev
 
 lint: $(STAMP)
-	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff check agent tests
+	$(BIN)/ruff format --check agent tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy agent

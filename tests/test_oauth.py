@@ -131,10 +131,18 @@ class Guard:
                 values.add(quote_plus(secret))
         return values
 
+    def records(self) -> list[logging.LogRecord]:
+        """Every record of this test so far: caplog.records alone is only the current phase."""
+        seen: dict[int, logging.LogRecord] = {}
+        for when in ("setup", "call"):
+            seen.update((id(r), r) for r in self.caplog.get_records(when))
+        seen.update((id(r), r) for r in self.caplog.records)
+        return list(seen.values())
+
     def assert_clean(self, exc: BaseException | None = None) -> None:
         texts: list[tuple[str, str]] = [
             (f"log record {r.name}:{r.levelname}", f"{r.getMessage()}\n{r.__dict__!r}")
-            for r in self.caplog.records
+            for r in self.records()
         ]
         if exc is not None:
             texts.append(("str(exc)", str(exc)))
@@ -286,6 +294,20 @@ def test_body_mode_wire_shape(
     assert (request.client_id, request.client_secret) == (BODY_CLIENT_ID, SECRET)
     assert request.status == 200
     assert fetched.token.access_token.reveal() in server.issued()
+
+
+def test_the_leak_check_sees_debug_logs_of_httpx_and_httpcore(
+    client: TokenClient, server: TokenServer, guard: Guard
+) -> None:
+    # the no-secret checks of every test would be vacuous if these records were not captured
+    server.enqueue(Fault.http_status(503))
+    client.fetch(creds())
+
+    names = {(r.name.split(".")[0], r.levelno) for r in guard.records()}
+    assert ("httpcore", logging.DEBUG) in names
+    assert ("httpx", logging.INFO) in names
+    assert ("agent", logging.WARNING) in names
+    guard.assert_clean()
 
 
 # -- 200 -----------------------------------------------------------------------------------------
