@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote_plus, urljoin, urlsplit
 
 import httpx
 import msgspec
@@ -215,7 +215,12 @@ class TokenClient:
                 response = self._http.send(self._request(), auth=auth)
             except httpx.TimeoutException:
                 failure = f"no answer from {self._where} within {self._timeout:g}s (timeout)"
-            except httpx.TransportError as exc:
+            except httpx.DecodingError:
+                failure = (
+                    f"{self._where} answered with a body that could not be decoded "
+                    "(its Content-Encoding does not match)"
+                )
+            except httpx.RequestError as exc:
                 failure = f"cannot reach {self._where}: {_transport_reason(exc)}"
             else:
                 status = response.status_code
@@ -271,7 +276,7 @@ class TokenClient:
     ) -> tuple[Token, bool]:
         try:
             doc: Any = msgspec.json.decode(response.content)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             ctype = response.headers.get("content-type", "no content-type")
             raise _ProtocolError(
                 f"a body that is not JSON ({ctype}, {len(response.content)} bytes): a proxy or "
@@ -344,7 +349,7 @@ class TokenClient:
         elif status == 404:
             cause = "no token endpoint at this URL: check token_url"
         elif 300 <= status < 400:
-            location = _display_url(response.headers.get("location", "?"))
+            location = _display_url(urljoin(self.token_url, response.headers.get("location", "")))
             cause = (
                 f"it redirects to {location}; credentials are not sent on redirects: set "
                 "token_url to the final URL"
@@ -382,7 +387,7 @@ def _error_field(response: httpx.Response) -> str:
     """`` (invalid_client: Bad client credentials)`` from an OAuth2 error body, if any."""
     try:
         doc = msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return ""
     if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
         return ""
@@ -393,7 +398,7 @@ def _error_field(response: httpx.Response) -> str:
     return f" ({text})"
 
 
-def _transport_reason(exc: httpx.TransportError) -> str:
+def _transport_reason(exc: httpx.RequestError) -> str:
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in reason:
         return f"TLS verification failed ({reason}); set ca_bundle to the CA that signed it"

@@ -24,7 +24,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, quote_plus
 
-import httpx
 import pytest
 
 from agent.devserver import TOKEN_PATH, Fault, TokenServer
@@ -707,12 +706,6 @@ def test_redirect_is_not_followed(
     assert server.issued() == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a relative Location is shown as '://?/v2/oauth/token' (_display_url is given "
-    "the raw header, not the URL resolved against token_url)",
-)
 def test_relative_redirect_names_the_resolved_url(
     client: TokenClient, server: TokenServer, guard: Guard
 ) -> None:
@@ -1065,12 +1058,6 @@ def test_stopping_already_set_makes_one_request(
 LATIN1_BODY = b'{"error": "invalid_client", "error_description": "Identifiants invalides \xe9"}'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG: msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 in a "
-    "JSON string; _parse catches only msgspec.DecodeError, so it escapes fetch() after 1 request",
-)
 def test_200_with_invalid_utf8_is_a_protocol_error(
     client: TokenClient, server: TokenServer, guard: Guard
 ) -> None:
@@ -1083,12 +1070,6 @@ def test_200_with_invalid_utf8_is_a_protocol_error(
     assert "not JSON" in str(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG: _error_field decodes error bodies with msgspec and catches only DecodeError: "
-    "a 503 whose JSON body is Latin-1 raises UnicodeDecodeError after 1 request",
-)
 def test_503_with_a_latin1_error_body_is_retried(
     client: TokenClient, server: TokenServer, guard: Guard
 ) -> None:
@@ -1100,12 +1081,6 @@ def test_503_with_a_latin1_error_body_is_retried(
     assert "503" in str(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG: a 401 whose JSON body is Latin-1 raises UnicodeDecodeError from _error_field "
-    "instead of CredentialsRejected",
-)
 def test_401_with_a_latin1_error_body_is_rejected(
     client: TokenClient, server: TokenServer, guard: Guard
 ) -> None:
@@ -1117,12 +1092,6 @@ def test_401_with_a_latin1_error_body_is_rejected(
     assert repr(CLIENT_ID) in str(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=httpx.DecodingError,
-    reason="BUG: httpx.DecodingError (a RequestError, not a TransportError) is not caught: a "
-    "200 labelled Content-Encoding: gzip whose body is not gzip escapes fetch() after 1 request",
-)
 def test_200_with_a_broken_content_encoding_is_retried(
     client: TokenClient, server: TokenServer, guard: Guard
 ) -> None:
