@@ -31,6 +31,8 @@ FIELDS = (
 )
 
 REDACTED = "[REDACTED]"
+#: how many registered secret values the redactor keeps (the newest win)
+MAX_REMEMBERED = 256
 
 _PATTERNS = (
     # Authorization: Basic xxx / Bearer xxx, in headers, reprs and tuples
@@ -53,12 +55,17 @@ class Redactor(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
-        self._values: set[str] = set()
+        # insertion-ordered, bounded: the newest secrets and tokens of every profile
+        self._values: dict[str, None] = {}
 
     def add(self, value: str) -> None:
-        if len(value) >= 4:
-            with self._lock:
-                self._values.add(value)
+        if len(value) < 4:
+            return
+        with self._lock:
+            self._values.pop(value, None)
+            self._values[value] = None
+            while len(self._values) > MAX_REMEMBERED:
+                del self._values[next(iter(self._values))]
 
     def redact(self, text: str) -> str:
         with self._lock:

@@ -66,6 +66,8 @@ class Timing:
     rejected_cap: timedelta = timedelta(minutes=15)
     #: after the server handed back a token we hold, at and past its expiry
     reuse_poll: timedelta = timedelta(milliseconds=300)
+    #: past its expiry, how long the same token may come back before that counts as a failure
+    reuse_patience: timedelta = timedelta(seconds=10)
     #: re-read the sources at every scheduled refresh (when version polling is off)
     reread_on_schedule: bool = False
 
@@ -236,11 +238,19 @@ class Profile:
         )
         if fetched.credentials is not credentials:
             self._remember(fetched.credentials)
-        self._failures = 0
-        self.last_error = None
         now = self._clock()
         if fetched.reused:
             self._hold(fetched.token)
+            overdue = now - fetched.token.expires_at
+            if overdue > self._timing.reuse_patience:
+                # the server keeps handing back a token past its expiry: stop polling fast
+                return self._failed(
+                    AuthServerUnavailable(
+                        f"the auth server still returns the token that expired "
+                        f"{overdue.total_seconds():.0f}s ago instead of a new one"
+                    )
+                )
+            self._failures, self.last_error = 0, None
             self.state = State.OK if fetched.token.is_valid(now) else State.EXPIRED
             next_at = max(fetched.token.expires_at, now + self._timing.reuse_poll)
             self._log.info(
@@ -251,6 +261,7 @@ class Profile:
             return Outcome(ok=True, next_at=next_at)
 
         token = fetched.token
+        self._failures, self.last_error = 0, None
         self._hold(token)
         self.last_refresh = now
         self._store.save(self.name, self._fingerprint(fetched.credentials), token)
