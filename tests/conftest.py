@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.devserver import TokenServer
+from tests.servers import Bao, Moto, bao_server, moto_server
 
 CLIENT_ID = "svc-client"
 CLIENT_SECRET = "s3cr3t-Value_with+chars/and=more"
@@ -172,3 +173,17 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     for proc in started:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
+    """One OpenBao dev server for the session (KV v2 at secret/)."""
+    with bao_server(tmp_path_factory.mktemp("bao")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+    """One moto_server for the session (Secrets Manager, SQS)."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server

@@ -1,0 +1,157 @@
+"""Real servers for integration tests (DESIGN §9): OpenBao dev server and moto_server.
+
+Each starts on a free loopback port, is waited for, and is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+VENV_BIN = Path(sys.executable).parent
+ROOT_TOKEN = "dvs-test-root"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _binary(name: str) -> str:
+    path = VENV_BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: run `make test` (it installs .[dev])")
+    return found
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s: {log.read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True)
+class Bao:
+    """An OpenBao dev server: KV v2 at ``secret/``, root token :data:`ROOT_TOKEN`."""
+
+    address: str
+    root_token: str
+    audit_log: Path
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import hvac
+
+        return hvac.Client(url=self.address, token=self.root_token)
+
+
+@contextmanager
+def bao_server(workdir: Path) -> Iterator[Bao]:
+    """``bao server -dev`` with a file audit device (to count requests in benchmarks)."""
+    port = free_port()
+    address = f"http://127.0.0.1:{port}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    audit = workdir / "audit.log"
+    config = workdir / "bao.hcl"
+    config.write_text(
+        f'audit "file" "to-file" {{\n  options {{\n    file_path = "{audit}"\n  }}\n}}\n'
+    )
+    log = workdir / "bao.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                _binary("bao"),
+                "server",
+                "-dev",
+                f"-dev-root-token-id={ROOT_TOKEN}",
+                f"-dev-listen-address=127.0.0.1:{port}",
+                f"-config={config}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+        )
+    try:
+        _wait_http(f"{address}/v1/sys/health", proc, log)
+        yield Bao(address=address, root_token=ROOT_TOKEN, audit_log=audit)
+    finally:
+        _stop(proc)
+
+
+@dataclass(frozen=True)
+class Moto:
+    """A moto_server: AWS Secrets Manager and SQS at ``endpoint_url``."""
+
+    endpoint_url: str
+    region: str = "us-east-1"
+
+    def client(self, service: str):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client(
+            service,
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+
+MOTO_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@contextmanager
+def moto_server(workdir: Path) -> Iterator[Moto]:
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [_binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/moto-api/", proc, log)
+        yield Moto(endpoint_url=url)
+    finally:
+        _stop(proc)
