@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench-rotation clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "dvs-agent needs Python 3.11 or newer" or 0)'
@@ -18,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/dvs-agent dev
 
 lint: $(STAMP)
-	$(BIN)/ruff check agent tests
-	$(BIN)/ruff format --check agent tests
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff format --check agent tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy agent
@@ -28,6 +28,9 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+bench-rotation: $(STAMP)
+	$(BIN)/python bench/rotation_latency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

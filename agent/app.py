@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 import msgspec
 
@@ -26,13 +27,20 @@ from agent.oauth import Clock, TokenClient, utc_now
 from agent.schedule import RefreshScheduler
 from agent.sinks.base import TokenSink
 from agent.sinks.file import FileSink
-from agent.sources.base import CredentialSource
 from agent.sources.chain import SourceChain
-from agent.sources.env import EnvSource
+from agent.sources.factory import build_sources
 from agent.state import StateStore
 
 #: SIGTERM/SIGINT: stop within this long, whatever is in flight (files are replaced atomically)
 STOP_DEADLINE_SECONDS = 4.0
+
+
+class RotationListener(Protocol):
+    """A rotation trigger that runs on its own (e.g. an SQS long-poll loop)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,20 +78,12 @@ class Agent:
         self._first_done: set[str] = set()
         self._ready_sent = False
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._listeners: list[RotationListener] = []
 
     # ------------------------------------------------------------------ building
     def _build(self, name: str, pc: ProfileConfig) -> Profile:
         log = self._log
-        sources: list[CredentialSource] = []
-        for source_name in pc.sources:
-            if source_name == "env":
-                sources.append(
-                    EnvSource(
-                        client_id_var=pc.env.client_id_var,
-                        client_secret_var=pc.env.client_secret_var,
-                        environ=self._environ,
-                    )
-                )
+        sources = build_sources(name, pc, environ=self._environ, logger=log)
         sinks: list[TokenSink] = [
             FileSink(
                 Path(sink.path),
@@ -173,6 +173,7 @@ class Agent:
             self._schedule(profile, restore=True)
         previous = self._install_signals()
         scheduler.start()
+        self._start_listeners()
         self._log.info(
             "dvs-agent running with %d profile(s): %s",
             len(self.profiles),
@@ -226,6 +227,47 @@ class Agent:
         if reason is not None:
             self._scheduler.trigger(profile.name, reason)
 
+    def _start_listeners(self) -> None:
+        """One SQS long-poll loop per distinct events queue (AWS rotation events, DESIGN §5)."""
+        watched: dict[tuple[str, str | None, str | None], dict[str, list[str]]] = {}
+        for name, pc in self.config.profiles.items():
+            aws = pc.aws
+            if aws is None or not aws.events_queue_url or aws.secret_id is None:
+                continue
+            if name not in self.profiles or "aws" not in pc.sources:
+                continue
+            # the queue's own URL gives the SQS endpoint: a Secrets Manager VPC endpoint
+            # (aws.endpoint_url) cannot answer SQS calls
+            key = (aws.events_queue_url, aws.region, None)
+            watched.setdefault(key, {})[name] = [aws.secret_id]
+        if not watched:
+            return
+        from agent.triggers.sqs import SqsRotationListener
+
+        for (queue_url, region, endpoint_url), watch in watched.items():
+            listener = SqsRotationListener(
+                queue_url=queue_url,
+                region=region,
+                endpoint_url=endpoint_url,
+                watch=watch,
+                on_rotation=self._on_rotation_event,
+                logger=logging.getLogger("agent.events"),
+            )
+            listener.start()
+            self._listeners.append(listener)
+
+    def _stop_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.stop(timeout=2.0)
+        self._listeners.clear()
+
+    def _on_rotation_event(self, profile: str, detail: str) -> None:
+        self._log.info(
+            "rotation event: %s", detail, extra={"profile": profile, "event": "rotation_event"}
+        )
+        if self._scheduler is not None:
+            self._scheduler.trigger(profile, Reason.EVENT)
+
     def _on_outcome(self, profile: Profile, reason: Reason, outcome: Outcome) -> None:
         self._first_done.add(profile.name)
         self._check_ready()
@@ -242,6 +284,7 @@ class Agent:
         self._log.info("stopping; token files are left in place", extra={"event": "stopping"})
         sd_notify("STOPPING=1", self._environ)
         self._stopping.set()
+        self._stop_listeners()
         if self._scheduler is not None:
             self._scheduler.shutdown()
         deadline = time.monotonic() + STOP_DEADLINE_SECONDS
@@ -321,6 +364,8 @@ class Agent:
             self._log.info("profile (re)configured", extra={"profile": name, "event": "reload"})
         # what runs now: the new settings where they applied, the old ones where they failed
         self.config = msgspec.structs.replace(new, profiles=applied)
+        self._stop_listeners()
+        self._start_listeners()
 
 
 def describe(profile: Profile) -> str:

@@ -9,8 +9,14 @@ Durations and file modes are custom types (:class:`Duration`, :class:`FileMode`)
 hands to :func:`_dec_hook`; every ``timedelta`` field of the schema is a ``Duration``, so a
 duration in this file is never parsed any other way.
 
-Secrets never sit in this file: there is no key for one, and a ``token_url`` with a
-``user:password@`` part is refused.
+Secrets never sit in this file: there is no key for one, and a URL (``token_url``, a Vault
+``address``, an AWS ``endpoint_url`` or ``events_queue_url``) with a ``user:password@`` part is
+refused.
+
+The credential sources ``vault`` and ``aws`` have their own tables (``[profiles.NAME.vault]``,
+``[profiles.NAME.aws]``). A table is checked whenever it is present; its required keys (``path``,
+``secret_id``) only when its source is listed in ``sources``: a table without its source is
+allowed, since a write-back sink of a later release takes its defaults from it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from datetime import timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import msgspec
@@ -48,17 +54,24 @@ ENVIRONMENT_TOKEN_URLS: Mapping[str, str] = MappingProxyType(
     }
 )
 
-#: credential sources this release reads; the others are planned (DESIGN §1)
-SUPPORTED_SOURCES = ("env",)
-PLANNED_SOURCES = ("vault", "aws")
 #: sink types planned for a later release (the supported ones come from ``SinkConfig``)
 PLANNED_SINK_TYPES = ("vault", "aws", "redis")
+
+#: the variable that gives the Vault address when ``[profiles.NAME.vault]`` has no ``address``
+VAULT_ADDR_ENV = "VAULT_ADDR"
+#: token auth without ``token_file``: ``$VAULT_TOKEN``, else this file (resolved by the source)
+VAULT_TOKEN_ENV = "VAULT_TOKEN"  # noqa: S105 - a variable name
+DEFAULT_VAULT_TOKEN_FILE = "/run/vault/token"  # noqa: S105 - a path
 
 _PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ENV_VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _HOSTNAME_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_HOSTNAME_LABEL}(?:\.{_HOSTNAME_LABEL})*\.?")
+#: what botocore accepts as a region name (a host label: it becomes part of the endpoint's host)
+_AWS_REGION_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+#: an SQS queue URL's path: /ACCOUNT_ID/QUEUE_NAME
+_SQS_QUEUE_PATH_RE = re.compile(r"/[^/]+/[^/]+/?")
 #: RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), separated by single spaces
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*")
 
@@ -240,6 +253,87 @@ class EnvSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     client_secret_var: str = "DVS_CLIENT_SECRET"  # noqa: S105 - a variable name
 
 
+class VaultSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[profiles.NAME.vault]``: the ``vault`` source, a KV secret with the two credentials.
+
+    ``path`` is required when ``"vault"`` is in the profile's ``sources``; the table may also be
+    present without it (a later write-back sink takes its defaults from it).
+    """
+
+    #: ``https://vault.internal:8200``; None: ``$VAULT_ADDR`` (see :meth:`resolved_address`)
+    address: str | None = None
+    #: token | approle
+    auth_method: Literal["token", "approle"] = "approle"
+    #: token auth: this file, else ``$VAULT_TOKEN``, else ``/run/vault/token``
+    token_file: str | None = None
+    #: approle auth: files holding the role id and the secret id (never the values here)
+    role_id_file: str = "/etc/dvs-agent/role_id"
+    secret_id_file: str = "/etc/dvs-agent/secret_id"  # noqa: S105 - a path
+    #: where the AppRole auth method is mounted (``auth/<approle_mount>/login``)
+    approle_mount: str = "approle"
+    #: the KV secrets engine's mount
+    mount: str = "secret"
+    #: the secret's path inside ``mount``, without slashes at either end (``dvs/osigu``)
+    path: str | None = None
+    #: 1 | 2
+    kv_version: Literal[1, 2] = 2
+    #: the keys of the secret's data that hold the client id and the client secret
+    client_id_key: str = "client_id"
+    client_secret_key: str = "client_secret"  # noqa: S105 - a key name
+    #: Vault Enterprise / OpenBao namespace
+    namespace: str | None = None
+    #: a CA file (PEM) for the Vault server; must exist and be readable
+    ca_cert: str | None = None
+    #: do not verify the server's certificate (tests only)
+    tls_skip_verify: bool = False
+
+    def resolved_address(self, environ: Mapping[str, str], *, key: str) -> str:
+        """``address``, else ``$VAULT_ADDR``, checked like ``token_url``.
+
+        ``key`` is the key path the errors name (``profiles.dvs.vault.address``). Raises
+        :class:`ConfigError` when neither is set, or when the URL is not absolute http(s), uses
+        plain http to a host that is not loopback, or carries ``user:password@``.
+        """
+        if self.address:
+            problem = _vault_address_problem(self.address)
+            if problem:
+                raise ConfigError(f"{key}: {problem}")
+            return self.address
+        address = environ.get(VAULT_ADDR_ENV, "")
+        if not address:
+            raise ConfigError(
+                f"{key}: no Vault address: set it in the config file "
+                f'(e.g. "https://vault.internal:8200") or export ${VAULT_ADDR_ENV}'
+            )
+        problem = _vault_address_problem(address)
+        if problem:
+            raise ConfigError(f"{key}: not set, and ${VAULT_ADDR_ENV} is invalid: {problem}")
+        return address
+
+
+class AwsSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[profiles.NAME.aws]``: the ``aws`` source, a Secrets Manager secret.
+
+    The secret's ``SecretString`` is a JSON object with the two keys. ``secret_id`` is required
+    when ``"aws"`` is in the profile's ``sources``.
+    """
+
+    #: the secret's name or ARN
+    secret_id: str | None = None
+    #: None: boto3's default chain (``$AWS_REGION``, ``$AWS_DEFAULT_REGION``, ``~/.aws/config``)
+    region: str | None = None
+    #: a VPC endpoint or a test server; absolute http(s), plain http only for loopback hosts
+    endpoint_url: str | None = None
+    #: the staging label of the version read
+    version_stage: str = "AWSCURRENT"
+    #: the keys of the secret's JSON object that hold the client id and the client secret
+    client_id_key: str = "client_id"
+    client_secret_key: str = "client_secret"  # noqa: S105 - a key name
+    #: an SQS queue receiving EventBridge's Secrets Manager events (DESIGN §5); https, or http
+    #: for loopback hosts; only with ``"aws"`` in ``sources``
+    events_queue_url: str | None = None
+
+
 class RotationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``[profiles.NAME.rotation]``: rotation triggers (DESIGN §5)."""
 
@@ -279,7 +373,9 @@ class FileSinkConfig(
 SinkConfig = FileSinkConfig
 
 #: a credential source's name in ``sources``
-SourceName = Literal["env"]
+SourceName = Literal["env", "vault", "aws"]
+#: the credential sources this release reads (the values of ``SourceName``)
+SUPPORTED_SOURCES: tuple[str, ...] = get_args(SourceName)
 
 
 class ProfileConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -302,6 +398,10 @@ class ProfileConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: fallback order: the first source that yields credentials wins
     sources: list[SourceName] = msgspec.field(default_factory=lambda: ["env"])
     env: EnvSourceConfig = msgspec.field(default_factory=EnvSourceConfig)
+    #: the ``vault`` source; required (with ``path``) when ``"vault"`` is in ``sources``
+    vault: VaultSourceConfig | None = None
+    #: the ``aws`` source; required (with ``secret_id``) when ``"aws"`` is in ``sources``
+    aws: AwsSourceConfig | None = None
     rotation: RotationConfig = msgspec.field(default_factory=RotationConfig)
     #: at least one
     sinks: list[SinkConfig]
@@ -430,12 +530,6 @@ def _describe(message: str, segments: list[_Segment], data: Mapping[str, Any]) -
     if m := re.fullmatch(r"Object contains unknown field `(.*)`", message):
         key = m[1]
         where = _key_path([*segments, key])
-        is_profile = isinstance(field_type, mi.StructType) and field_type.cls is ProfileConfig
-        if is_profile and key in PLANNED_SOURCES:
-            return (
-                f"{where}: {_not_supported(f'the {key} source')}; "
-                f"supported sources: {_listing(SUPPORTED_SOURCES)}"
-            )
         allowed = _struct_keys(field_type)
         hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
         owner = _owning_table(segments, key)
@@ -458,11 +552,6 @@ def _describe(message: str, segments: list[_Segment], data: Mapping[str, Any]) -
     where = _key_path(segments) or "(top level)"
     if m := re.fullmatch(r"Invalid enum value (.*)", message):
         value = _value_at(data, segments)
-        if segments[-2:-1] == ["sources"] and value in PLANNED_SOURCES:
-            return (
-                f"{where}: {_not_supported(f'source {value!r}')}; "
-                f"supported: {_listing(SUPPORTED_SOURCES)}"
-            )
         return f"{where}: invalid value {_toml_repr(value)}{_allowed(field_type)}"
     if m := re.fullmatch(r"Expected `(.*)`, got `(.*)`", message):
         expected = " or ".join(
@@ -643,6 +732,8 @@ def _check_profile(name: str, profile: ProfileConfig) -> Iterator[str]:
             )
     if profile.env.client_id_var == profile.env.client_secret_var:
         yield f"{key('env', 'client_secret_var')}: must differ from client_id_var"
+    yield from _check_vault(name, profile)
+    yield from _check_aws(name, profile)
     poll = profile.rotation.poll_interval
     if timedelta(0) < poll < timedelta(seconds=1):
         yield f"{key('rotation', 'poll_interval')}: must be 0 (no polling) or at least 1s"
@@ -650,6 +741,137 @@ def _check_profile(name: str, profile: ProfileConfig) -> Iterator[str]:
         yield f"{key('sinks')}: at least one sink is required: add a [[{key('sinks')}]] table"
     for index, sink in enumerate(profile.sinks):
         yield from _check_file_sink(key("sinks", index), sink)
+
+
+def _check_vault(name: str, profile: ProfileConfig) -> Iterator[str]:
+    table: list[_Segment] = ["profiles", name, "vault"]
+
+    def key(field: str) -> str:
+        return _key_path([*table, field])
+
+    vault = profile.vault
+    if "vault" in profile.sources and (vault is None or vault.path is None):
+        add = f"add a {_header(table)} table with " if vault is None else "e.g. "
+        yield (
+            f'{key("path")}: required when "vault" is in sources: {add}path = "dvs/osigu" '
+            "(the secret's path inside mount)"
+        )
+    if vault is None:
+        return
+    if vault.address == "":
+        yield f"{key('address')}: must not be empty (leave the key out to use ${VAULT_ADDR_ENV})"
+    elif vault.address is not None:
+        problem = _vault_address_problem(vault.address)
+        if problem:
+            yield f"{key('address')}: {problem}"
+    if vault.token_file == "":
+        yield (
+            f"{key('token_file')}: must not be empty (leave the key out to use "
+            f"${VAULT_TOKEN_ENV}, else {DEFAULT_VAULT_TOKEN_FILE})"
+        )
+    if vault.auth_method == "approle":
+        for file_key in ("role_id_file", "secret_id_file"):
+            if not getattr(vault, file_key):
+                yield f'{key(file_key)}: must not be empty with auth_method = "approle"'
+        problem = _mount_path_problem(vault.approle_mount, "approle")
+        if problem:
+            yield f"{key('approle_mount')}: {problem}"
+    problem = _mount_path_problem(vault.mount, "secret")
+    if problem:
+        yield f"{key('mount')}: {problem}"
+    if vault.path is not None:
+        problem = _mount_path_problem(vault.path, "dvs/osigu")
+        if problem:
+            yield f"{key('path')}: {problem}"
+    yield from _check_key_names(table, vault.client_id_key, vault.client_secret_key)
+    if vault.namespace == "":
+        yield f"{key('namespace')}: must not be empty (leave the key out for no namespace)"
+    if vault.ca_cert is not None:
+        problem = _readable_file_problem(vault.ca_cert)
+        if problem:
+            yield f"{key('ca_cert')}: {_toml_repr(vault.ca_cert)}: {problem}"
+
+
+def _check_aws(name: str, profile: ProfileConfig) -> Iterator[str]:
+    table: list[_Segment] = ["profiles", name, "aws"]
+
+    def key(field: str) -> str:
+        return _key_path([*table, field])
+
+    aws = profile.aws
+    listed = "aws" in profile.sources
+    if listed and (aws is None or aws.secret_id is None):
+        add = f"add a {_header(table)} table with " if aws is None else "e.g. "
+        yield (
+            f'{key("secret_id")}: required when "aws" is in sources: {add}secret_id = '
+            '"dvs/osigu" (the secret\'s name or ARN)'
+        )
+    if aws is None:
+        return
+    if aws.secret_id is not None:
+        if not aws.secret_id:
+            yield f"{key('secret_id')}: must not be empty"
+        elif aws.secret_id.startswith("arn:") and ":secretsmanager:" not in aws.secret_id:
+            yield (
+                f"{key('secret_id')}: {_toml_repr(aws.secret_id)} is not a Secrets Manager ARN "
+                "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME); or give the secret's name"
+            )
+    if aws.region is not None and not _AWS_REGION_RE.fullmatch(aws.region):
+        yield (
+            f'{key("region")}: invalid region {_toml_repr(aws.region)}, e.g. "us-east-1" '
+            "(leave the key out to use boto3's default chain)"
+        )
+    if aws.endpoint_url is not None:
+        problem = _url_problem(
+            aws.endpoint_url,
+            example='"https://secretsmanager.us-east-1.amazonaws.com"',
+            exposed="the client secret",
+        )
+        if problem:
+            yield f"{key('endpoint_url')}: {problem}"
+    if not aws.version_stage:
+        yield f'{key("version_stage")}: must not be empty (the default is "AWSCURRENT")'
+    yield from _check_key_names(table, aws.client_id_key, aws.client_secret_key)
+    if aws.events_queue_url is not None:
+        yield from _check_events_queue_url(key("events_queue_url"), aws.events_queue_url, listed)
+
+
+def _check_events_queue_url(where: str, url: str, listed: bool) -> Iterator[str]:
+    example = '"https://sqs.us-east-1.amazonaws.com/123456789012/dvs-agent-host1"'
+    if not listed:
+        yield (
+            f'{where}: rotation events are read only for the aws source: add "aws" to sources, '
+            "or leave the key out"
+        )
+    problem = _url_problem(url, example=example, exposed="the rotation events")
+    if problem is None and not _SQS_QUEUE_PATH_RE.fullmatch(urlsplit(url).path):
+        problem = (
+            f"{_toml_repr(url)} is not an SQS queue URL (/ACCOUNT_ID/QUEUE_NAME), e.g. {example}"
+        )
+    if problem:
+        yield f"{where}: {problem}"
+
+
+def _check_key_names(table: list[_Segment], id_key: str, secret_key: str) -> Iterator[str]:
+    for field, value in (("client_id_key", id_key), ("client_secret_key", secret_key)):
+        if not value:
+            yield f"{_key_path([*table, field])}: must not be empty"
+    if id_key and id_key == secret_key:
+        yield f"{_key_path([*table, 'client_secret_key'])}: must differ from client_id_key"
+
+
+def _mount_path_problem(value: str, example: str) -> str | None:
+    """A Vault mount or secret path: ``a/b``, no empty, ``.`` or ``..`` segments."""
+    if not value.strip("/"):
+        return f"must not be empty, e.g. {_toml_repr(example)}"
+    if value != value.strip("/"):
+        return (
+            f"{_toml_repr(value)}: write it without a leading or trailing '/': "
+            f"{_toml_repr(value.strip('/'))}"
+        )
+    if any(segment in ("", ".", "..") for segment in value.split("/")):
+        return f"{_toml_repr(value)}: has an empty, '.' or '..' segment, e.g. {_toml_repr(example)}"
+    return None
 
 
 def _check_file_sink(where: str, sink: FileSinkConfig) -> Iterator[str]:
@@ -670,7 +892,23 @@ def _check_file_sink(where: str, sink: FileSinkConfig) -> Iterator[str]:
 
 
 def _token_url_problem(url: str) -> str | None:
-    example = '"https://api.osigu.com/v1/oauth/token"'
+    return _url_problem(
+        url, example='"https://api.osigu.com/v1/oauth/token"', exposed="the client secret"
+    )
+
+
+def _vault_address_problem(url: str) -> str | None:
+    problem = _url_problem(url, example='"https://vault.internal:8200"', exposed="the Vault token")
+    if problem is None and re.fullmatch(r"/+v1(?:/.*)?", urlsplit(url).path):
+        problem = (
+            f"{_toml_repr(url)}: give the server's base URL, without /v1, "
+            'e.g. "https://vault.internal:8200"'
+        )
+    return problem
+
+
+def _url_problem(url: str, *, example: str, exposed: str) -> str | None:
+    """An absolute http(s) URL, plain http only for loopback hosts, no ``user:password@``."""
     parts = urlsplit(url)
     if "@" in parts.netloc:
         # never echo it: the part before '@' may be a password
@@ -690,7 +928,7 @@ def _token_url_problem(url: str) -> str | None:
     if parts.scheme.lower() == "http" and not _is_loopback(host):
         return (
             f"plain http is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost): "
-            f"the client secret would cross the network in clear; use https://{parts.netloc}"
+            f"{exposed} would cross the network in clear; use https://{parts.netloc}"
             f"{parts.path}"
         )
     return None

@@ -48,6 +48,7 @@ class Reason(StrEnum):
     RETRY = "retry"
     ROTATION = "rotation"
     SIGHUP = "sighup"
+    EVENT = "event"  # an AWS rotation event (EventBridge → SQS)
     FORCE = "force"
 
 

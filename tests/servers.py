@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -68,6 +68,12 @@ class Bao:
     address: str
     root_token: str
     audit_log: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    def stop(self) -> None:
+        """Take the server down (for tests of an unreachable Vault)."""
+        if self.process is not None:
+            _stop(self.process)
 
     def client(self):  # type: ignore[no-untyped-def]
         import hvac
@@ -94,6 +100,7 @@ def bao_server(workdir: Path) -> Iterator[Bao]:
                 _binary("bao"),
                 "server",
                 "-dev",
+                "-dev-no-store-token",
                 f"-dev-root-token-id={ROOT_TOKEN}",
                 f"-dev-listen-address=127.0.0.1:{port}",
                 f"-config={config}",
@@ -105,7 +112,7 @@ def bao_server(workdir: Path) -> Iterator[Bao]:
         )
     try:
         _wait_http(f"{address}/v1/sys/health", proc, log)
-        yield Bao(address=address, root_token=ROOT_TOKEN, audit_log=audit)
+        yield Bao(address=address, root_token=ROOT_TOKEN, audit_log=audit, process=proc)
     finally:
         _stop(proc)
 
@@ -116,6 +123,12 @@ class Moto:
 
     endpoint_url: str
     region: str = "us-east-1"
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    def stop(self) -> None:
+        """Take the server down (for tests of an unreachable AWS endpoint)."""
+        if self.process is not None:
+            _stop(self.process)
 
     def client(self, service: str):  # type: ignore[no-untyped-def]
         import boto3
@@ -152,6 +165,6 @@ def moto_server(workdir: Path) -> Iterator[Moto]:
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/moto-api/", proc, log)
-        yield Moto(endpoint_url=url)
+        yield Moto(endpoint_url=url, process=proc)
     finally:
         _stop(proc)

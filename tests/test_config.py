@@ -18,13 +18,16 @@ import pytest
 
 from agent.config import (
     DEFAULT_CONFIG_PATH,
+    SUPPORTED_SOURCES,
     AgentSection,
+    AwsSourceConfig,
     Config,
     EnvSourceConfig,
     FileSinkConfig,
     HealthSection,
     ProfileConfig,
     RotationConfig,
+    VaultSourceConfig,
     load_config,
     parse_config,
     parse_duration,
@@ -73,8 +76,34 @@ def test_example_config_shows_the_defaults() -> None:
     assert config.agent == AgentSection()
     assert config.health == HealthSection()
     profile = config.profiles["dvs"]
-    assert profile == ProfileConfig(sinks=profile.sinks)
+    # the [vault] and [aws] tables are there to document their keys, each at its default
+    assert profile == ProfileConfig(
+        sinks=profile.sinks, vault=VaultSourceConfig(), aws=AwsSourceConfig()
+    )
     assert profile.sinks == [FileSinkConfig(path="/run/dvs-agent/token")]
+
+
+def test_example_config_production_alternative_loads(tmp_path: Path) -> None:
+    """Uncommenting the `sources` alternative and the two required keys gives a valid config."""
+    text = EXAMPLE.read_text()
+    for commented, line in (
+        ('# sources = ["vault", "aws", "env"]', 'sources = ["vault", "aws", "env"]'),
+        ('# path = "dvs/osigu"', 'path = "dvs/osigu"'),
+        ('# secret_id = "dvs/osigu"', 'secret_id = "dvs/osigu"'),
+        ('# address = "https://vault.internal:8200"', 'address = "https://vault.internal:8200"'),
+        ('# region = "us-east-1"', 'region = "us-east-1"'),
+    ):
+        assert text.count(commented) == 1, commented
+        text = text.replace(commented, line)
+    text = text.replace('\nsources = ["env"]', '\n# sources = ["env"]')
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    profile = load_config(path).profiles["dvs"]
+    assert profile.sources == ["vault", "aws", "env"]
+    assert profile.vault == VaultSourceConfig(
+        address="https://vault.internal:8200", path="dvs/osigu"
+    )
+    assert profile.aws == AwsSourceConfig(secret_id="dvs/osigu", region="us-east-1")
 
 
 def _schema_keys(type_info: mi.Type) -> Iterator[str]:
@@ -144,6 +173,8 @@ def test_defaults_match_the_design() -> None:
     assert profile.sources == ["env"]
     assert profile.env.client_id_var == "DVS_CLIENT_ID"
     assert profile.env.client_secret_var == "DVS_CLIENT_SECRET"
+    assert profile.vault is None
+    assert profile.aws is None
     assert profile.rotation.poll_interval == timedelta(seconds=30)
     sink = profile.sinks[0]
     assert isinstance(sink, FileSinkConfig)
@@ -513,25 +544,35 @@ def test_profile_name_with_a_dot_is_quoted_in_key_paths() -> None:
     assert message.startswith('agent.toml: profiles."a.b".sinks[0].mode: ')
 
 
-@pytest.mark.parametrize("source", ["vault", "aws"])
-def test_unsupported_source(source: str) -> None:
-    message = error_of(profile_toml(f'sources = ["{source}", "env"]'))
-    assert message == (
-        f"agent.toml: profiles.dvs.sources[0]: source '{source}' is not supported by this "
-        'version of dvs-agent (0.1); supported: "env"'
+def test_vault_and_aws_are_supported_sources() -> None:
+    assert set(SUPPORTED_SOURCES) == {"env", "vault", "aws"}
+    config = parse_config(
+        profile_toml(
+            'sources = ["vault", "aws", "env"]\n'
+            '[profiles.dvs.vault]\npath = "dvs/osigu"\n'
+            '[profiles.dvs.aws]\nsecret_id = "dvs/osigu"'
+        )
     )
+    profile = config.profiles["dvs"]
+    assert profile.sources == ["vault", "aws", "env"]
+    assert profile.vault == VaultSourceConfig(path="dvs/osigu")
+    assert profile.aws == AwsSourceConfig(secret_id="dvs/osigu")
 
 
 @pytest.mark.parametrize("table", ["vault", "aws"])
-def test_unsupported_source_table(table: str) -> None:
-    message = error_of(profile_toml(f'[profiles.dvs.{table}]\npath = "dvs/osigu"'))
-    assert f"profiles.dvs.{table}: " in message
-    assert "not supported by this version of dvs-agent (0.1)" in message
+def test_source_table_without_its_source_is_allowed(table: str) -> None:
+    """A later write-back sink takes its defaults from the table: no error, no warning."""
+    config = parse_config(profile_toml(f"[profiles.dvs.{table}]\n"))
+    profile = config.profiles["dvs"]
+    assert profile.sources == ["env"]
+    assert getattr(profile, table) is not None
 
 
 def test_unknown_source() -> None:
     message = error_of(profile_toml('sources = ["ldap"]'))
-    assert 'profiles.dvs.sources[0]: invalid value "ldap"; expected one of: "env"' in message
+    assert message.startswith('agent.toml: profiles.dvs.sources[0]: invalid value "ldap"; ')
+    for name in ('"env"', '"vault"', '"aws"'):
+        assert name in message
 
 
 def test_sources_empty_or_duplicated() -> None:
@@ -597,6 +638,420 @@ def test_env_var_names_must_be_valid(line: str, key: str) -> None:
 def test_env_vars_must_differ() -> None:
     text = profile_toml('[profiles.dvs.env]\nclient_id_var = "X"\nclient_secret_var = "X"')
     assert "profiles.dvs.env.client_secret_var: must differ" in error_of(text)
+
+
+# ------------------------------------------------------------------- vault and aws sources
+
+
+def vault_toml(lines: str = "", *, sources: str = '["vault"]') -> str:
+    return profile_toml(f"sources = {sources}\n[profiles.dvs.vault]\n{lines}")
+
+
+def aws_toml(lines: str = "", *, sources: str = '["aws"]') -> str:
+    return profile_toml(f"sources = {sources}\n[profiles.dvs.aws]\n{lines}")
+
+
+def test_vault_defaults_match_the_design() -> None:
+    vault = parse_config(vault_toml('path = "dvs/osigu"')).profiles["dvs"].vault
+    assert vault is not None
+    assert msgspec.structs.asdict(vault) == {
+        "address": None,
+        "auth_method": "approle",
+        "token_file": None,
+        "role_id_file": "/etc/dvs-agent/role_id",
+        "secret_id_file": "/etc/dvs-agent/secret_id",
+        "approle_mount": "approle",
+        "mount": "secret",
+        "path": "dvs/osigu",
+        "kv_version": 2,
+        "client_id_key": "client_id",
+        "client_secret_key": "client_secret",
+        "namespace": None,
+        "ca_cert": None,
+        "tls_skip_verify": False,
+    }
+    assert vault == VaultSourceConfig(path="dvs/osigu")
+
+
+def test_aws_defaults_match_the_design() -> None:
+    aws = parse_config(aws_toml('secret_id = "dvs/osigu"')).profiles["dvs"].aws
+    assert aws is not None
+    assert msgspec.structs.asdict(aws) == {
+        "secret_id": "dvs/osigu",
+        "region": None,
+        "endpoint_url": None,
+        "version_stage": "AWSCURRENT",
+        "client_id_key": "client_id",
+        "client_secret_key": "client_secret",
+        "events_queue_url": None,
+    }
+    assert aws == AwsSourceConfig(secret_id="dvs/osigu")
+
+
+def test_every_vault_and_aws_key_is_read() -> None:
+    text = profile_toml(
+        'sources = ["aws", "vault"]\n'
+        "[profiles.dvs.vault]\n"
+        'address = "https://vault.internal:8200"\nauth_method = "token"\n'
+        'token_file = "/run/t"\nrole_id_file = ""\nsecret_id_file = ""\n'
+        'approle_mount = "ar"\nmount = "kv/team"\npath = "a/b"\nkv_version = 1\n'
+        'client_id_key = "id"\nclient_secret_key = "secret"\nnamespace = "admin/dvs"\n'
+        "tls_skip_verify = true\n"
+        "[profiles.dvs.aws]\n"
+        'secret_id = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:dvs/osigu-AbCdEf"\n'
+        'region = "eu-west-1"\nendpoint_url = "http://127.0.0.1:5000"\n'
+        'version_stage = "AWSPENDING"\nclient_id_key = "id"\nclient_secret_key = "secret"\n'
+        'events_queue_url = "http://127.0.0.1:5000/123456789012/dvs-agent"\n'
+    )
+    profile = parse_config(text).profiles["dvs"]
+    assert profile.vault == VaultSourceConfig(
+        address="https://vault.internal:8200",
+        auth_method="token",
+        token_file="/run/t",
+        role_id_file="",  # only approle needs the two files
+        secret_id_file="",
+        approle_mount="ar",
+        mount="kv/team",
+        path="a/b",
+        kv_version=1,
+        client_id_key="id",
+        client_secret_key="secret",
+        namespace="admin/dvs",
+        tls_skip_verify=True,
+    )
+    assert profile.aws == AwsSourceConfig(
+        secret_id="arn:aws:secretsmanager:eu-west-1:123456789012:secret:dvs/osigu-AbCdEf",
+        region="eu-west-1",
+        endpoint_url="http://127.0.0.1:5000",
+        version_stage="AWSPENDING",
+        client_id_key="id",
+        client_secret_key="secret",
+        events_queue_url="http://127.0.0.1:5000/123456789012/dvs-agent",
+    )
+
+
+@pytest.mark.parametrize("lines", ["", 'mount = "secret"'])
+def test_vault_source_requires_path(lines: str) -> None:
+    message = error_of(vault_toml(lines, sources='["vault", "env"]'))
+    assert message.startswith(
+        'agent.toml: profiles.dvs.vault.path: required when "vault" is in sources'
+    )
+
+
+def test_vault_source_without_its_table_names_path_and_the_table() -> None:
+    message = error_of(profile_toml('sources = ["vault"]'))
+    assert message.startswith(
+        'agent.toml: profiles.dvs.vault.path: required when "vault" is in sources'
+    )
+    assert "[profiles.dvs.vault]" in message
+
+
+@pytest.mark.parametrize("lines", ["", 'region = "us-east-1"'])
+def test_aws_source_requires_secret_id(lines: str) -> None:
+    message = error_of(aws_toml(lines))
+    assert message.startswith(
+        'agent.toml: profiles.dvs.aws.secret_id: required when "aws" is in sources'
+    )
+
+
+def test_aws_source_without_its_table_names_secret_id_and_the_table() -> None:
+    message = error_of(profile_toml('sources = ["env", "aws"]'))
+    assert message.startswith(
+        'agent.toml: profiles.dvs.aws.secret_id: required when "aws" is in sources'
+    )
+    assert "[profiles.dvs.aws]" in message
+
+
+def test_missing_path_and_secret_id_are_reported_together() -> None:
+    lines = error_of(profile_toml('sources = ["vault", "aws"]')).splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        "profiles.dvs.vault.path",
+        "profiles.dvs.aws.secret_id",
+    ]
+
+
+def test_events_queue_url_needs_the_aws_source() -> None:
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/dvs-agent"
+    message = error_of(aws_toml(f'events_queue_url = "{url}"', sources='["env"]'))
+    assert message.startswith("agent.toml: profiles.dvs.aws.events_queue_url: ")
+    assert 'add "aws" to sources' in message
+    config = parse_config(aws_toml(f'secret_id = "s"\nevents_queue_url = "{url}"'))
+    aws = config.profiles["dvs"].aws
+    assert aws is not None
+    assert aws.events_queue_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://sqs.example.com/123456789012/q", "plain http is allowed only for loopback"),
+        ("sqs.us-east-1.amazonaws.com/123456789012/q", "absolute http(s) URL"),
+        ("https://sqs.us-east-1.amazonaws.com/q", "not an SQS queue URL"),
+        ("https://sqs.us-east-1.amazonaws.com/", "not an SQS queue URL"),
+        ("https://sqs.us-east-1.amazonaws.com/1/2/3", "not an SQS queue URL"),
+    ],
+)
+def test_events_queue_url_must_be_an_sqs_queue_url(url: str, problem: str) -> None:
+    message = error_of(aws_toml(f'secret_id = "s"\nevents_queue_url = "{url}"'))
+    assert message.startswith("agent.toml: profiles.dvs.aws.events_queue_url: ")
+    assert problem in message
+
+
+@pytest.mark.parametrize(
+    "url", ["http://vault.internal:8200", "http://10.0.0.5:8200", "http://[::2]:8200"]
+)
+def test_vault_address_plain_http_to_a_non_loopback_host_is_refused(url: str) -> None:
+    message = error_of(vault_toml(f'path = "p"\naddress = "{url}"'))
+    assert message.startswith(
+        "agent.toml: profiles.dvs.vault.address: plain http is allowed only for loopback hosts"
+    )
+    assert "the Vault token would cross the network in clear" in message
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8200", "http://localhost:8200", "https://vault.internal:8200"]
+)
+def test_vault_address_good(url: str) -> None:
+    vault = parse_config(vault_toml(f'path = "p"\naddress = "{url}"')).profiles["dvs"].vault
+    assert vault is not None
+    assert vault.resolved_address({}, key="profiles.dvs.vault.address") == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("vault.internal:8200", "absolute http(s) URL"),
+        ("", "must not be empty"),
+        ("https://vault.internal:8200/v1", "without /v1"),
+        ("https://vault.internal:8200/v1/secret/data/x", "without /v1"),
+    ],
+)
+def test_vault_address_bad(url: str, problem: str) -> None:
+    message = error_of(vault_toml(f'path = "p"\naddress = "{url}"'))
+    assert message.startswith("agent.toml: profiles.dvs.vault.address: ")
+    assert problem in message
+
+
+def test_vault_address_with_credentials_is_refused_without_echoing_them() -> None:
+    message = error_of(vault_toml('path = "p"\naddress = "https://u:hunter2@vault:8200"'))
+    assert "profiles.dvs.vault.address: must not contain user:password@" in message
+    assert "hunter2" not in message
+
+
+def test_aws_endpoint_url() -> None:
+    good = parse_config(aws_toml('secret_id = "s"\nendpoint_url = "http://127.0.0.1:5000"'))
+    aws = good.profiles["dvs"].aws
+    assert aws is not None
+    assert aws.endpoint_url == "http://127.0.0.1:5000"
+    message = error_of(aws_toml('secret_id = "s"\nendpoint_url = "http://moto.internal:5000"'))
+    assert message.startswith(
+        "agent.toml: profiles.dvs.aws.endpoint_url: plain http is allowed only for loopback hosts"
+    )
+
+
+KEY = "profiles.dvs.vault.address"
+
+
+def test_resolved_address_prefers_the_file_then_vault_addr() -> None:
+    from_file = VaultSourceConfig(address="https://vault.internal:8200", path="p")
+    environ = {"VAULT_ADDR": "https://other:8200"}
+    assert from_file.resolved_address(environ, key=KEY) == "https://vault.internal:8200"
+    from_env = VaultSourceConfig(path="p")
+    assert from_env.resolved_address(environ, key=KEY) == "https://other:8200"
+
+
+@pytest.mark.parametrize("environ", [{}, {"VAULT_ADDR": ""}])
+def test_resolved_address_without_address_or_vault_addr(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        VaultSourceConfig(path="p").resolved_address(environ, key=KEY)
+    message = str(info.value)
+    assert message.startswith(f"{KEY}: ")
+    assert "VAULT_ADDR" in message
+    assert info.value.exit_code == 78
+
+
+def test_resolved_address_checks_vault_addr_like_token_url() -> None:
+    vault = VaultSourceConfig(path="p")
+    with pytest.raises(ConfigError) as info:
+        vault.resolved_address({"VAULT_ADDR": "http://vault.internal:8200"}, key=KEY)
+    message = str(info.value)
+    assert message.startswith(f"{KEY}: ")
+    assert "VAULT_ADDR" in message
+    assert "plain http is allowed only for loopback hosts" in message
+    with pytest.raises(ConfigError) as info:
+        vault.resolved_address({"VAULT_ADDR": "https://u:hunter2@vault:8200"}, key=KEY)
+    assert "hunter2" not in str(info.value)
+    assert vault.resolved_address({"VAULT_ADDR": "http://127.0.0.1:8200"}, key=KEY) == (
+        "http://127.0.0.1:8200"
+    )
+    other_key = 'profiles."a.b".sinks[1].address'
+    with pytest.raises(ConfigError, match=re.escape(other_key)):
+        vault.resolved_address({}, key=other_key)
+
+
+def test_vault_ca_cert(tmp_path: Path) -> None:
+    ca = tmp_path / "vault-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    vault = parse_config(vault_toml(f'path = "p"\nca_cert = "{ca}"')).profiles["dvs"].vault
+    assert vault is not None
+    assert vault.ca_cert == str(ca)
+    missing = error_of(vault_toml(f'path = "p"\nca_cert = "{tmp_path}/nope.pem"'))
+    assert missing.startswith("agent.toml: profiles.dvs.vault.ca_cert: ")
+    assert "no such file" in missing
+    directory = error_of(vault_toml(f'path = "p"\nca_cert = "{tmp_path}"'))
+    assert "not a regular file" in directory
+
+
+def test_vault_ca_cert_is_checked_without_the_vault_source(tmp_path: Path) -> None:
+    message = error_of(profile_toml(f'[profiles.dvs.vault]\nca_cert = "{tmp_path}/nope.pem"'))
+    assert message.startswith("agent.toml: profiles.dvs.vault.ca_cert: ")
+
+
+@pytest.mark.parametrize("value", ["3", "0", '"2"', "2.0"])
+def test_kv_version_lists_the_allowed_values(value: str) -> None:
+    message = error_of(vault_toml(f'path = "p"\nkv_version = {value}'))
+    assert message.startswith("agent.toml: profiles.dvs.vault.kv_version: ")
+    assert message.endswith("expected one of: 1, 2")
+
+
+def test_auth_method_lists_the_allowed_values() -> None:
+    message = error_of(vault_toml('path = "p"\nauth_method = "ldap"'))
+    assert message.startswith('agent.toml: profiles.dvs.vault.auth_method: invalid value "ldap"')
+    assert '"approle"' in message
+    assert '"token"' in message
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [("vault", "pth"), ("vault", "secret"), ("aws", "secretid"), ("aws", "profile")],
+)
+def test_unknown_key_in_a_source_table_names_its_path(table: str, key: str) -> None:
+    message = error_of(profile_toml(f'[profiles.dvs.{table}]\n{key} = "x"'))
+    assert message.startswith(f"agent.toml: profiles.dvs.{table}.{key}: unknown key (a typo?)")
+    assert "expected one of: " in message
+
+
+def test_unknown_key_in_a_source_table_of_a_quoted_profile() -> None:
+    message = error_of('[profiles."a.b".vault]\npth = "x"\n[[profiles."a.b".sinks]]\npath = "/t"\n')
+    assert message.startswith('agent.toml: profiles."a.b".vault.pth: unknown key')
+
+
+def test_source_key_under_the_source_table_header_says_where_it_belongs() -> None:
+    message = error_of(profile_toml('[profiles.dvs.vault]\npath = "p"\nsources = ["vault"]'))
+    assert "profiles.dvs.vault.sources: unknown key" in message
+    assert "[profiles.dvs]" in message
+
+
+@pytest.mark.parametrize("table", ["vault", "aws"])
+def test_source_table_must_be_a_table(table: str) -> None:
+    message = error_of(profile_toml(f'{table} = "x"'))
+    assert message.startswith(f"agent.toml: profiles.dvs.{table}: expected a table, got a string")
+
+
+@pytest.mark.parametrize("table", ["vault", "aws"])
+def test_identical_key_names_are_refused(table: str) -> None:
+    required = 'path = "p"' if table == "vault" else 'secret_id = "s"'
+    text = profile_toml(
+        f'sources = ["{table}"]\n[profiles.dvs.{table}]\n{required}\n'
+        'client_id_key = "k"\nclient_secret_key = "k"'
+    )
+    message = error_of(text)
+    assert message == (
+        f"agent.toml: profiles.dvs.{table}.client_secret_key: must differ from client_id_key"
+    )
+
+
+@pytest.mark.parametrize("table", ["vault", "aws"])
+@pytest.mark.parametrize("key", ["client_id_key", "client_secret_key"])
+def test_empty_key_names_are_refused(table: str, key: str) -> None:
+    message = error_of(profile_toml(f'[profiles.dvs.{table}]\n{key} = ""'))
+    assert message == f"agent.toml: profiles.dvs.{table}.{key}: must not be empty"
+
+
+@pytest.mark.parametrize("key", ["path", "mount", "approle_mount"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("/dvs/osigu/", "without a leading or trailing '/': \"dvs/osigu\""),
+        ("/dvs/osigu", "without a leading or trailing '/': \"dvs/osigu\""),
+        ("dvs/osigu/", "without a leading or trailing '/': \"dvs/osigu\""),
+        ("dvs//osigu", "empty, '.' or '..' segment"),
+        ("dvs/../osigu", "empty, '.' or '..' segment"),
+        ("", "must not be empty"),
+        ("/", "must not be empty"),
+    ],
+)
+def test_vault_paths_and_mounts(key: str, value: str, problem: str) -> None:
+    path = "" if key == "path" else 'path = "dvs/osigu"\n'
+    message = error_of(vault_toml(f'{path}{key} = "{value}"'))
+    assert message.startswith(f"agent.toml: profiles.dvs.vault.{key}: ")
+    assert problem in message
+
+
+@pytest.mark.parametrize("value", ["dvs/osigu", "osigu", "team-a/dvs.osigu/client_1"])
+def test_vault_good_paths(value: str) -> None:
+    vault = parse_config(vault_toml(f'path = "{value}"\nmount = "kv/{value}"')).profiles["dvs"]
+    assert vault.vault is not None
+    assert vault.vault.path == value
+
+
+@pytest.mark.parametrize("key", ["role_id_file", "secret_id_file"])
+def test_approle_needs_its_files(key: str) -> None:
+    message = error_of(vault_toml(f'path = "p"\n{key} = ""'))
+    assert message == (
+        f'agent.toml: profiles.dvs.vault.{key}: must not be empty with auth_method = "approle"'
+    )
+    config = parse_config(vault_toml(f'path = "p"\nauth_method = "token"\n{key} = ""'))
+    vault = config.profiles["dvs"].vault
+    assert vault is not None
+    assert vault.auth_method == "token"
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('token_file = ""', "token_file"),
+        ('namespace = ""', "namespace"),
+    ],
+)
+def test_vault_optional_keys_must_not_be_empty(line: str, key: str) -> None:
+    message = error_of(vault_toml(f'path = "p"\n{line}'))
+    assert message.startswith(f"agent.toml: profiles.dvs.vault.{key}: must not be empty")
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ('secret_id = ""', "secret_id", "must not be empty"),
+        ('secret_id = "arn:aws:s3:::bucket"', "secret_id", "not a Secrets Manager ARN"),
+        ('secret_id = "s"\nregion = ""', "region", "invalid region"),
+        ('secret_id = "s"\nregion = "us east 1"', "region", "invalid region"),
+        ('secret_id = "s"\nversion_stage = ""', "version_stage", "must not be empty"),
+    ],
+)
+def test_aws_per_key_checks(line: str, key: str, problem: str) -> None:
+    message = error_of(aws_toml(line))
+    assert message.startswith(f"agent.toml: profiles.dvs.aws.{key}: ")
+    assert problem in message
+
+
+def test_source_table_errors_are_reported_together(tmp_path: Path) -> None:
+    text = profile_toml(
+        'sources = ["vault", "aws"]\n'
+        "[profiles.dvs.vault]\n"
+        'address = "http://vault.internal:8200"\npath = "/dvs/osigu/"\n'
+        f'ca_cert = "{tmp_path}/nope.pem"\n'
+        "[profiles.dvs.aws]\n"
+        'client_id_key = "k"\nclient_secret_key = "k"\n'
+    )
+    keys = [line.split(": ")[1] for line in error_of(text).splitlines()]
+    assert keys == [
+        "profiles.dvs.vault.address",
+        "profiles.dvs.vault.path",
+        "profiles.dvs.vault.ca_cert",
+        "profiles.dvs.aws.secret_id",
+        "profiles.dvs.aws.client_secret_key",
+    ]
 
 
 # ---------------------------------------------------------------------------------- token_url

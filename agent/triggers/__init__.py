@@ -1,0 +1,1 @@
+"""Rotation triggers: what wakes a profile besides time."""
