@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -113,6 +114,7 @@ def _measure(
             raise RuntimeError(f"{name}: no first token within 60 s")
         time.sleep(0.01)
     latencies = []
+    rng = random.Random(2026)
     for i in range(1, rotations + 1):
         secret = f"secret-{i}"
         server.set_secret(CLIENT_ID, secret)
@@ -123,7 +125,8 @@ def _measure(
                 raise RuntimeError(f"{name}: rotation {i} not picked up within 60 s")
             time.sleep(0.005)
         latencies.append(time.monotonic() - started)
-        time.sleep(0.2)
+        # a random pause, so that rotations do not fall at one phase of the poll cycle
+        time.sleep(rng.uniform(0.2, 1.2))
     return Result(name, latencies)
 
 
