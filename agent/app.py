@@ -13,26 +13,42 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from agent.config import Config, ProfileConfig, load_config
-from agent.errors import EX_OK, AgentError, ConfigError, SinkError, most_severe
+from agent.errors import (
+    EX_OK,
+    AgentError,
+    ConfigError,
+    SinkError,
+    SourceUnavailable,
+    most_severe,
+)
 from agent.logs import Redactor, set_level
 from agent.manager import Outcome, Profile, Reason, State, Timing
 from agent.models import rfc3339
 from agent.notify import sd_notify
 from agent.oauth import Clock, TokenClient, utc_now
 from agent.schedule import RefreshScheduler
-from agent.sinks.base import TokenSink
-from agent.sinks.file import FileSink
+from agent.sinks.factory import build_sinks
 from agent.sources.chain import SourceChain
 from agent.sources.factory import build_sources
 from agent.state import StateStore
 
+if TYPE_CHECKING:
+    from agent.health import HealthServer, ProfileStatus, RefreshAnswer
+    from agent.metrics import Metrics
+
 #: SIGTERM/SIGINT: stop within this long, whatever is in flight (files are replaced atomically)
 STOP_DEADLINE_SECONDS = 4.0
+#: `dvs-agent refresh`: at most one accepted request per profile in this many seconds
+REFRESH_INTERVAL = 10.0
+
+
+class ListenError(SourceUnavailable):
+    """The health listener cannot bind its address (exit 69, so systemd tries again)."""
 
 
 class RotationListener(Protocol):
@@ -62,8 +78,10 @@ class Agent:
         clock: Clock = utc_now,
         redactor: Redactor | None = None,
         logger: logging.Logger | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self._config_path = config_path
         self._environ = os.environ if environ is None else environ
         self._clock = clock
@@ -79,24 +97,17 @@ class Agent:
         self._ready_sent = False
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._listeners: list[RotationListener] = []
+        self._health: HealthServer | None = None
+        self._status_line = ""
+        self._last_refresh_request: dict[str, float] = {}
 
     # ------------------------------------------------------------------ building
     def _build(self, name: str, pc: ProfileConfig) -> Profile:
         log = self._log
         sources = build_sources(name, pc, environ=self._environ, logger=log)
-        sinks: list[TokenSink] = [
-            FileSink(
-                Path(sink.path),
-                fmt=sink.format,
-                mode=int(sink.mode),
-                owner=sink.owner,
-                group=sink.group,
-                on_change=sink.on_change,
-                on_change_timeout=sink.on_change_timeout.total_seconds(),
-                logger=logging.getLogger("agent.sink"),
-            )
-            for sink in pc.sinks
-        ]
+        metrics = self.metrics
+        on_error = None if metrics is None else (lambda source: metrics.source_error(name, source))
+        sinks = build_sinks(name, pc, environ=self._environ, logger=log)
         client = TokenClient(
             token_url=pc.resolved_token_url,
             profile=name,
@@ -114,7 +125,7 @@ class Agent:
         )
         return Profile(
             name,
-            chain=SourceChain(sources, profile=name, logger=log),
+            chain=SourceChain(sources, profile=name, logger=log, on_error=on_error),
             client=client,
             sinks=sinks,
             store=self.store,
@@ -122,6 +133,7 @@ class Agent:
             clock=self._clock,
             redactor=self._redactor,
             logger=log,
+            metrics=self.metrics,
         )
 
     def prepare(self) -> None:
@@ -167,8 +179,10 @@ class Agent:
     def run(self) -> RunResult:
         """The daemon: schedule every profile, then serve signals until SIGTERM/SIGINT."""
         self.prepare()
+        self._start_health()
         scheduler = RefreshScheduler(clock=self._clock, on_outcome=self._on_outcome)
         self._scheduler = scheduler
+        self._start_watchdog(scheduler)
         for profile in self.profiles.values():
             self._schedule(profile, restore=True)
         previous = self._install_signals()
@@ -272,19 +286,110 @@ class Agent:
         self._first_done.add(profile.name)
         self._check_ready()
 
-    def _check_ready(self) -> None:
-        if self._ready_sent or not self._first_done.issuperset(self.profiles):
-            return
-        self._ready_sent = True
+    def _status(self) -> str:
         bad = [f"{p.name}: {p.state.value}" for p in self.profiles.values() if p.state != State.OK]
-        status = "all profiles ok" if not bad else "not ok: " + "; ".join(bad)
-        sd_notify(f"READY=1\nSTATUS={status}", self._environ)
+        return "all profiles ok" if not bad else "not ok: " + "; ".join(bad)
+
+    def _check_ready(self) -> None:
+        """READY=1 once every profile finished its first attempt; then STATUS= on changes."""
+        if not self._first_done.issuperset(self.profiles):
+            return
+        status = self._status()
+        if not self._ready_sent:
+            self._ready_sent = True
+            self._status_line = status
+            sd_notify(f"READY=1\nSTATUS={status}", self._environ)
+        elif status != self._status_line:
+            self._status_line = status
+            sd_notify(f"STATUS={status}", self._environ)
+
+    def _start_watchdog(self, scheduler: RefreshScheduler) -> None:
+        """WATCHDOG=1 from a scheduler job, so that a hung scheduler is caught by systemd."""
+        usec = self._environ.get("WATCHDOG_USEC", "")
+        pid = self._environ.get("WATCHDOG_PID")
+        if not usec.isdigit() or int(usec) <= 0 or (pid and pid != str(os.getpid())):
+            return
+        interval = timedelta(microseconds=int(usec)) / 2
+        environ = self._environ
+        scheduler.add_periodic("watchdog", lambda: sd_notify("WATCHDOG=1", environ), interval)
+        sd_notify("WATCHDOG=1", environ)
+
+    # -------------------------------------------------------------------- health
+    def _start_health(self) -> None:
+        address = self.config.health.address
+        if address is None:
+            return
+        from agent.health import HealthServer
+
+        if self.metrics is None:
+            raise RuntimeError("run() needs an Agent built with metrics=Metrics()")
+        host, port = address
+        try:
+            self._health = HealthServer(
+                host,
+                port,
+                snapshot=self.snapshot,
+                metrics=self.metrics,
+                refresh=self.refresh_request,
+                clock=self._clock,
+                logger=logging.getLogger("agent.health"),
+            )
+        except OSError as exc:
+            raise ListenError(
+                f"health.listen {self.config.health.listen}: {exc.strerror or exc}; is another "
+                'dvs-agent running? choose another port or set listen = "" to disable'
+            ) from None
+        self._health.start()
+
+    def snapshot(self) -> list[ProfileStatus]:
+        """Each profile's state for /readyz (never a secret)."""
+        from agent.health import ProfileStatus
+
+        return [
+            ProfileStatus(
+                name=p.name,
+                state=p.state.value,
+                expires_at=p.token.expires_at if p.token else None,
+                provider_slug=p.token.provider_slug if p.token else None,
+                last_refresh=p.last_refresh,
+                last_error=p.last_error,
+                source=p.chain.current,
+            )
+            for p in list(self.profiles.values())
+        ]
+
+    def refresh_request(self, name: str | None) -> RefreshAnswer:
+        """``dvs-agent refresh``: re-auth now, at most once per REFRESH_INTERVAL per profile."""
+        from agent.health import RefreshAnswer
+
+        names = list(self.profiles) if name is None else [name]
+        for each in names:
+            if each not in self.profiles:
+                raise KeyError(each)
+        now = time.monotonic()
+        waits = [
+            self._last_refresh_request.get(each, -REFRESH_INTERVAL) + REFRESH_INTERVAL - now
+            for each in names
+        ]
+        if max(waits) > 0:
+            return RefreshAnswer(
+                accepted=False,
+                retry_after=max(waits),
+                message=f"refreshed less than {REFRESH_INTERVAL:g}s ago; try again later",
+            )
+        for each in names:
+            self._last_refresh_request[each] = now
+            if self._scheduler is not None:
+                self._scheduler.trigger(each, Reason.REFRESH)
+        return RefreshAnswer(accepted=True, message="re-authenticating " + ", ".join(names))
 
     def _shutdown(self) -> RunResult:
         self._log.info("stopping; token files are left in place", extra={"event": "stopping"})
         sd_notify("STOPPING=1", self._environ)
         self._stopping.set()
         self._stop_listeners()
+        if self._health is not None:
+            self._health.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown()
         deadline = time.monotonic() + STOP_DEADLINE_SECONDS
@@ -337,6 +442,8 @@ class Agent:
             if name not in new.profiles:
                 self._scheduler.remove(name)
                 self.profiles.pop(name).close()
+                if self.metrics is not None:
+                    self.metrics.forget(name)
                 self._log.info("profile removed", extra={"profile": name, "event": "reload"})
         for name, pc in new.profiles.items():
             if name in self.profiles and old.profiles.get(name) == pc:

@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import NoReturn
 
 from agent import __version__
-from agent.config import CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, Config, load_config
-from agent.errors import EX_CONFIG, EX_OK, EX_USAGE, AgentError, most_severe
+from agent.config import (
+    CONFIG_PATH_ENV,
+    DEFAULT_CONFIG_PATH,
+    AwsSinkConfig,
+    Config,
+    FileSinkConfig,
+    SinkConfig,
+    VaultSinkConfig,
+    load_config,
+)
+from agent.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE, AgentError, most_severe
 from agent.logs import setup_logging
 
 DESCRIPTION = """\
@@ -73,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument(
         "--force", action="store_true", help="request a new token even if one is still valid"
     )
+    refresh = commands.add_parser(
+        "refresh",
+        parents=[config_opt],
+        help="ask the running agent to re-authenticate now",
+        description="Ask the running agent (through its [health] listener) to re-authenticate "
+        "now: for a consumer that got a 401 with the current token. Rate-limited per profile.",
+    )
+    refresh.add_argument("--profile", metavar="NAME", help="only this profile (default: all)")
+    commands.add_parser(
+        "status",
+        parents=[config_opt],
+        help="show the running agent's profiles (exit 0 when ready, 69 when not)",
+        description="Ask the running agent's health listener for each profile's state: one "
+        "line per profile. Exit 0 when every profile holds a valid token, 69 when not.",
+    )
     check = commands.add_parser(
         "check",
         parents=[config_opt],
@@ -120,10 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(path)
         if command == "check":
             return _check(config, path, connect=args.connect)
+        if command == "status":
+            return _status(config)
+        if command == "refresh":
+            return _refresh(config, args.profile)
         redactor = setup_logging(config.agent.log_level, config.agent.log_format)
         from agent.app import Agent
 
-        agent = Agent(config, config_path=path, redactor=redactor)
+        metrics = None
+        if command == "run":
+            from agent.metrics import Metrics
+
+            metrics = Metrics()
+        agent = Agent(config, config_path=path, redactor=redactor, metrics=metrics)
         if command == "once":
             try:
                 return agent.once(only=args.profile, force=args.force)
@@ -169,7 +202,7 @@ def _check(config: Config, path: Path, *, connect: bool) -> int:
             file=out,
         )
         for sink in pc.sinks:
-            print(f"  sink file {sink.path} ({sink.format}, {int(sink.mode):04o})", file=out)
+            print(f"  sink {describe_sink(sink)}", file=out)
     if not connect:
         return EX_OK
     setup_logging("warning", "text")
@@ -195,3 +228,60 @@ def _check(config: Config, path: Path, *, connect: bool) -> int:
     finally:
         agent.close()
     return most_severe(codes) if codes else EX_CONFIG
+
+
+def describe_sink(sink: SinkConfig) -> str:
+    """One line about a sink's target, for ``check`` (no secrets: there are none in config)."""
+    if isinstance(sink, FileSinkConfig):
+        return f"file {sink.path} ({sink.format}, {int(sink.mode):04o})"
+    if isinstance(sink, VaultSinkConfig):
+        return f"vault {sink.mount or 'secret'}/{sink.path} (KV v2, check-and-set)"
+    if isinstance(sink, AwsSinkConfig):
+        return f"aws {sink.secret_id}" + (" (created if missing)" if sink.create else "")
+    return f"redis {sink.url} key {sink.key or '(default)'}"
+
+
+def _when(value: object) -> str:
+    return value if isinstance(value, str) else "-"
+
+
+def _status(config: Config) -> int:
+    from agent.health import AgentUnreachable, fetch_status
+
+    try:
+        code, body = fetch_status(config.health.listen)
+    except (AgentUnreachable, ValueError) as exc:
+        print(f"dvs-agent: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    profiles = body.get("profiles", {})
+    for name, p in profiles.items():
+        line = (
+            f"{name}: {p.get('state')}, expires {_when(p.get('expires_at'))}, "
+            f"provider {p.get('provider_slug') or '-'}, source {p.get('source') or '-'}, "
+            f"last refresh {_when(p.get('last_refresh'))}"
+        )
+        if p.get("last_error"):
+            line += f", last error: {p['last_error']}"
+        print(line)
+    return EX_OK if code == 200 else EX_UNAVAILABLE
+
+
+def _refresh(config: Config, profile: str | None) -> int:
+    from agent.health import AgentUnreachable, request_refresh
+
+    try:
+        code, body = request_refresh(config.health.listen, profile)
+    except (AgentUnreachable, ValueError) as exc:
+        print(f"dvs-agent: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    message = str(body.get("message") or body.get("error") or "")
+    if code == 202:
+        print(message or "re-authenticating")
+        return EX_OK
+    if code == 404:
+        print(f"dvs-agent: no such profile: {profile}", file=sys.stderr)
+        return EX_CONFIG
+    retry = body.get("retry_after")
+    suffix = f" (retry in {float(retry):.0f}s)" if isinstance(retry, int | float) else ""
+    print(f"dvs-agent: not accepted: {message}{suffix}", file=sys.stderr)
+    return EX_UNAVAILABLE

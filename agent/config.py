@@ -10,13 +10,19 @@ hands to :func:`_dec_hook`; every ``timedelta`` field of the schema is a ``Durat
 duration in this file is never parsed any other way.
 
 Secrets never sit in this file: there is no key for one, and a URL (``token_url``, a Vault
-``address``, an AWS ``endpoint_url`` or ``events_queue_url``) with a ``user:password@`` part is
-refused.
+``address``, an AWS ``endpoint_url`` or ``events_queue_url``, a redis sink's ``url``) with a
+``user:password@`` part is refused.
 
 The credential sources ``vault`` and ``aws`` have their own tables (``[profiles.NAME.vault]``,
 ``[profiles.NAME.aws]``). A table is checked whenever it is present; its required keys (``path``,
 ``secret_id``) only when its source is listed in ``sources``: a table without its source is
-allowed, since a write-back sink of a later release takes its defaults from it.
+allowed, since the profile's vault and aws write-back sinks take their defaults from it
+(:meth:`VaultSinkConfig.merged`, :meth:`AwsSinkConfig.merged`).
+
+Sinks are a tagged union on ``type`` (:data:`SinkConfig`): ``file`` (the default when ``type`` is
+left out), ``vault``, ``aws`` and ``redis``. No two sinks, in any profile, may write one target
+(a file, a Vault secret, an AWS secret, a Redis key), and no sink may write a secret that a
+profile reads its credentials from.
 """
 
 from __future__ import annotations
@@ -29,17 +35,17 @@ import re
 import stat
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeAlias, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import msgspec
 import msgspec.inspect as mi
 
-from agent import __version__
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/dvs-agent/agent.toml"
@@ -54,8 +60,13 @@ ENVIRONMENT_TOKEN_URLS: Mapping[str, str] = MappingProxyType(
     }
 )
 
-#: sink types planned for a later release (the supported ones come from ``SinkConfig``)
-PLANNED_SINK_TYPES = ("vault", "aws", "redis")
+#: a redis sink's ``url`` when it has none
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: a redis sink's key when it has no ``key`` (``str.format`` with ``profile``)
+DEFAULT_REDIS_KEY = "dvs-agent:{profile}:token"
+#: the port and database of a redis ``url`` that names none
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_REDIS_DB = 0
 
 #: the variable that gives the Vault address when ``[profiles.NAME.vault]`` has no ``address``
 VAULT_ADDR_ENV = "VAULT_ADDR"
@@ -72,6 +83,13 @@ _HOSTNAME_RE = re.compile(rf"{_HOSTNAME_LABEL}(?:\.{_HOSTNAME_LABEL})*\.?")
 _AWS_REGION_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 #: an SQS queue URL's path: /ACCOUNT_ID/QUEUE_NAME
 _SQS_QUEUE_PATH_RE = re.compile(r"/[^/]+/[^/]+/?")
+#: a redis sink's host: a DNS name (container names may have '_') or an address
+_REDIS_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+#: a Secrets Manager ARN; a full one ends in the name, '-' and 6 random characters
+_SECRET_ARN_RE = re.compile(
+    r"arn:(?P<partition>[^:]+):secretsmanager:(?P<region>[^:]*):(?P<account>[^:]*)"
+    r":secret:(?P<name>[^:]+)"
+)
 #: RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), separated by single spaces
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*")
 
@@ -110,6 +128,8 @@ _TYPE_NAMES = MappingProxyType(
 
 #: one step of a key path: a key, an array index, or an unknown dict key (msgspec's ``[...]``)
 _Segment = str | int | None
+
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- custom value types
@@ -257,7 +277,7 @@ class VaultSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     """``[profiles.NAME.vault]``: the ``vault`` source, a KV secret with the two credentials.
 
     ``path`` is required when ``"vault"`` is in the profile's ``sources``; the table may also be
-    present without it (a later write-back sink takes its defaults from it).
+    present without it (a vault write-back sink takes its defaults from it).
     """
 
     #: ``https://vault.internal:8200``; None: ``$VAULT_ADDR`` (see :meth:`resolved_address`)
@@ -294,21 +314,7 @@ class VaultSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
         :class:`ConfigError` when neither is set, or when the URL is not absolute http(s), uses
         plain http to a host that is not loopback, or carries ``user:password@``.
         """
-        if self.address:
-            problem = _vault_address_problem(self.address)
-            if problem:
-                raise ConfigError(f"{key}: {problem}")
-            return self.address
-        address = environ.get(VAULT_ADDR_ENV, "")
-        if not address:
-            raise ConfigError(
-                f"{key}: no Vault address: set it in the config file "
-                f'(e.g. "https://vault.internal:8200") or export ${VAULT_ADDR_ENV}'
-            )
-        problem = _vault_address_problem(address)
-        if problem:
-            raise ConfigError(f"{key}: not set, and ${VAULT_ADDR_ENV} is invalid: {problem}")
-        return address
+        return _resolve_vault_address(self.address, environ, key=key)
 
 
 class AwsSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -365,12 +371,154 @@ class FileSinkConfig(
     on_change_timeout: Duration = Duration(seconds=30)
 
 
-#: Every sink type of this release. To add one (vault, aws, redis): define its Struct with its
-#: own ``tag="..."`` and ``tag_field="type"`` and make this a union, e.g.
-#: ``SinkConfig = FileSinkConfig | VaultSinkConfig``; the supported ``type`` values and the
-#: error messages follow from it (:func:`sink_types`). A sink without ``type`` must stay a file
-#: sink: msgspec requires the tag in a union, so insert ``"file"`` before converting then.
-SinkConfig = FileSinkConfig
+class VaultSinkConfig(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag="vault",
+    tag_field="type",
+):
+    """``[[profiles.NAME.sinks]]`` with ``type = "vault"``: a KV v2 write (DESIGN §4).
+
+    Every key but ``path`` defaults to the same key of the profile's ``[vault]`` table (and to
+    that table's defaults when there is none): :meth:`merged` applies them.
+    """
+
+    #: the secret's path inside ``mount``, without slashes at either end (required)
+    path: str
+    #: None: the ``[vault]`` table's, else ``$VAULT_ADDR``
+    address: str | None = None
+    auth_method: Literal["token", "approle"] | None = None
+    token_file: str | None = None
+    role_id_file: str | None = None
+    secret_id_file: str | None = None
+    approle_mount: str | None = None
+    namespace: str | None = None
+    ca_cert: str | None = None
+    tls_skip_verify: bool | None = None
+    #: the KV v2 secrets engine's mount
+    mount: str | None = None
+
+    def merged(self, profile_vault: VaultSourceConfig | None) -> VaultSinkResolved:
+        """This sink's settings, each unset key taken from the profile's ``[vault]`` table."""
+        base = profile_vault if profile_vault is not None else VaultSourceConfig()
+
+        def pick(mine: _T | None, theirs: _T) -> _T:
+            return theirs if mine is None else mine
+
+        return VaultSinkResolved(
+            address=pick(self.address, base.address),
+            auth_method=pick(self.auth_method, base.auth_method),
+            token_file=pick(self.token_file, base.token_file),
+            role_id_file=pick(self.role_id_file, base.role_id_file),
+            secret_id_file=pick(self.secret_id_file, base.secret_id_file),
+            approle_mount=pick(self.approle_mount, base.approle_mount),
+            namespace=pick(self.namespace, base.namespace),
+            ca_cert=pick(self.ca_cert, base.ca_cert),
+            tls_skip_verify=pick(self.tls_skip_verify, base.tls_skip_verify),
+            mount=pick(self.mount, base.mount),
+            path=self.path,
+        )
+
+
+class VaultSinkResolved(msgspec.Struct, frozen=True, kw_only=True):
+    """A vault sink's settings with the profile's ``[vault]`` defaults applied (:meth:`merged`).
+
+    The fields mean what they mean in :class:`VaultSourceConfig`; None is still a value here:
+    ``address`` None is ``$VAULT_ADDR`` (:meth:`resolved_address`), ``token_file`` None is
+    ``$VAULT_TOKEN`` else ``/run/vault/token``, ``namespace``/``ca_cert`` None are none.
+    """
+
+    address: str | None
+    auth_method: Literal["token", "approle"]
+    token_file: str | None
+    role_id_file: str
+    secret_id_file: str
+    approle_mount: str
+    namespace: str | None
+    ca_cert: str | None
+    tls_skip_verify: bool
+    mount: str
+    path: str
+
+    def resolved_address(self, environ: Mapping[str, str], *, key: str) -> str:
+        """``address``, else ``$VAULT_ADDR``; as :meth:`VaultSourceConfig.resolved_address`."""
+        return _resolve_vault_address(self.address, environ, key=key)
+
+
+class AwsSinkConfig(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag="aws",
+    tag_field="type",
+):
+    """``[[profiles.NAME.sinks]]`` with ``type = "aws"``: ``PutSecretValue`` (DESIGN §4)."""
+
+    #: the secret's name or ARN (required)
+    secret_id: str
+    #: None: the ``[aws]`` table's, else boto3's default chain
+    region: str | None = None
+    #: None: the ``[aws]`` table's, else AWS's own endpoint
+    endpoint_url: str | None = None
+    #: create the secret (``CreateSecret``, by name) when it does not exist yet
+    create: bool = False
+
+    def merged(self, profile_aws: AwsSourceConfig | None) -> AwsSinkResolved:
+        """This sink's settings, ``region`` and ``endpoint_url`` defaulting to the ``[aws]``'s."""
+        base = profile_aws if profile_aws is not None else AwsSourceConfig()
+        return AwsSinkResolved(
+            secret_id=self.secret_id,
+            region=self.region if self.region is not None else base.region,
+            endpoint_url=self.endpoint_url if self.endpoint_url is not None else base.endpoint_url,
+            create=self.create,
+        )
+
+
+class AwsSinkResolved(msgspec.Struct, frozen=True, kw_only=True):
+    """An aws sink's settings with the profile's ``[aws]`` defaults applied.
+
+    ``region`` None: boto3's default chain; ``endpoint_url`` None: AWS's own endpoint.
+    """
+
+    secret_id: str
+    region: str | None
+    endpoint_url: str | None
+    create: bool
+
+
+class RedisSinkConfig(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag="redis",
+    tag_field="type",
+):
+    """``[[profiles.NAME.sinks]]`` with ``type = "redis"``: ``SET key value PX ttl`` (DESIGN §4)."""
+
+    #: ``redis://`` or ``rediss://`` (TLS) ``HOST[:PORT][/DB]``; never a password
+    url: str = DEFAULT_REDIS_URL
+    #: the full key name; None: ``dvs-agent:<profile>:token`` (:meth:`resolved_key`)
+    key: str | None = None
+    #: an ACL user name (needs a password); None: the default user
+    username: str | None = None
+    #: a file holding the password (read by the sink, never here); or ``password_env``
+    password_file: str | None = None
+    #: a variable holding the password; or ``password_file``, not both
+    password_env: str | None = None
+
+    def resolved_key(self, profile: str) -> str:
+        """``key``, else ``dvs-agent:<profile>:token``."""
+        return self.key if self.key is not None else DEFAULT_REDIS_KEY.format(profile=profile)
+
+
+#: Every sink type, tagged by ``type``; the supported ``type`` values and the error messages
+#: follow from it (:func:`sink_types`). A sink without ``type`` is a file sink: msgspec requires
+#: the tag in a union, so :func:`parse_config` inserts ``"file"`` before converting.
+SinkConfig: TypeAlias = FileSinkConfig | VaultSinkConfig | AwsSinkConfig | RedisSinkConfig
 
 #: a credential source's name in ``sources``
 SourceName = Literal["env", "vault", "aws"]
@@ -475,6 +623,7 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
                 f"{source}:{match['line']}:{match['column']}: TOML syntax error: {match['message']}"
             ) from None
         raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
+    data = _with_default_sink_type(data)
     errors = list(_check_sink_types(data))
     if errors:
         raise _config_error(source, errors)
@@ -526,13 +675,13 @@ def _split_msgspec_error(text: str) -> tuple[str, list[_Segment]]:
 
 
 def _describe(message: str, segments: list[_Segment], data: Mapping[str, Any]) -> str:
-    field_type = _type_at(segments)
+    field_type = _type_at(segments, data)
     if m := re.fullmatch(r"Object contains unknown field `(.*)`", message):
         key = m[1]
         where = _key_path([*segments, key])
         allowed = _struct_keys(field_type)
         hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
-        owner = _owning_table(segments, key)
+        owner = _owning_table(segments, key, data)
         if owner is not None:
             table = f"the {_header(owner)} table" if owner else "the top level"
             return (
@@ -562,19 +711,25 @@ def _describe(message: str, segments: list[_Segment], data: Mapping[str, Any]) -
     return f"{where}: {message}"
 
 
-def _owning_table(segments: list[_Segment], key: str) -> list[_Segment] | None:
+def _owning_table(
+    segments: list[_Segment], key: str, data: Mapping[str, Any]
+) -> list[_Segment] | None:
     """The enclosing table that has ``key``, when it is not the table at ``segments``."""
     for end in range(len(segments) - 1, -1, -1):
-        if key in _struct_keys(_type_at(segments[:end])):
+        if key in _struct_keys(_type_at(segments[:end], data)):
             return segments[:end]
     return None
 
 
-def _type_at(segments: list[_Segment]) -> mi.Type | None:
-    """The schema's type at a key path (None when the path leaves the schema)."""
+def _type_at(segments: list[_Segment], data: Mapping[str, Any]) -> mi.Type | None:
+    """The schema's type at a key path (None when the path leaves the schema).
+
+    A tagged union (the sinks) resolves to the member that the table's ``type`` in ``data``
+    names, so that a sink's keys are those of its type.
+    """
     current: mi.Type = mi.type_info(Config)
-    for segment in segments:
-        current = _without_none(current)
+    for depth, segment in enumerate(segments):
+        current = _tagged_member(_without_none(current), _value_at(data, segments[:depth]))
         if isinstance(current, mi.StructType) and isinstance(segment, str):
             found = [field for field in current.fields if field.encode_name == segment]
             if not found:
@@ -586,7 +741,20 @@ def _type_at(segments: list[_Segment]) -> mi.Type | None:
             current = current.value_type
         else:
             return None
-    return _without_none(current)
+    return _tagged_member(_without_none(current), _value_at(data, segments))
+
+
+def _tagged_member(type_info: mi.Type, value: Any) -> mi.Type:
+    """The member of a tagged union of Structs that ``value`` (a table) names by its tag."""
+    if isinstance(type_info, mi.UnionType) and isinstance(value, Mapping):
+        for member in type_info.types:
+            if (
+                isinstance(member, mi.StructType)
+                and member.tag_field is not None
+                and value.get(member.tag_field) == member.tag
+            ):
+                return member
+    return type_info
 
 
 def _without_none(type_info: mi.Type) -> mi.Type:
@@ -622,8 +790,30 @@ def _value_at(data: Mapping[str, Any], segments: list[_Segment]) -> Any:
     return value
 
 
+def _with_default_sink_type(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``type = "file"`` added to each sink table without a ``type`` (a copy)."""
+    profiles = data.get("profiles")
+    if not isinstance(profiles, Mapping):
+        return data
+    copied: dict[str, Any] = {}
+    for name, profile in profiles.items():
+        sinks = profile.get("sinks") if isinstance(profile, Mapping) else None
+        if isinstance(sinks, list):
+            profile = {
+                **profile,
+                "sinks": [
+                    {"type": "file", **sink}
+                    if isinstance(sink, Mapping) and "type" not in sink
+                    else sink
+                    for sink in sinks
+                ],
+            }
+        copied[name] = profile
+    return {**data, "profiles": copied}
+
+
 def _check_sink_types(data: Mapping[str, Any]) -> Iterator[str]:
-    """Unknown and planned sink ``type`` values, reported before msgspec looks at the sink."""
+    """Unknown sink ``type`` values, reported before msgspec looks at the sink."""
     supported = sink_types()
     profiles = data.get("profiles")
     if not isinstance(profiles, Mapping):
@@ -639,11 +829,6 @@ def _check_sink_types(data: Mapping[str, Any]) -> Iterator[str]:
             where = _key_path(["profiles", name, "sinks", index, "type"])
             if not isinstance(kind, str):
                 yield f"{where}: expected a string; supported: {_listing(supported)}"
-            elif kind in PLANNED_SINK_TYPES and kind not in supported:
-                yield (
-                    f"{where}: {_not_supported(f'sink type {kind!r}')}; "
-                    f"supported: {_listing(supported)}"
-                )
             elif kind not in supported:
                 yield (
                     f"{where}: unknown sink type {_toml_repr(kind)}; "
@@ -671,7 +856,12 @@ def _check(config: Config) -> Iterator[str]:
             yield f"health.listen: {exc}"
     if not config.profiles:
         yield "profiles: at least one profile is required: add a [profiles.NAME] table"
-    sink_paths: dict[str, str] = {}
+    sources = [
+        target
+        for name, profile in config.profiles.items()
+        for target in _source_targets(name, profile)
+    ]
+    written: list[_Target] = []
     for name, profile in config.profiles.items():
         if not _PROFILE_NAME_RE.fullmatch(name):
             yield (
@@ -681,17 +871,17 @@ def _check(config: Config) -> Iterator[str]:
             )
         yield from _check_profile(name, profile)
         for index, sink in enumerate(profile.sinks):
-            if not sink.path:
+            target = _sink_target(name, index, profile, sink)
+            if target is None:
                 continue
-            key = _key_path(["profiles", name, "sinks", index, "path"])
-            absolute = _normalised(sink.path)
-            if absolute in sink_paths:
-                yield (
-                    f"{key}: {_toml_repr(sink.path)} is also the path of {sink_paths[absolute]}; "
-                    "two sinks cannot write one file"
-                )
+            source = next((s for s in sources if _same_target(target, s)), None)
+            if source is not None:
+                yield _source_targeted(target, source)
+            other = next((t for t in written if _same_target(target, t)), None)
+            if other is not None:
+                yield _duplicate_target(target, other)
             else:
-                sink_paths[absolute] = key
+                written.append(target)
 
 
 def _check_profile(name: str, profile: ProfileConfig) -> Iterator[str]:
@@ -740,7 +930,15 @@ def _check_profile(name: str, profile: ProfileConfig) -> Iterator[str]:
     if not profile.sinks:
         yield f"{key('sinks')}: at least one sink is required: add a [[{key('sinks')}]] table"
     for index, sink in enumerate(profile.sinks):
-        yield from _check_file_sink(key("sinks", index), sink)
+        where = key("sinks", index)
+        if isinstance(sink, FileSinkConfig):
+            yield from _check_file_sink(where, sink)
+        elif isinstance(sink, VaultSinkConfig):
+            yield from _check_vault_sink(where, sink, name, profile.vault)
+        elif isinstance(sink, AwsSinkConfig):
+            yield from _check_aws_sink(where, sink, name)
+        else:
+            yield from _check_redis_sink(where, sink, name)
 
 
 def _check_vault(name: str, profile: ProfileConfig) -> Iterator[str]:
@@ -809,24 +1007,16 @@ def _check_aws(name: str, profile: ProfileConfig) -> Iterator[str]:
     if aws is None:
         return
     if aws.secret_id is not None:
-        if not aws.secret_id:
-            yield f"{key('secret_id')}: must not be empty"
-        elif aws.secret_id.startswith("arn:") and ":secretsmanager:" not in aws.secret_id:
-            yield (
-                f"{key('secret_id')}: {_toml_repr(aws.secret_id)} is not a Secrets Manager ARN "
-                "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME); or give the secret's name"
-            )
+        problem = _secret_id_problem(aws.secret_id)
+        if problem:
+            yield f"{key('secret_id')}: {problem}"
     if aws.region is not None and not _AWS_REGION_RE.fullmatch(aws.region):
         yield (
             f'{key("region")}: invalid region {_toml_repr(aws.region)}, e.g. "us-east-1" '
             "(leave the key out to use boto3's default chain)"
         )
     if aws.endpoint_url is not None:
-        problem = _url_problem(
-            aws.endpoint_url,
-            example='"https://secretsmanager.us-east-1.amazonaws.com"',
-            exposed="the client secret",
-        )
+        problem = _aws_endpoint_problem(aws.endpoint_url, exposed="the client secret")
         if problem:
             yield f"{key('endpoint_url')}: {problem}"
     if not aws.version_stage:
@@ -834,6 +1024,23 @@ def _check_aws(name: str, profile: ProfileConfig) -> Iterator[str]:
     yield from _check_key_names(table, aws.client_id_key, aws.client_secret_key)
     if aws.events_queue_url is not None:
         yield from _check_events_queue_url(key("events_queue_url"), aws.events_queue_url, listed)
+
+
+def _secret_id_problem(secret_id: str) -> str | None:
+    if not secret_id:
+        return "must not be empty"
+    if secret_id.startswith("arn:") and ":secretsmanager:" not in secret_id:
+        return (
+            f"{_toml_repr(secret_id)} is not a Secrets Manager ARN "
+            "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME); or give the secret's name"
+        )
+    return None
+
+
+def _aws_endpoint_problem(url: str, *, exposed: str) -> str | None:
+    return _url_problem(
+        url, example='"https://secretsmanager.us-east-1.amazonaws.com"', exposed=exposed
+    )
 
 
 def _check_events_queue_url(where: str, url: str, listed: bool) -> Iterator[str]:
@@ -891,10 +1098,163 @@ def _check_file_sink(where: str, sink: FileSinkConfig) -> Iterator[str]:
         yield f"{where}.on_change_timeout: must be more than 0"
 
 
+def _check_vault_sink(
+    where: str, sink: VaultSinkConfig, profile: str, profile_vault: VaultSourceConfig | None
+) -> Iterator[str]:
+    table = _header(["profiles", profile, "vault"])
+    problem = _mount_path_problem(sink.path, "dvs/osigu-token")
+    if problem:
+        yield f"{where}.path: {problem}"
+    if sink.address == "":
+        yield (
+            f"{where}.address: must not be empty (leave the key out to use the address of "
+            f"{table}, else ${VAULT_ADDR_ENV})"
+        )
+    elif sink.address is not None:
+        problem = _vault_address_problem(sink.address)
+        if problem:
+            yield f"{where}.address: {problem}"
+    for file_key in ("token_file", "role_id_file", "secret_id_file", "namespace", "ca_cert"):
+        if getattr(sink, file_key) == "":
+            yield (
+                f"{where}.{file_key}: must not be empty (leave the key out to use the value of "
+                f"{table})"
+            )
+    for mount_key, example in (("approle_mount", "approle"), ("mount", "secret")):
+        value = getattr(sink, mount_key)
+        if value is not None:
+            problem = _mount_path_problem(value, example)
+            if problem:
+                yield f"{where}.{mount_key}: {problem}"
+    if sink.ca_cert:
+        problem = _readable_file_problem(sink.ca_cert)
+        if problem:
+            yield f"{where}.ca_cert: {_toml_repr(sink.ca_cert)}: {problem}"
+    if sink.mount is None and profile_vault is not None and profile_vault.kv_version == 1:
+        yield (
+            f"{where}.mount: a vault sink writes to a KV v2 engine, and the mount it takes from "
+            f"{table} ({_toml_repr(profile_vault.mount)}) is KV v1 there (kv_version = 1): set "
+            "mount to a KV v2 engine's mount"
+        )
+    merged = sink.merged(profile_vault)
+    if merged.auth_method == "approle":
+        for file_key in ("role_id_file", "secret_id_file"):
+            if getattr(sink, file_key) is None and not getattr(merged, file_key):
+                yield (
+                    f'{where}.{file_key}: required with auth_method = "approle": {table} '
+                    "leaves it empty, so set it here"
+                )
+
+
+def _check_aws_sink(where: str, sink: AwsSinkConfig, profile: str) -> Iterator[str]:
+    table = _header(["profiles", profile, "aws"])
+    problem = _secret_id_problem(sink.secret_id)
+    if problem:
+        yield f"{where}.secret_id: {problem}"
+    elif sink.create and sink.secret_id.startswith("arn:"):
+        yield (
+            f"{where}.create: a secret is created by name, and an ARN is known only once it "
+            "exists: give secret_id as the secret's name, or leave create out"
+        )
+    if sink.region is not None and not _AWS_REGION_RE.fullmatch(sink.region):
+        yield (
+            f'{where}.region: invalid region {_toml_repr(sink.region)}, e.g. "us-east-1" '
+            f"(leave the key out to use the region of {table}, else boto3's default chain)"
+        )
+    if sink.endpoint_url is not None:
+        problem = _aws_endpoint_problem(sink.endpoint_url, exposed="the token")
+        if problem:
+            yield f"{where}.endpoint_url: {problem}"
+
+
+def _check_redis_sink(where: str, sink: RedisSinkConfig, profile: str) -> Iterator[str]:
+    problem = _redis_url_problem(sink.url)
+    if problem:
+        yield f"{where}.url: {problem}"
+    if sink.key == "":
+        yield (
+            f"{where}.key: must not be empty (leave the key out for "
+            f"{_toml_repr(DEFAULT_REDIS_KEY.format(profile=profile))})"
+        )
+    if sink.username == "":
+        yield f"{where}.username: must not be empty (leave the key out for Redis's default user)"
+    if sink.password_file == "":
+        yield f"{where}.password_file: must not be empty (the path of a file holding the password)"
+    if sink.password_env is not None and not _ENV_VAR_RE.fullmatch(sink.password_env):
+        yield (
+            f"{where}.password_env: {_toml_repr(sink.password_env)} is not a valid environment "
+            "variable name (letters, digits and '_', not starting with a digit)"
+        )
+    if sink.password_file is not None and sink.password_env is not None:
+        yield f"{where}.password_env: set password_file or password_env, not both"
+    if sink.username and sink.password_file is None and sink.password_env is None:
+        yield (
+            f"{where}.username: a Redis user logs in with a password: set password_file "
+            "(a file holding it) or password_env (a variable holding it)"
+        )
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """``redis://`` or ``rediss://`` ``HOST[:PORT][/DB]``, without ``user:password@``."""
+    example = '"rediss://redis.internal:6379/0"'
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # never echo it: the part before '@' may be a password
+        return (
+            "must not contain user:password@: a password never sits in this file; set "
+            "username, and password_file or password_env"
+        )
+    if parts.scheme.lower() not in ("redis", "rediss") or not parts.netloc:
+        return f"{_toml_repr(url)} is not a redis:// or rediss:// (TLS) URL, e.g. {example}"
+    try:
+        host = parts.hostname
+        port = parts.port
+    except ValueError as exc:
+        return f"{_toml_repr(url)} is not a valid URL: {exc}"
+    if not host:
+        return f"{_toml_repr(url)} has no host, e.g. {example}"
+    if not _REDIS_HOST_RE.fullmatch(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return f"{_toml_repr(url)}: {host!r} is not a host name or address"
+    if port == 0:
+        return f"{_toml_repr(url)}: the port must be a number from 1 to 65535"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return (
+            f"{_toml_repr(url)}: options after '?' or '#' are not supported; write "
+            f"redis[s]://HOST[:PORT][/DB], e.g. {example}"
+        )
+    if not re.fullmatch(r"/?|/\d+", parts.path):
+        return (
+            f"{_toml_repr(url)}: the path is the database number, an integer "
+            f"(redis[s]://HOST[:PORT][/DB]), e.g. {example}"
+        )
+    return None
+
+
 def _token_url_problem(url: str) -> str | None:
     return _url_problem(
         url, example='"https://api.osigu.com/v1/oauth/token"', exposed="the client secret"
     )
+
+
+def _resolve_vault_address(address: str | None, environ: Mapping[str, str], *, key: str) -> str:
+    if address:
+        problem = _vault_address_problem(address)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+        return address
+    from_env = environ.get(VAULT_ADDR_ENV, "")
+    if not from_env:
+        raise ConfigError(
+            f"{key}: no Vault address: set it in the config file "
+            f'(e.g. "https://vault.internal:8200") or export ${VAULT_ADDR_ENV}'
+        )
+    problem = _vault_address_problem(from_env)
+    if problem:
+        raise ConfigError(f"{key}: not set, and ${VAULT_ADDR_ENV} is invalid: {problem}")
+    return from_env
 
 
 def _vault_address_problem(url: str) -> str | None:
@@ -989,12 +1349,208 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+# ------------------------------------------------------------- what sinks write, sources read
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What a sink writes (or a source reads): two sinks on one target are an error."""
+
+    #: the sink type (a source's target has the type of the sink that could write it)
+    kind: str
+    #: the profile it belongs to
+    profile: str
+    #: the key path that messages name
+    key: str
+    #: how messages describe it
+    what: str
+    #: equal identities of one kind are one target (aws: see :func:`_same_aws_secret`)
+    identity: tuple[str, ...]
+    #: file | secret | key
+    noun: str
+
+
+def _sink_target(name: str, index: int, profile: ProfileConfig, sink: SinkConfig) -> _Target | None:
+    """What ``sink`` writes; None when a key it depends on is invalid (reported already)."""
+
+    def key(field: str) -> str:
+        return _key_path(["profiles", name, "sinks", index, field])
+
+    if isinstance(sink, FileSinkConfig):
+        if not sink.path:
+            return None
+        return _Target(
+            "file", name, key("path"), _toml_repr(sink.path), (_normalised(sink.path),), "file"
+        )
+    if isinstance(sink, VaultSinkConfig):
+        vault = sink.merged(profile.vault)
+        return _vault_target(
+            name, key("path"), vault.address, vault.namespace, vault.mount, vault.path
+        )
+    if isinstance(sink, AwsSinkConfig):
+        aws = sink.merged(profile.aws)
+        return _aws_target(name, key("secret_id"), aws.secret_id, aws.region, aws.endpoint_url)
+    endpoint = _redis_endpoint(sink.url)
+    if endpoint is None:
+        return None
+    host, port, db = endpoint
+    redis_key = sink.resolved_key(name)
+    return _Target(
+        "redis",
+        name,
+        key("url" if sink.key is None else "key"),
+        f"the Redis key {_toml_repr(redis_key)} on {host}:{port}/{db}",
+        (host, port, db, redis_key),
+        "key",
+    )
+
+
+def _source_targets(name: str, profile: ProfileConfig) -> Iterator[_Target]:
+    """The secrets that the profile's listed ``vault`` and ``aws`` sources read."""
+    vault = profile.vault
+    if "vault" in profile.sources and vault is not None and vault.path is not None:
+        target = _vault_target(
+            name,
+            _key_path(["profiles", name, "vault", "path"]),
+            vault.address,
+            vault.namespace,
+            vault.mount,
+            vault.path,
+        )
+        if target is not None:
+            yield target
+    aws = profile.aws
+    if "aws" in profile.sources and aws is not None and aws.secret_id is not None:
+        target = _aws_target(
+            name,
+            _key_path(["profiles", name, "aws", "secret_id"]),
+            aws.secret_id,
+            aws.region,
+            aws.endpoint_url,
+        )
+        if target is not None:
+            yield target
+
+
+def _vault_target(
+    profile: str, key: str, address: str | None, namespace: str | None, mount: str, path: str
+) -> _Target | None:
+    if _mount_path_problem(mount, "secret") or _mount_path_problem(path, "dvs/osigu"):
+        return None
+    if address is not None and (not address or _vault_address_problem(address)):
+        return None
+    server = f"${VAULT_ADDR_ENV}" if address is None else _normalised_url(address)
+    space = (namespace or "").strip("/")
+    in_space = f" in namespace {_toml_repr(space)}" if space else ""
+    what = f"the Vault secret {_toml_repr(f'{mount}/{path}')}{in_space} at {server}"
+    return _Target("vault", profile, key, what, (server, space, mount, path), "secret")
+
+
+def _aws_target(
+    profile: str, key: str, secret_id: str, region: str | None, endpoint_url: str | None
+) -> _Target | None:
+    if _secret_id_problem(secret_id):
+        return None
+    endpoint = "" if endpoint_url is None else _normalised_url(endpoint_url)
+    identity = (secret_id, region or "", endpoint)
+    return _Target("aws", profile, key, f"the secret {_toml_repr(secret_id)}", identity, "secret")
+
+
+def _redis_endpoint(url: str) -> tuple[str, str, str] | None:
+    """``(host, port, db)`` of a valid redis ``url``, defaults filled in; else None."""
+    if _redis_url_problem(url):
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or DEFAULT_REDIS_PORT
+    db = int(parts.path.strip("/") or DEFAULT_REDIS_DB)
+    return host.lower().rstrip("."), str(port), str(db)
+
+
+def _same_target(a: _Target, b: _Target) -> bool:
+    if a.kind != b.kind:
+        return False
+    if a.kind == "aws":
+        return _same_aws_secret(a.identity, b.identity)
+    return a.identity == b.identity
+
+
+def _same_aws_secret(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether two ``(secret_id, region, endpoint)`` name one secret, as far as one can tell.
+
+    A name and an ARN ending in ``:secret:NAME`` or ``:secret:NAME-XXXXXX`` are one secret;
+    two regions (given or in an ARN) or two endpoints that both are known and differ are not.
+    """
+    a_id, a_region, a_endpoint = a
+    b_id, b_region, b_endpoint = b
+    a_arn = _SECRET_ARN_RE.fullmatch(a_id)
+    b_arn = _SECRET_ARN_RE.fullmatch(b_id)
+    if a_arn is not None:
+        a_region = a_arn["region"] or a_region
+    if b_arn is not None:
+        b_region = b_arn["region"] or b_region
+    if a_region and b_region and a_region != b_region:
+        return False
+    if a_endpoint and b_endpoint and a_endpoint != b_endpoint:
+        return False
+    if a_arn is not None and b_arn is not None:
+        if (a_arn["partition"], a_arn["account"]) != (b_arn["partition"], b_arn["account"]):
+            return False
+        return _arn_names(a_arn["name"], b_arn["name"]) or _arn_names(b_arn["name"], a_arn["name"])
+    if a_arn is not None:
+        return _arn_names(a_arn["name"], b_id)
+    if b_arn is not None:
+        return _arn_names(b_arn["name"], a_id)
+    return a_id == b_id
+
+
+def _arn_names(arn_name: str, name: str) -> bool:
+    """Whether an ARN's last part (``NAME`` or ``NAME-XXXXXX``) is the secret ``name``."""
+    return (
+        arn_name == name
+        or re.fullmatch(rf"{re.escape(name)}-[A-Za-z0-9]{{6}}", arn_name) is not None
+    )
+
+
+def _duplicate_target(target: _Target, other: _Target) -> str:
+    if target.kind == "file":
+        return (
+            f"{target.key}: {target.what} is also the path of {other.key}; "
+            "two sinks cannot write one file"
+        )
+    also = "" if target.what == other.what else f" ({other.what})"
+    return (
+        f"{target.key}: {target.what} is also written by {other.key}{also}; "
+        f"two sinks cannot write one {target.noun}"
+    )
+
+
+def _source_targeted(target: _Target, source: _Target) -> str:
+    if source.profile == target.profile:
+        return (
+            f"{target.key}: {target.what} is the profile's own credential source "
+            f"({source.key}): it would trigger rotations forever (every token written there "
+            "changes the source's version); write the token to another secret"
+        )
+    return (
+        f"{target.key}: {target.what} is the credential source of profile "
+        f"{_toml_repr(source.profile)} ({source.key}): the token would overwrite that "
+        "profile's credentials; write it to another secret"
+    )
+
+
 # ------------------------------------------------------------------------------------ helpers
 
 
 def _normalised(path: str) -> str:
     """An absolute, normalised path, for comparing two paths (``//a`` and ``/a`` are one)."""
     return re.sub(r"^/+", "/", os.path.abspath(path))
+
+
+def _normalised_url(url: str) -> str:
+    """A URL for comparing two: scheme and host lowercased, no trailing '/'."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
 def _is_explicit_path(path: str) -> bool:
@@ -1034,8 +1590,3 @@ def _toml_repr(value: object) -> str:
 
 def _listing(values: Iterable[object]) -> str:
     return ", ".join(_toml_repr(value) for value in values)
-
-
-def _not_supported(what: str) -> str:
-    release = ".".join(__version__.split(".")[:2])
-    return f"{what} is not supported by this version of dvs-agent ({release})"

@@ -61,10 +61,14 @@ class AuthServerUnavailable(AgentError):
 
     exit_code = EX_UNAVAILABLE
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, outcome: str = "unavailable"
+    ) -> None:
         super().__init__(message)
         #: seconds the server asked us to wait (429 Retry-After), if any
         self.retry_after = retry_after
+        #: the last failure's kind, for metrics: unavailable | rate_limited | protocol_error
+        self.outcome = outcome
 
 
 class SinkError(AgentError):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from agent.errors import (
     AgentError,
@@ -28,6 +30,9 @@ from agent.oauth import Clock, TokenClient
 from agent.sinks.base import TokenSink
 from agent.sources.chain import SourceChain
 from agent.state import StateStore
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics
 
 ONE_SECOND = timedelta(seconds=1)
 
@@ -49,7 +54,17 @@ class Reason(StrEnum):
     ROTATION = "rotation"
     SIGHUP = "sighup"
     EVENT = "event"  # an AWS rotation event (EventBridge → SQS)
+    REFRESH = "refresh"  # `dvs-agent refresh` (a consumer got a 401 with the current token)
     FORCE = "force"
+
+
+#: the rotation-trigger label of dvs_agent_rotations_total for each reason that is one
+ROTATION_TRIGGERS = {
+    Reason.ROTATION: "poll",
+    Reason.SIGHUP: "sighup",
+    Reason.EVENT: "event",
+    Reason.REFRESH: "refresh",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +121,7 @@ class Profile:
         redactor: Redactor | None = None,
         rng: random.Random | None = None,
         logger: logging.Logger | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.chain = chain
@@ -118,6 +134,7 @@ class Profile:
         self._rng = rng or random.Random()  # noqa: S311 - jitter
         self._log = logger or logging.getLogger("agent")
         self._lock = threading.RLock()
+        self._metrics = metrics
 
         self.state = State.STARTING
         self.token: Token | None = None
@@ -132,7 +149,19 @@ class Profile:
     def _extra(self, event: str, **fields: object) -> dict[str, object]:
         return {"profile": self.name, "event": event, **fields}
 
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        if self._metrics is not None:
+            self._metrics.state(self.name, state.value)
+
+    def _succeeded(self, token: Token) -> None:
+        if self._metrics is not None:
+            self._metrics.token(self.name, token.provider_slug, token.expires_at.timestamp())
+            self._metrics.last_success(self.name, time.time())
+
     def _remember(self, credentials: Credentials) -> None:
+        if self._metrics is not None:
+            self._metrics.source_in_use(self.name, credentials.source, self.chain.names)
         self.credentials = credentials
         if self._redactor is not None:
             self._redactor.add(credentials.client_secret.reveal())
@@ -166,7 +195,8 @@ class Profile:
                 return False
             self._hold(token)
             self._write_sinks(token)
-            self.state = State.OK
+            self._set_state(State.OK)
+            self._succeeded(token)
             self.last_refresh = token.obtained_at
             self._log.info(
                 "reusing the recorded token (provider %s), valid until %s",
@@ -194,6 +224,9 @@ class Profile:
     # ---------------------------------------------------------------- refresh
     def refresh(self, reason: Reason) -> Outcome:
         with self._lock:
+            trigger = ROTATION_TRIGGERS.get(reason)
+            if trigger is not None and self._metrics is not None:
+                self._metrics.rotation(self.name, trigger)
             try:
                 return self._refresh(reason)
             except AgentError as exc:
@@ -232,12 +265,23 @@ class Profile:
             )
         self._remember(credentials)
 
-        fetched = self.client.fetch(
-            credentials,
-            previous=self.token if reason is not Reason.FORCE else None,
-            reread=self.chain.read,
-        )
+        started = time.monotonic()
+        try:
+            fetched = self.client.fetch(
+                credentials,
+                previous=self.token if reason is not Reason.FORCE else None,
+                reread=self.chain.read,
+            )
+        except AgentError as exc:
+            self._count_request(exc)
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.refresh_duration(self.name, time.monotonic() - started)
+        self._count_request(None, reused=fetched.reused)
         if fetched.credentials is not credentials:
+            if not fetched.credentials.same_as(credentials) and self._metrics is not None:
+                self._metrics.rotation(self.name, "401")
             self._remember(fetched.credentials)
         now = self._clock()
         if fetched.reused:
@@ -252,7 +296,8 @@ class Profile:
                     )
                 )
             self._failures, self.last_error = 0, None
-            self.state = State.OK if fetched.token.is_valid(now) else State.EXPIRED
+            self._set_state(State.OK if fetched.token.is_valid(now) else State.EXPIRED)
+            self._succeeded(fetched.token)
             next_at = max(fetched.token.expires_at, now + self._timing.reuse_poll)
             self._log.info(
                 "the auth server returned the token already held; asking again at its expiry %s",
@@ -285,14 +330,16 @@ class Profile:
     def _retry_sinks(self, token: Token, *, new: bool = False) -> Outcome:
         self._unwritten = self._write_sinks(token, only=self._unwritten)
         next_at = self._refresh_at(token)
+        if new:
+            self._succeeded(token)
         if not self._unwritten:
-            self.state = State.OK
+            self._set_state(State.OK)
             return Outcome(ok=True, next_at=next_at, new_token=new)
         self._failures += 1
         names = ", ".join(sink.name for sink in self._unwritten)
         error = SinkError(f"not written: {names}")
         self.last_error = str(error)
-        self.state = State.DEGRADED
+        self._set_state(State.DEGRADED)
         retry_at = self._clock() + self._backoff(self._timing.retry_first, self._timing.retry_cap)
         return Outcome(ok=False, next_at=min(next_at, retry_at), new_token=new, error=error)
 
@@ -306,15 +353,35 @@ class Profile:
                 sink.write(token)
             except SinkError as exc:
                 failed.append(sink)
+                if self._metrics is not None:
+                    self._metrics.sink_write(self.name, sink.name, "error")
                 self._log.error(
                     "cannot write %s: %s",
                     sink.name,
                     exc,
                     extra=self._extra("sink_error", sink=sink.name),
                 )
+            else:
+                if self._metrics is not None:
+                    self._metrics.sink_write(self.name, sink.name, "ok")
         return failed
 
     # ---------------------------------------------------------------- failure
+    def _count_request(self, exc: AgentError | None, *, reused: bool = False) -> None:
+        if self._metrics is None:
+            return
+        if exc is None:
+            outcome = "reused" if reused else "ok"
+        elif isinstance(exc, CredentialsRejected):
+            outcome = "rejected"
+        elif isinstance(exc, RequestRejected):
+            outcome = "misconfigured"
+        elif isinstance(exc, AuthServerUnavailable):
+            outcome = exc.outcome
+        else:
+            outcome = "error"
+        self._metrics.token_request(self.name, outcome)
+
     def _backoff(self, first: timedelta, cap: timedelta) -> timedelta:
         exponent = min(max(self._failures - 1, 0), 16)
         delay: timedelta = min(first * (2**exponent), cap)
@@ -326,13 +393,13 @@ class Profile:
         valid = self.token is not None and self.token.is_valid(now)
         timing = self._timing
         if isinstance(exc, RequestRejected):
-            self.state = State.MISCONFIGURED
+            self._set_state(State.MISCONFIGURED)
             delay = self._backoff(timing.rejected_first, timing.rejected_cap)
         elif isinstance(exc, CredentialsRejected):
-            self.state = State.DEGRADED if valid else State.EXPIRED
+            self._set_state(State.DEGRADED if valid else State.EXPIRED)
             delay = self._backoff(timing.rejected_first, timing.rejected_cap)
         else:
-            self.state = State.DEGRADED if valid else State.EXPIRED
+            self._set_state(State.DEGRADED if valid else State.EXPIRED)
             cap = timing.retry_cap if valid else timing.retry_cap_expired
             delay = self._backoff(timing.retry_first, cap)
             if isinstance(exc, AuthServerUnavailable) and exc.retry_after is not None:

@@ -211,6 +211,7 @@ class TokenClient:
         while True:
             sent_at = self._clock()
             wait: float | None = None
+            kind = "unavailable"
             try:
                 response = self._http.send(self._request(), auth=auth)
             except httpx.TimeoutException:
@@ -229,6 +230,7 @@ class TokenClient:
                         token, reused = self._parse(response, sent_at, previous)
                     except _ProtocolError as exc:
                         failure = f"{self._where} answered 200 with {exc}"
+                        kind = "protocol_error"
                     else:
                         return Fetched(token, auth.credentials, reused, auth.sent)
                 elif status == 401:
@@ -245,8 +247,10 @@ class TokenClient:
                             "again. Many agents sharing one client_id? Cache tokens, do not mint "
                             "them per request.",
                             retry_after=retry_after,
+                            outcome="rate_limited",
                         )
                     wait = retry_after
+                    kind = "rate_limited"
                     failure = f"{self._where} answered 429 (rate limited)"
                 elif status >= 500 or status == 408:
                     failure = f"{self._where} answered {status}{_error_field(response)}"
@@ -254,7 +258,8 @@ class TokenClient:
                     raise RequestRejected(self._misconfigured_message(response))
             if retry >= self._policy.max_retries or self._stopping.is_set():
                 raise AuthServerUnavailable(
-                    f"token request failed after {auth.sent} request(s): {failure}"
+                    f"token request failed after {auth.sent} request(s): {failure}",
+                    outcome=kind,
                 )
             if wait is None:
                 wait = self._policy.backoff(retry, self._rng)
@@ -268,7 +273,7 @@ class TokenClient:
                 extra={"profile": self._profile, "event": "token_retry", "attempt": retry},
             )
             if self._stopping.wait(wait):
-                raise AuthServerUnavailable(f"stopping; last failure: {failure}")
+                raise AuthServerUnavailable(f"stopping; last failure: {failure}", outcome=kind)
 
     # ----------------------------------------------------------------- response
     def _parse(

@@ -111,6 +111,17 @@ class RefreshScheduler:
                 replace_existing=True,
             )
 
+    def add_periodic(self, job_id: str, func: Callable[[], object], every: timedelta) -> None:
+        """A small job on the same scheduler (e.g. the systemd watchdog ping)."""
+        self._scheduler.add_job(
+            func,
+            trigger=IntervalTrigger(seconds=every.total_seconds(), timezone="UTC"),
+            id=job_id,
+            name=job_id,
+            misfire_grace_time=max(1, int(every.total_seconds())),
+            replace_existing=True,
+        )
+
     def remove(self, name: str) -> None:
         self._slots.pop(name, None)
         for job_id in (f"refresh:{name}", f"poll:{name}"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.devserver import TokenServer
-from tests.servers import Bao, Moto, bao_server, moto_server
+from tests.servers import Bao, Moto, RedisServer, bao_server, moto_server, redis_server
 
 CLIENT_ID = "svc-client"
 CLIENT_SECRET = "s3cr3t-Value_with+chars/and=more"
@@ -186,4 +186,11 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     """One moto_server for the session (Secrets Manager, SQS)."""
     with moto_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session (requirepass and an ACL user; see tests.servers)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server

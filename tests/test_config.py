@@ -18,15 +18,21 @@ import pytest
 
 from agent.config import (
     DEFAULT_CONFIG_PATH,
+    DEFAULT_REDIS_URL,
     SUPPORTED_SOURCES,
     AgentSection,
+    AwsSinkConfig,
+    AwsSinkResolved,
     AwsSourceConfig,
     Config,
     EnvSourceConfig,
     FileSinkConfig,
     HealthSection,
     ProfileConfig,
+    RedisSinkConfig,
     RotationConfig,
+    VaultSinkConfig,
+    VaultSinkResolved,
     VaultSourceConfig,
     load_config,
     parse_config,
@@ -54,6 +60,12 @@ def profile_toml(profile: str = "", sink: str = "", *, top: str = "") -> str:
     )
 
 
+def file_sink(config: Config, index: int = 0, profile: str = "dvs") -> FileSinkConfig:
+    sink = config.profiles[profile].sinks[index]
+    assert isinstance(sink, FileSinkConfig)
+    return sink
+
+
 def error_of(text: str) -> str:
     with pytest.raises(ConfigError) as info:
         parse_config(text, source="agent.toml")
@@ -68,7 +80,7 @@ def error_of(text: str) -> str:
 def test_example_config_loads() -> None:
     config = load_config(EXAMPLE)
     assert list(config.profiles) == ["dvs"]
-    assert config.profiles["dvs"].sinks[0].path == "/run/dvs-agent/token"
+    assert file_sink(config).path == "/run/dvs-agent/token"
 
 
 def test_example_config_shows_the_defaults() -> None:
@@ -145,7 +157,8 @@ def test_dev_config_loads_as_specified() -> None:
     assert profile.env == EnvSourceConfig()
     assert profile.rotation.poll_interval == timedelta(seconds=2)
     assert profile.refresh_before_expiry == timedelta(seconds=10)
-    assert [(s.path, s.format, s.mode) for s in profile.sinks] == [
+    sinks = [file_sink(config, index) for index in range(len(profile.sinks))]
+    assert [(s.path, s.format, s.mode) for s in sinks] == [
         ("./dev/token", "raw", 0o600),
         ("./dev/token.json", "json", 0o600),
     ]
@@ -184,7 +197,7 @@ def test_defaults_match_the_design() -> None:
     assert sink.group is None
     assert sink.on_change is None
     assert sink.on_change_timeout == timedelta(seconds=30)
-    assert sink_types() == ("file",)
+    assert sink_types() == ("file", "vault", "aws", "redis")
 
 
 def test_defaults_are_timedeltas_and_structs_are_frozen() -> None:
@@ -194,7 +207,7 @@ def test_defaults_are_timedeltas_and_structs_are_frozen() -> None:
         profile.request_timeout,
         profile.refresh_before_expiry,
         profile.rotation.poll_interval,
-        profile.sinks[0].on_change_timeout,
+        file_sink(config).on_change_timeout,
     ):
         assert isinstance(value, timedelta)
     with pytest.raises(AttributeError):
@@ -354,7 +367,7 @@ def test_on_change_timeout_must_be_positive() -> None:
 )
 def test_mode_good(value: str, expected: int) -> None:
     config = parse_config(profile_toml(sink=f"mode = {value}"))
-    assert config.profiles["dvs"].sinks[0].mode == expected
+    assert file_sink(config).mode == expected
 
 
 @pytest.mark.parametrize(
@@ -561,7 +574,7 @@ def test_vault_and_aws_are_supported_sources() -> None:
 
 @pytest.mark.parametrize("table", ["vault", "aws"])
 def test_source_table_without_its_source_is_allowed(table: str) -> None:
-    """A later write-back sink takes its defaults from the table: no error, no warning."""
+    """A write-back sink takes its defaults from the table: no error, no warning."""
     config = parse_config(profile_toml(f"[profiles.dvs.{table}]\n"))
     profile = config.profiles["dvs"]
     assert profile.sources == ["env"]
@@ -584,23 +597,19 @@ def test_sources_empty_or_duplicated() -> None:
     )
 
 
-@pytest.mark.parametrize("kind", ["redis", "vault", "aws"])
-def test_unsupported_sink_type(kind: str) -> None:
-    text = (
-        '[[profiles.dvs.sinks]]\npath = "/run/t"\n'
-        f'[[profiles.dvs.sinks]]\ntype = "{kind}"\nurl = "redis://127.0.0.1"\n'
-    )
-    message = error_of(text)
-    assert message == (
-        f"agent.toml: profiles.dvs.sinks[1].type: sink type '{kind}' is not supported by this "
-        'version of dvs-agent (0.1); supported: "file"'
-    )
-
-
-def test_unknown_sink_type() -> None:
+def test_unknown_sink_type_lists_the_four_types() -> None:
     message = error_of('[[profiles.dvs.sinks]]\ntype = "s3"\npath = "/run/t"\n')
     assert message == (
-        'agent.toml: profiles.dvs.sinks[0].type: unknown sink type "s3"; supported: "file"'
+        'agent.toml: profiles.dvs.sinks[0].type: unknown sink type "s3"; '
+        'supported: "file", "vault", "aws", "redis"'
+    )
+
+
+def test_sink_type_must_be_a_string() -> None:
+    message = error_of('[[profiles.dvs.sinks]]\ntype = 1\npath = "/run/t"\n')
+    assert message == (
+        "agent.toml: profiles.dvs.sinks[0].type: expected a string; "
+        'supported: "file", "vault", "aws", "redis"'
     )
 
 
@@ -609,16 +618,13 @@ def test_on_change_must_be_a_non_empty_argv() -> None:
         message = error_of(profile_toml(sink=f"on_change = {value}"))
         assert "profiles.dvs.sinks[0].on_change: must be a non-empty argv list" in message
     config = parse_config(profile_toml(sink='on_change = ["systemctl", "reload", "app"]'))
-    assert config.profiles["dvs"].sinks[0].on_change == ["systemctl", "reload", "app"]
+    assert file_sink(config).on_change == ["systemctl", "reload", "app"]
 
 
 def test_owner_and_group_must_not_be_empty() -> None:
     assert "sinks[0].owner: must not be empty" in error_of(profile_toml(sink='owner = ""'))
     config = parse_config(profile_toml(sink='owner = "dvs"\ngroup = "dvs"'))
-    assert (config.profiles["dvs"].sinks[0].owner, config.profiles["dvs"].sinks[0].group) == (
-        "dvs",
-        "dvs",
-    )
+    assert (file_sink(config).owner, file_sink(config).group) == ("dvs", "dvs")
 
 
 @pytest.mark.parametrize(
@@ -1292,3 +1298,702 @@ def test_parse_config_is_pure_msgspec_structs() -> None:
         "log_format": "json",
         "state_dir": "/var/lib/dvs-agent",
     }
+
+
+# ------------------------------------------------------------------------- write-back sinks
+
+
+def sinks_toml(*sinks: str, profile: str = "", name: str = "dvs") -> str:
+    """Profile `name` with a file sink first, then one sink table per argument."""
+    tables = "".join(f"[[profiles.{name}.sinks]]\n{sink}\n" for sink in sinks)
+    return (
+        f"[profiles.{name}]\n{profile}\n"
+        f'[[profiles.{name}.sinks]]\npath = "/run/dvs-agent/{name}-token"\n{tables}'
+    )
+
+
+def sinks_of(text: str, name: str = "dvs") -> list[object]:
+    return list(parse_config(text).profiles[name].sinks[1:])
+
+
+def sink_error(*sinks: str, profile: str = "") -> str:
+    return error_of(sinks_toml(*sinks, profile=profile))
+
+
+def test_each_write_back_sink_type_decodes_with_defaults() -> None:
+    vault, aws, redis = sinks_of(
+        sinks_toml(
+            'type = "vault"\npath = "dvs/t"', 'type = "aws"\nsecret_id = "dvs/t"', 'type = "redis"'
+        )
+    )
+    assert vault == VaultSinkConfig(path="dvs/t")
+    assert isinstance(vault, VaultSinkConfig)
+    assert msgspec.structs.asdict(vault) == {
+        "path": "dvs/t",
+        "address": None,
+        "auth_method": None,
+        "token_file": None,
+        "role_id_file": None,
+        "secret_id_file": None,
+        "approle_mount": None,
+        "namespace": None,
+        "ca_cert": None,
+        "tls_skip_verify": None,
+        "mount": None,
+    }
+    assert isinstance(aws, AwsSinkConfig)
+    assert msgspec.structs.asdict(aws) == {
+        "secret_id": "dvs/t",
+        "region": None,
+        "endpoint_url": None,
+        "create": False,
+    }
+    assert isinstance(redis, RedisSinkConfig)
+    assert msgspec.structs.asdict(redis) == {
+        "url": "redis://127.0.0.1:6379/0",
+        "key": None,
+        "username": None,
+        "password_file": None,
+        "password_env": None,
+    }
+    assert redis == RedisSinkConfig()
+    assert DEFAULT_REDIS_URL == "redis://127.0.0.1:6379/0"
+
+
+def test_file_sink_with_an_explicit_type() -> None:
+    config = parse_config('[[profiles.dvs.sinks]]\ntype = "file"\npath = "/run/t"\n')
+    assert config.profiles["dvs"].sinks == [FileSinkConfig(path="/run/t")]
+
+
+def test_sinks_as_an_inline_array_default_to_file() -> None:
+    text = '[profiles.dvs]\nsinks = [{ path = "/run/a" }, { type = "redis" }]\n'
+    assert parse_config(text).profiles["dvs"].sinks == [
+        FileSinkConfig(path="/run/a"),
+        RedisSinkConfig(),
+    ]
+
+
+def test_every_write_back_sink_key_is_read(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    vault, aws, redis = sinks_of(
+        sinks_toml(
+            'type = "vault"\npath = "dvs/t"\naddress = "https://vault-b.internal:8200"\n'
+            'auth_method = "token"\ntoken_file = "/run/t"\nrole_id_file = "/r"\n'
+            'secret_id_file = "/s"\napprole_mount = "ar"\nnamespace = "admin/dvs"\n'
+            f'ca_cert = "{ca}"\ntls_skip_verify = true\nmount = "kv"',
+            'type = "aws"\nsecret_id = "dvs/t"\nregion = "eu-west-1"\n'
+            'endpoint_url = "http://127.0.0.1:5000"\ncreate = true',
+            'type = "redis"\nurl = "rediss://redis.internal:6380/2"\nkey = "app:token"\n'
+            'username = "agent"\npassword_env = "REDIS_PASSWORD"',
+        )
+    )
+    assert vault == VaultSinkConfig(
+        path="dvs/t",
+        address="https://vault-b.internal:8200",
+        auth_method="token",
+        token_file="/run/t",
+        role_id_file="/r",
+        secret_id_file="/s",
+        approle_mount="ar",
+        namespace="admin/dvs",
+        ca_cert=str(ca),
+        tls_skip_verify=True,
+        mount="kv",
+    )
+    assert aws == AwsSinkConfig(
+        secret_id="dvs/t", region="eu-west-1", endpoint_url="http://127.0.0.1:5000", create=True
+    )
+    assert redis == RedisSinkConfig(
+        url="rediss://redis.internal:6380/2",
+        key="app:token",
+        username="agent",
+        password_env="REDIS_PASSWORD",
+    )
+
+
+@pytest.mark.parametrize(("kind", "key"), [("vault", "path"), ("aws", "secret_id")])
+def test_write_back_sink_required_key_names_its_path(kind: str, key: str) -> None:
+    message = sink_error(f'type = "{kind}"')
+    assert message == f"agent.toml: profiles.dvs.sinks[1].{key}: required key is missing"
+
+
+@pytest.mark.parametrize(
+    ("kind", "required", "typo", "listed"),
+    [
+        ("vault", 'path = "p"', "adress", "type, path, address, auth_method"),
+        ("aws", 'secret_id = "s"', "secret", "type, secret_id, region, endpoint_url, create"),
+        ("redis", "", "password", "type, url, key, username, password_file, password_env"),
+    ],
+)
+def test_unknown_key_of_a_write_back_sink_lists_its_own_keys(
+    kind: str, required: str, typo: str, listed: str
+) -> None:
+    message = sink_error(f'type = "{kind}"\n{required}\n{typo} = "x"')
+    assert message.startswith(
+        f"agent.toml: profiles.dvs.sinks[1].{typo}: unknown key (a typo?); expected one of: "
+        f"{listed}"
+    )
+
+
+def test_file_keys_in_a_redis_sink_are_unknown() -> None:
+    message = sink_error('type = "redis"\nformat = "json"')
+    assert message.startswith("agent.toml: profiles.dvs.sinks[1].format: unknown key")
+    assert "url" in message
+
+
+def test_vault_sink_auth_method_lists_the_allowed_values() -> None:
+    message = sink_error('type = "vault"\npath = "p"\nauth_method = "ldap"')
+    assert message == (
+        'agent.toml: profiles.dvs.sinks[1].auth_method: invalid value "ldap"; '
+        'expected one of: "approle", "token"'
+    )
+
+
+def test_wrong_value_type_in_a_write_back_sink_names_the_key() -> None:
+    message = sink_error('type = "aws"\nsecret_id = "s"\ncreate = "yes"')
+    assert message.startswith("agent.toml: profiles.dvs.sinks[1].create: expected a boolean")
+
+
+# redis
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1",
+        "redis://127.0.0.1:6380",
+        "redis://127.0.0.1:6380/",
+        "rediss://redis.internal:6380/3",
+        "redis://[::1]:6379/0",
+        "redis://localhost/15",
+        "REDISS://Redis.Internal/1",
+        "redis://my_redis:6379/0",
+    ],
+)
+def test_redis_good_urls(url: str) -> None:
+    (sink,) = sinks_of(sinks_toml(f'type = "redis"\nurl = "{url}"'))
+    assert isinstance(sink, RedisSinkConfig)
+    assert sink.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://redis.internal:6379/0", "not a redis:// or rediss://"),
+        ("unix:///run/redis.sock", "not a redis:// or rediss://"),
+        ("redis.internal:6379", "not a redis:// or rediss://"),
+        ("redis://", "not a redis:// or rediss://"),
+        ("redis://:6379/0", "has no host"),
+        ("redis://h:0", "from 1 to 65535"),
+        ("redis://h:99999", "not a valid URL"),
+        ("redis://h:port", "not a valid URL"),
+        ("redis://h/x", "the database number, an integer"),
+        ("redis://h/1/2", "the database number, an integer"),
+        ("redis://h/-1", "the database number, an integer"),
+        ("redis://h?db=1", "options after '?' or '#' are not supported"),
+        ("redis://h/0#x", "options after '?' or '#' are not supported"),
+        ("redis://a b/0", "is not a host name or address"),
+    ],
+)
+def test_redis_bad_urls(url: str, problem: str) -> None:
+    message = sink_error(f'type = "redis"\nurl = "{url}"')
+    assert message.startswith("agent.toml: profiles.dvs.sinks[1].url: ")
+    assert problem in message
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2@redis.internal:6379/0", "rediss://agent:hunter2@h/0", "redis://u@h"]
+)
+def test_redis_url_with_a_password_is_refused_without_echoing_it(url: str) -> None:
+    message = sink_error(f'type = "redis"\nurl = "{url}"')
+    assert message.startswith(
+        "agent.toml: profiles.dvs.sinks[1].url: must not contain user:password@"
+    )
+    assert "password_file or password_env" in message
+    assert "hunter2" not in message
+
+
+def test_redis_password_file_and_password_env_are_exclusive() -> None:
+    message = sink_error('type = "redis"\npassword_file = "/etc/p"\npassword_env = "P"')
+    assert message == (
+        "agent.toml: profiles.dvs.sinks[1].password_env: set password_file or password_env, "
+        "not both"
+    )
+
+
+def test_redis_username_needs_a_password() -> None:
+    message = sink_error('type = "redis"\nusername = "agent"')
+    assert message.startswith("agent.toml: profiles.dvs.sinks[1].username: ")
+    assert "password_file" in message and "password_env" in message
+    for line in ('password_file = "/etc/p"', 'password_env = "P"'):
+        (sink,) = sinks_of(sinks_toml(f'type = "redis"\nusername = "agent"\n{line}'))
+        assert isinstance(sink, RedisSinkConfig)
+        assert sink.username == "agent"
+
+
+def test_redis_password_without_username_is_fine() -> None:
+    (sink,) = sinks_of(sinks_toml('type = "redis"\npassword_file = "/etc/dvs-agent/redis"'))
+    assert isinstance(sink, RedisSinkConfig)
+    assert sink.password_file == "/etc/dvs-agent/redis"
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ('key = ""', "key", 'must not be empty (leave the key out for "dvs-agent:dvs:token")'),
+        ('username = ""', "username", "must not be empty"),
+        ('password_file = ""', "password_file", "must not be empty"),
+        ('password_env = "REDIS-PASSWORD"', "password_env", "not a valid environment variable"),
+        ('password_env = ""', "password_env", "not a valid environment variable"),
+    ],
+)
+def test_redis_per_key_checks(line: str, key: str, problem: str) -> None:
+    message = sink_error(f'type = "redis"\n{line}')
+    assert message.startswith(f"agent.toml: profiles.dvs.sinks[1].{key}: ")
+    assert problem in message
+
+
+def test_redis_resolved_key() -> None:
+    assert RedisSinkConfig().resolved_key("dvs") == "dvs-agent:dvs:token"
+    assert RedisSinkConfig().resolved_key("tenant-1") == "dvs-agent:tenant-1:token"
+    assert RedisSinkConfig(key="app:token").resolved_key("dvs") == "app:token"
+
+
+# vault
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://vault.internal:8200", "plain http is allowed only for loopback hosts"),
+        ("http://10.0.0.5:8200", "plain http is allowed only for loopback hosts"),
+        ("vault.internal:8200", "absolute http(s) URL"),
+        ("https://vault.internal:8200/v1", "without /v1"),
+        ("", "must not be empty"),
+    ],
+)
+def test_vault_sink_address_like_the_source(url: str, problem: str) -> None:
+    message = sink_error(f'type = "vault"\npath = "p"\naddress = "{url}"')
+    assert message.startswith("agent.toml: profiles.dvs.sinks[1].address: ")
+    assert problem in message
+
+
+def test_vault_sink_address_with_credentials_is_refused_without_echoing_them() -> None:
+    message = sink_error('type = "vault"\npath = "p"\naddress = "https://u:hunter2@vault:8200"')
+    assert "profiles.dvs.sinks[1].address: must not contain user:password@" in message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8200", "https://vault.internal:8200"])
+def test_vault_sink_good_addresses(url: str) -> None:
+    (sink,) = sinks_of(sinks_toml(f'type = "vault"\npath = "p"\naddress = "{url}"'))
+    assert isinstance(sink, VaultSinkConfig)
+    assert sink.address == url
+
+
+@pytest.mark.parametrize("key", ["path", "mount", "approle_mount"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("/dvs/t/", "without a leading or trailing '/': \"dvs/t\""),
+        ("dvs//t", "empty, '.' or '..' segment"),
+        ("dvs/../t", "empty, '.' or '..' segment"),
+        ("", "must not be empty"),
+    ],
+)
+def test_vault_sink_paths_and_mounts(key: str, value: str, problem: str) -> None:
+    path = "" if key == "path" else 'path = "dvs/t"\n'
+    message = sink_error(f'type = "vault"\n{path}{key} = "{value}"')
+    assert message.startswith(f"agent.toml: profiles.dvs.sinks[1].{key}: ")
+    assert problem in message
+
+
+@pytest.mark.parametrize(
+    "key", ["token_file", "role_id_file", "secret_id_file", "namespace", "ca_cert"]
+)
+def test_vault_sink_optional_keys_must_not_be_empty(key: str) -> None:
+    message = sink_error(f'type = "vault"\npath = "p"\n{key} = ""')
+    assert message == (
+        f"agent.toml: profiles.dvs.sinks[1].{key}: must not be empty (leave the key out to use "
+        "the value of [profiles.dvs.vault])"
+    )
+
+
+def test_vault_sink_ca_cert_must_be_readable(tmp_path: Path) -> None:
+    message = sink_error(f'type = "vault"\npath = "p"\nca_cert = "{tmp_path}/nope.pem"')
+    assert message.startswith("agent.toml: profiles.dvs.sinks[1].ca_cert: ")
+    assert "no such file" in message
+
+
+def test_vault_sink_approle_needs_files_the_profile_table_leaves_empty() -> None:
+    table = '[profiles.dvs.vault]\nauth_method = "token"\nrole_id_file = ""\nsecret_id_file = ""'
+    message = sink_error(
+        'type = "vault"\npath = "p"\nauth_method = "approle"\nrole_id_file = "/r"',
+        profile=table,
+    )
+    assert message.startswith("agent.toml: profiles.dvs.sinks[1].secret_id_file: required with ")
+    assert "[profiles.dvs.vault]" in message
+    # token auth, inherited from the table, needs neither
+    (sink,) = sinks_of(sinks_toml('type = "vault"\npath = "p"', profile=table))
+    assert isinstance(sink, VaultSinkConfig)
+
+
+def test_vault_sink_cannot_inherit_a_kv_v1_mount() -> None:
+    table = '[profiles.dvs.vault]\nmount = "kv1"\nkv_version = 1'
+    message = sink_error('type = "vault"\npath = "p"', profile=table)
+    assert message.startswith("agent.toml: profiles.dvs.sinks[1].mount: a vault sink writes to")
+    assert '"kv1"' in message and "kv_version = 1" in message
+    (sink,) = sinks_of(sinks_toml('type = "vault"\npath = "p"\nmount = "kv2"', profile=table))
+    assert isinstance(sink, VaultSinkConfig)
+
+
+def test_vault_sink_merged_without_a_vault_table_takes_the_source_defaults() -> None:
+    merged = VaultSinkConfig(path="dvs/t").merged(None)
+    assert merged == VaultSinkResolved(
+        address=None,
+        auth_method="approle",
+        token_file=None,
+        role_id_file="/etc/dvs-agent/role_id",
+        secret_id_file="/etc/dvs-agent/secret_id",
+        approle_mount="approle",
+        namespace=None,
+        ca_cert=None,
+        tls_skip_verify=False,
+        mount="secret",
+        path="dvs/t",
+    )
+
+
+def test_vault_sink_merged_takes_unset_keys_from_the_profile_vault_table() -> None:
+    text = sinks_toml(
+        'type = "vault"\npath = "dvs/t"',
+        'type = "vault"\npath = "dvs/u"\naddress = "https://vault-b:8200"\nmount = "kv"\n'
+        'auth_method = "approle"\nnamespace = "b"\ntls_skip_verify = false',
+        profile=(
+            '[profiles.dvs.vault]\naddress = "https://vault-a:8200"\nauth_method = "token"\n'
+            'token_file = "/run/vt"\nmount = "team"\nnamespace = "a"\napprole_mount = "ar"\n'
+            'role_id_file = "/a/role"\nsecret_id_file = "/a/secret"\ntls_skip_verify = true'
+        ),
+    )
+    profile = parse_config(text).profiles["dvs"]
+    inherit, override = profile.sinks[1:]
+    assert isinstance(inherit, VaultSinkConfig) and isinstance(override, VaultSinkConfig)
+    assert inherit.merged(profile.vault) == VaultSinkResolved(
+        address="https://vault-a:8200",
+        auth_method="token",
+        token_file="/run/vt",
+        role_id_file="/a/role",
+        secret_id_file="/a/secret",
+        approle_mount="ar",
+        namespace="a",
+        ca_cert=None,
+        tls_skip_verify=True,
+        mount="team",
+        path="dvs/t",
+    )
+    merged = override.merged(profile.vault)
+    assert (merged.address, merged.mount, merged.auth_method, merged.namespace) == (
+        "https://vault-b:8200",
+        "kv",
+        "approle",
+        "b",
+    )
+    assert merged.tls_skip_verify is False  # an explicit false beats the table's true
+    assert (merged.token_file, merged.role_id_file, merged.path) == ("/run/vt", "/a/role", "dvs/u")
+
+
+def test_vault_sink_resolved_address_falls_back_to_vault_addr() -> None:
+    key = "profiles.dvs.sinks[1].address"
+    merged = VaultSinkConfig(path="p").merged(None)
+    assert merged.resolved_address({"VAULT_ADDR": "https://v:8200"}, key=key) == "https://v:8200"
+    with pytest.raises(ConfigError) as info:
+        merged.resolved_address({}, key=key)
+    assert str(info.value).startswith(f"{key}: no Vault address")
+    with pytest.raises(ConfigError, match="plain http is allowed only for loopback"):
+        merged.resolved_address({"VAULT_ADDR": "http://vault.internal:8200"}, key=key)
+    table = VaultSourceConfig(address="https://vault-a:8200")
+    assert VaultSinkConfig(path="p").merged(table).resolved_address({}, key=key) == (
+        "https://vault-a:8200"
+    )
+
+
+# aws
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ('secret_id = ""', "secret_id", "must not be empty"),
+        ('secret_id = "arn:aws:s3:::bucket"', "secret_id", "not a Secrets Manager ARN"),
+        ('secret_id = "s"\nregion = "us east 1"', "region", "invalid region"),
+        (
+            'secret_id = "s"\nendpoint_url = "http://moto.internal:5000"',
+            "endpoint_url",
+            "plain http is allowed only for loopback hosts",
+        ),
+        ('secret_id = "s"\nendpoint_url = "moto:5000"', "endpoint_url", "absolute http(s) URL"),
+        (
+            'secret_id = "arn:aws:secretsmanager:us-east-1:123456789012:secret:t-AbCdEf"\n'
+            "create = true",
+            "create",
+            "give secret_id as the secret's name",
+        ),
+    ],
+)
+def test_aws_sink_per_key_checks(line: str, key: str, problem: str) -> None:
+    message = sink_error(f'type = "aws"\n{line}')
+    assert message.startswith(f"agent.toml: profiles.dvs.sinks[1].{key}: ")
+    assert problem in message
+
+
+def test_aws_sink_endpoint_url_with_credentials_is_refused_without_echoing_them() -> None:
+    message = sink_error('type = "aws"\nsecret_id = "s"\nendpoint_url = "https://a:hunter2@h"')
+    assert "profiles.dvs.sinks[1].endpoint_url: must not contain user:password@" in message
+    assert "hunter2" not in message
+
+
+def test_aws_sink_merged_takes_region_and_endpoint_from_the_aws_table() -> None:
+    table = AwsSourceConfig(region="us-east-1", endpoint_url="http://127.0.0.1:5000")
+    assert AwsSinkConfig(secret_id="t").merged(table) == AwsSinkResolved(
+        secret_id="t", region="us-east-1", endpoint_url="http://127.0.0.1:5000", create=False
+    )
+    own = AwsSinkConfig(secret_id="t", region="eu-west-1", endpoint_url="https://e", create=True)
+    assert own.merged(table) == AwsSinkResolved(
+        secret_id="t", region="eu-west-1", endpoint_url="https://e", create=True
+    )
+    assert AwsSinkConfig(secret_id="t").merged(None) == AwsSinkResolved(
+        secret_id="t", region=None, endpoint_url=None, create=False
+    )
+    text = sinks_toml(
+        'type = "aws"\nsecret_id = "t"', profile='[profiles.dvs.aws]\nregion = "ap-south-1"'
+    )
+    profile = parse_config(text).profiles["dvs"]
+    sink = profile.sinks[1]
+    assert isinstance(sink, AwsSinkConfig)
+    assert sink.merged(profile.aws).region == "ap-south-1"
+
+
+# duplicate targets
+
+ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:dvs/token-AbCdEf"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "key"),
+    [
+        ('type = "vault"\npath = "dvs/t"', 'type = "vault"\npath = "dvs/t"', "path"),
+        (
+            'type = "vault"\npath = "dvs/t"\naddress = "https://Vault.internal:8200/"',
+            'type = "vault"\npath = "dvs/t"\naddress = "https://vault.internal:8200"\n'
+            'mount = "secret"',
+            "path",
+        ),
+        (
+            'type = "aws"\nsecret_id = "dvs/token"',
+            'type = "aws"\nsecret_id = "dvs/token"',
+            "secret_id",
+        ),
+        (
+            'type = "aws"\nsecret_id = "dvs/token"',
+            f'type = "aws"\nsecret_id = "{ARN}"',
+            "secret_id",
+        ),
+        (
+            f'type = "aws"\nsecret_id = "{ARN}"',
+            'type = "aws"\nsecret_id = "dvs/token"\nregion = "us-east-1"',
+            "secret_id",
+        ),
+        (
+            f'type = "aws"\nsecret_id = "{ARN.removesuffix("-AbCdEf")}"',
+            f'type = "aws"\nsecret_id = "{ARN}"',
+            "secret_id",
+        ),
+        ('type = "redis"', 'type = "redis"\nurl = "redis://127.0.0.1"', "url"),
+        (
+            'type = "redis"\nurl = "rediss://r.internal:6380/2"\nkey = "k"',
+            'type = "redis"\nurl = "redis://R.internal:6380/2"\nkey = "k"',
+            "key",
+        ),
+    ],
+)
+def test_two_write_back_sinks_on_one_target(first: str, second: str, key: str) -> None:
+    message = sink_error(first, second)
+    assert message.startswith(f"agent.toml: profiles.dvs.sinks[2].{key}: ")
+    assert "profiles.dvs.sinks[1]." in message
+    assert "two sinks cannot write one" in message
+    assert len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ('type = "vault"\npath = "dvs/t"', 'type = "vault"\npath = "dvs/u"'),
+        ('type = "vault"\npath = "dvs/t"', 'type = "vault"\npath = "dvs/t"\nmount = "kv"'),
+        ('type = "vault"\npath = "dvs/t"', 'type = "vault"\npath = "dvs/t"\nnamespace = "b"'),
+        (
+            'type = "vault"\npath = "dvs/t"\naddress = "https://vault-a:8200"',
+            'type = "vault"\npath = "dvs/t"\naddress = "https://vault-b:8200"',
+        ),
+        ('type = "aws"\nsecret_id = "dvs/token"', 'type = "aws"\nsecret_id = "dvs/token2"'),
+        (
+            'type = "aws"\nsecret_id = "dvs/token"\nregion = "eu-west-1"',
+            'type = "aws"\nsecret_id = "dvs/token"\nregion = "us-east-1"',
+        ),
+        (
+            'type = "aws"\nsecret_id = "dvs/token"\nregion = "eu-west-1"',
+            f'type = "aws"\nsecret_id = "{ARN}"',
+        ),
+        (
+            f'type = "aws"\nsecret_id = "{ARN}"',
+            f'type = "aws"\nsecret_id = "{ARN.replace("123456789012", "210987654321")}"',
+        ),
+        (
+            'type = "aws"\nsecret_id = "dvs/token"\nendpoint_url = "http://127.0.0.1:5000"',
+            'type = "aws"\nsecret_id = "dvs/token"\nendpoint_url = "http://127.0.0.1:5001"',
+        ),
+        ('type = "redis"', 'type = "redis"\nurl = "redis://127.0.0.1:6379/1"'),
+        ('type = "redis"', 'type = "redis"\nkey = "other"'),
+        ('type = "vault"\npath = "run/dvs-agent/t"', 'path = "/run/dvs-agent/t"'),
+    ],
+)
+def test_distinct_write_back_targets_are_fine(first: str, second: str) -> None:
+    assert len(parse_config(sinks_toml(first, second)).profiles["dvs"].sinks) == 3
+
+
+def test_duplicate_write_back_targets_across_profiles() -> None:
+    text = sinks_toml('type = "aws"\nsecret_id = "dvs/token"', name="a") + sinks_toml(
+        f'type = "aws"\nsecret_id = "{ARN}"', name="b"
+    )
+    message = error_of(text)
+    assert message == (
+        f'agent.toml: profiles.b.sinks[1].secret_id: the secret "{ARN}" is also written by '
+        'profiles.a.sinks[1].secret_id (the secret "dvs/token"); two sinks cannot write one secret'
+    )
+
+
+def test_redis_default_keys_of_two_profiles_differ() -> None:
+    text = sinks_toml('type = "redis"', name="a") + sinks_toml('type = "redis"', name="b")
+    assert set(parse_config(text).profiles) == {"a", "b"}
+    shared = sinks_toml('type = "redis"\nkey = "k"', name="a") + sinks_toml(
+        'type = "redis"\nkey = "k"', name="b"
+    )
+    message = error_of(shared)
+    assert message == (
+        'agent.toml: profiles.b.sinks[1].key: the Redis key "k" on 127.0.0.1:6379/0 is also '
+        "written by profiles.a.sinks[1].key; two sinks cannot write one key"
+    )
+
+
+# a write-back sink on a credential source
+
+
+def test_vault_sink_on_the_profile_vault_source_is_refused() -> None:
+    profile = 'sources = ["vault"]\n[profiles.dvs.vault]\npath = "dvs/osigu"'
+    message = sink_error('type = "vault"\npath = "dvs/osigu"', profile=profile)
+    assert message.startswith(
+        'agent.toml: profiles.dvs.sinks[1].path: the Vault secret "secret/dvs/osigu" at '
+        "$VAULT_ADDR is the profile's own credential source (profiles.dvs.vault.path): "
+        "it would trigger rotations forever"
+    )
+    same_address = (
+        'sources = ["vault"]\n[profiles.dvs.vault]\npath = "dvs/osigu"\n'
+        'address = "https://vault:8200"'
+    )
+    message = sink_error(
+        'type = "vault"\npath = "dvs/osigu"\naddress = "https://vault:8200/"',
+        profile=same_address,
+    )
+    assert "it would trigger rotations forever" in message
+
+
+@pytest.mark.parametrize(
+    ("profile", "sink"),
+    [
+        # the table is there, but vault is not a source
+        ('[profiles.dvs.vault]\npath = "dvs/osigu"', 'path = "dvs/osigu"'),
+        ('sources = ["vault"]\n[profiles.dvs.vault]\npath = "dvs/osigu"', 'path = "dvs/t"'),
+        (
+            'sources = ["vault"]\n[profiles.dvs.vault]\npath = "dvs/osigu"',
+            'path = "dvs/osigu"\nmount = "kv"',
+        ),
+        (
+            'sources = ["vault"]\n[profiles.dvs.vault]\npath = "dvs/osigu"',
+            'path = "dvs/osigu"\naddress = "https://other:8200"',
+        ),
+    ],
+)
+def test_vault_sink_beside_the_vault_source_is_fine(profile: str, sink: str) -> None:
+    (parsed,) = sinks_of(sinks_toml(f'type = "vault"\n{sink}', profile=profile))
+    assert isinstance(parsed, VaultSinkConfig)
+
+
+@pytest.mark.parametrize("secret_id", ["dvs/token", ARN])
+def test_aws_sink_on_the_profile_aws_source_is_refused(secret_id: str) -> None:
+    profile = 'sources = ["aws"]\n[profiles.dvs.aws]\nsecret_id = "dvs/token"'
+    message = sink_error(f'type = "aws"\nsecret_id = "{secret_id}"', profile=profile)
+    assert message.startswith(
+        f'agent.toml: profiles.dvs.sinks[1].secret_id: the secret "{secret_id}" is the '
+        "profile's own credential source (profiles.dvs.aws.secret_id): it would trigger "
+        "rotations forever"
+    )
+    without_source = '[profiles.dvs.aws]\nsecret_id = "dvs/token"'
+    (sink,) = sinks_of(
+        sinks_toml(f'type = "aws"\nsecret_id = "{secret_id}"', profile=without_source)
+    )
+    assert isinstance(sink, AwsSinkConfig)
+
+
+def test_sink_on_another_profile_credential_source_is_refused() -> None:
+    text = sinks_toml(
+        profile='sources = ["vault"]\n[profiles.a.vault]\npath = "dvs/a"', name="a"
+    ) + sinks_toml('type = "vault"\npath = "dvs/a"', name="b")
+    message = error_of(text)
+    assert message.startswith(
+        'agent.toml: profiles.b.sinks[1].path: the Vault secret "secret/dvs/a" at $VAULT_ADDR '
+        'is the credential source of profile "a" (profiles.a.vault.path): the token would '
+        "overwrite that profile's credentials"
+    )
+
+
+def test_write_back_sink_errors_are_reported_together() -> None:
+    text = sinks_toml(
+        'type = "vault"\npath = "/p/"\naddress = "http://vault.internal"',
+        'type = "aws"\nsecret_id = ""',
+        'type = "redis"\nurl = "redis://:pw@h"\nusername = "u"',
+        'type = "redis"',
+        'type = "redis"',
+    )
+    keys = [line.split(": ")[1] for line in error_of(text).splitlines()]
+    assert keys == [
+        "profiles.dvs.sinks[1].path",
+        "profiles.dvs.sinks[1].address",
+        "profiles.dvs.sinks[2].secret_id",
+        "profiles.dvs.sinks[3].url",
+        "profiles.dvs.sinks[3].username",
+        "profiles.dvs.sinks[5].url",
+    ]
+
+
+def test_example_config_write_back_sinks_load_when_uncommented(tmp_path: Path) -> None:
+    """Uncommenting the three write-back sink blocks gives a valid config (no store contacted)."""
+    text = EXAMPLE.read_text()
+    head, marker, tail = text.partition("# Write-back sinks")
+    assert marker
+    # ca_cert must name an existing file; password_env is the alternative to password_file
+    tail = re.sub(r"^# (\[\[|(?!ca_cert |password_env )\w+ = )", r"\1", tail, flags=re.M)
+    path = tmp_path / "agent.toml"
+    path.write_text(head + marker + tail)
+    profile = load_config(path).profiles["dvs"]
+    assert [type(sink) for sink in profile.sinks] == [
+        FileSinkConfig,
+        VaultSinkConfig,
+        AwsSinkConfig,
+        RedisSinkConfig,
+    ]
+    vault, aws, redis = profile.sinks[1:]
+    assert isinstance(vault, VaultSinkConfig) and vault.path == "dvs/osigu-token"
+    assert isinstance(aws, AwsSinkConfig) and aws.secret_id == "dvs/osigu-token"
+    assert not aws.create
+    assert isinstance(redis, RedisSinkConfig) and redis.url == DEFAULT_REDIS_URL
+    assert redis.resolved_key("dvs") == redis.key

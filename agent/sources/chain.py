@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.errors import AgentError, SourceEmpty, SourceUnavailable
@@ -29,13 +29,20 @@ class SourceChain:
     """
 
     def __init__(
-        self, sources: Sequence[CredentialSource], *, profile: str, logger: logging.Logger
+        self,
+        sources: Sequence[CredentialSource],
+        *,
+        profile: str,
+        logger: logging.Logger,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         if not sources:
             raise ValueError("a source chain needs at least one source")
         self._sources = list(sources)
         self._profile = profile
         self._log = logger
+        #: called with a source's name each time it fails (metrics)
+        self._on_error = on_error
         self._winner: CredentialSource | None = None
         self._version: str | None = None
 
@@ -56,6 +63,7 @@ class SourceChain:
                 credentials = source.read()
             except (SourceEmpty, SourceUnavailable) as exc:
                 failures.append((source, exc))
+                self._failed(source)
                 continue
             if failures:
                 self._log.warning(
@@ -94,11 +102,16 @@ class SourceChain:
         try:
             version = self._winner.version()
         except (SourceEmpty, SourceUnavailable) as exc:
+            self._failed(self._winner)
             # The store in use is gone or down: re-read so a later source can take over.
             return Poll(True, f"source {self._winner.name} failed: {exc}")
         if version != self._version:
             return Poll(True, f"source {self._winner.name} has a new version")
         return Poll(False)
+
+    def _failed(self, source: CredentialSource) -> None:
+        if self._on_error is not None:
+            self._on_error(source.name)
 
     def close(self) -> None:
         for source in self._sources:

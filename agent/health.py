@@ -1,0 +1,452 @@
+"""The health listener (DESIGN §8): ``/healthz``, ``/readyz``, ``/metrics`` and ``POST /refresh``.
+
+:class:`HealthServer` answers from callbacks the agent passes in (a snapshot of every profile,
+the metrics, a refresh request); it holds no state of its own beyond a burst limit. The client
+helpers at the end are what ``dvs-agent status`` and ``dvs-agent refresh`` use.
+
+No answer ever carries a token or a secret: a profile is described by its state, expiry,
+provider_slug, last refresh, last error and source name only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import httpx
+
+from agent import __version__
+from agent.metrics import Metrics
+from agent.models import rfc3339
+
+Clock = Callable[[], datetime]
+
+#: ``POST /refresh`` burst limit of the listener itself, over all profiles (requests per second)
+REFRESH_RATE = 10.0
+#: request bodies are ignored; up to this many bytes are read and dropped so the client sees
+#: the answer rather than a connection reset
+MAX_DRAINED_BODY = 64 * 1024
+#: a client that sends nothing for this long is dropped (a stuck client must not hold a thread)
+REQUEST_TIMEOUT_SECONDS = 5.0
+
+_JSON = "application/json"
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileStatus:
+    """What the health listener shows of one profile (never a token or a secret)."""
+
+    #: the profile's name (``[profiles.NAME]``)
+    name: str
+    #: starting | ok | degraded | expired | misconfigured
+    state: str
+    #: when the held token expires (timezone-aware); None while no token is held
+    expires_at: datetime | None
+    #: ``extensions.provider_slug`` of the held token's response
+    provider_slug: str | None
+    #: when the last successful refresh ended (timezone-aware)
+    last_refresh: datetime | None
+    #: why the last refresh failed, as logged (None after a success)
+    last_error: str | None
+    #: the credential source whose credentials are in use (``vault``, ``aws``, ``env``)
+    source: str | None
+
+    def ready(self, now: datetime) -> bool:
+        """Whether the profile holds an unexpired token (a degraded profile may well be ready)."""
+        return self.expires_at is not None and now < self.expires_at
+
+    def describe(self, now: datetime) -> dict[str, Any]:
+        """The JSON object of ``/readyz`` for this profile."""
+        expires_in = None
+        if self.expires_at is not None:
+            expires_in = max(0, math.floor((self.expires_at - now).total_seconds()))
+        return {
+            "state": self.state,
+            "ready": self.ready(now),
+            "expires_at": _time(self.expires_at),
+            "expires_in": expires_in,
+            "provider_slug": self.provider_slug,
+            "last_refresh": _time(self.last_refresh),
+            "last_error": self.last_error,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshAnswer:
+    """The agent's answer to ``POST /refresh``."""
+
+    #: the refresh was scheduled (202); otherwise 429 with ``retry_after``, or 503 without
+    accepted: bool
+    #: seconds until a refresh of this profile is accepted again (its own rate limit)
+    retry_after: float | None = None
+    #: a line for the person who asked, e.g. "refresh of dvs scheduled"
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: bytes
+    content_type: str = _JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _time(moment: datetime | None) -> str | None:
+    return None if moment is None else rfc3339(moment)
+
+
+def _json(status: int, document: dict[str, Any], *headers: tuple[str, str]) -> _Response:
+    return _Response(status, json.dumps(document).encode() + b"\n", _JSON, headers)
+
+
+def _retry_after(seconds: float) -> tuple[str, str]:
+    """``Retry-After`` takes whole seconds: round up, at least 1."""
+    return ("Retry-After", str(max(1, math.ceil(seconds))))
+
+
+class _TokenBucket:
+    """``rate`` requests per second on average, bursts of up to ``rate``; thread-safe."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        """0 when a request may pass (and counts it), else the seconds until one may."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return 0.0
+            return (1 - self._tokens) / self._rate
+
+
+class HealthServer:
+    """The listener, bound at construction (an address in use fails at start) and served on a
+    daemon thread between :meth:`start` and :meth:`stop`.
+
+    ``snapshot`` describes every profile; ``refresh(name)`` (None: every profile) asks for a
+    refresh now and raises KeyError for an unknown profile. Both are called on request threads.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        snapshot: Callable[[], list[ProfileStatus]],
+        metrics: Metrics,
+        refresh: Callable[[str | None], RefreshAnswer],
+        clock: Clock = _utc_now,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._snapshot = snapshot
+        self._metrics = metrics
+        self._refresh = refresh
+        self._clock = clock
+        self._log = logger or logging.getLogger("agent.health")
+        self._bucket = _TokenBucket(REFRESH_RATE)
+        #: (route, exception type) already logged with a traceback
+        self._failures: set[tuple[str, str]] = set()
+        self._failures_lock = threading.Lock()
+        self._httpd = _HTTPServer(host, port, self)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)`` (the real port when 0 was asked for)."""
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="dvs-agent-health",
+            daemon=True,
+        )
+        self._thread.start()
+        host, port = self.address
+        self._log.info(
+            "health listener on %s",
+            _authority(host, port),
+            extra={"event": "health_listening"},
+        )
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; safe to call twice or without :meth:`start`."""
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> HealthServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------------------------- routes
+
+    def _handle(self, method: str, target: str) -> _Response:
+        """The answer to ``method target`` (HEAD is answered as GET, without the body)."""
+        parts = urlsplit(target)
+        path = parts.path.rstrip("/") or "/"
+        if path == "/healthz":
+            route, allowed, action = "healthz", "GET", self._healthz
+        elif path == "/readyz":
+            route, allowed, action = "readyz", "GET", lambda: self._readyz(None)
+        elif path.startswith("/readyz/"):
+            name = unquote(path.removeprefix("/readyz/"))
+            route, allowed, action = "readyz", "GET", lambda: self._readyz(name)
+        elif path == "/metrics":
+            route, allowed, action = "metrics", "GET", self._render_metrics
+        elif path == "/refresh":
+            route, allowed, action = "refresh", "POST", lambda: self._refresh_now(parts.query)
+        else:
+            return _json(404, {"error": "not found"})
+        if (method == "HEAD" and allowed == "GET") or method == allowed:
+            try:
+                return action()
+            except Exception as exc:
+                return self._failed(route, exc)
+        allow = "GET, HEAD" if allowed == "GET" else allowed
+        return _json(405, {"error": f"method not allowed; use {allowed}"}, ("Allow", allow))
+
+    def _healthz(self) -> _Response:
+        return _Response(200, b"ok\n", "text/plain; charset=utf-8")
+
+    def _readyz(self, name: str | None) -> _Response:
+        statuses = self._snapshot()
+        now = self._clock()
+        if name is not None:
+            statuses = [status for status in statuses if status.name == name]
+            if not statuses:
+                return _json(404, {"error": "unknown profile", "profile": name})
+        profiles = {status.name: status.describe(now) for status in statuses}
+        ready = bool(profiles) and all(profile["ready"] for profile in profiles.values())
+        return _json(200 if ready else 503, {"ready": ready, "profiles": profiles})
+
+    def _render_metrics(self) -> _Response:
+        body, content_type = self._metrics.render()
+        return _Response(200, body, content_type)
+
+    def _refresh_now(self, query: str) -> _Response:
+        names = parse_qs(query, keep_blank_values=True).get("profile", [])
+        if len(names) > 1 or (names and not names[0]):
+            return _json(400, {"accepted": False, "message": "give at most one ?profile=NAME"})
+        name = names[0] if names else None
+        wait = self._bucket.take()
+        if wait:
+            return _json(
+                429,
+                {
+                    "accepted": False,
+                    "profile": name,
+                    "retry_after": wait,
+                    "message": "too many refresh requests; try again in a second",
+                },
+                _retry_after(wait),
+            )
+        try:
+            answer = self._refresh(name)
+        except KeyError:
+            return _json(
+                404, {"accepted": False, "profile": name, "message": f"unknown profile {name!r}"}
+            )
+        document = {
+            "accepted": answer.accepted,
+            "profile": name,
+            "retry_after": answer.retry_after,
+            "message": answer.message,
+        }
+        if answer.accepted:
+            return _json(202, document)
+        if answer.retry_after is not None:
+            return _json(429, document, _retry_after(answer.retry_after))
+        return _json(503, document)
+
+    def _failed(self, route: str, exc: Exception) -> _Response:
+        """A callback raised: a generic 500; the traceback is logged once per route and type."""
+        key = (route, type(exc).__name__)
+        with self._failures_lock:
+            first = key not in self._failures
+            self._failures.add(key)
+        if first:
+            self._log.error(
+                "health endpoint /%s failed (%s); answering 500 (repeats are logged at debug)",
+                route,
+                type(exc).__name__,
+                exc_info=exc,
+                extra={"event": "health_error"},
+            )
+        else:
+            self._log.debug(
+                "health endpoint /%s failed again (%s)",
+                route,
+                type(exc).__name__,
+                extra={"event": "health_error"},
+            )
+        return _json(500, {"error": "internal error; see the agent's log"})
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server of the host's address family, without reverse DNS at bind."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, health: HealthServer) -> None:
+        self.health = health
+        # the family of what the host resolves to: "::1" and IPv6-only names need AF_INET6
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        self.address_family = infos[0][0]
+        super().__init__((host, port), _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would call socket.getfqdn(), a DNS query that can hang start-up
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that went away mid-answer; never a traceback on stderr
+        self.health._log.debug("health request from %s broke off", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = f"dvs-agent/{__version__}"
+    sys_version = ""
+    timeout = REQUEST_TIMEOUT_SECONDS
+
+    def _answer(self) -> None:
+        self._drain()
+        health = cast(_HTTPServer, self.server).health
+        response = health._handle(self.command, self.path)
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def _drain(self) -> None:
+        """Read a (small) body and drop it, so closing the connection does not reset it."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if 0 < length <= MAX_DRAINED_BODY:
+            self.rfile.read(length)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silenced: a probe every few seconds is not worth a log line."""
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+class AgentUnreachable(ConnectionError):
+    """The health listener of a running agent did not answer; the message says what to check."""
+
+
+def _authority(host: str, port: int | str) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _base_url(listen: str) -> str:
+    """``http://HOST:PORT`` for the config's ``listen``; a wildcard host becomes loopback."""
+    if not listen:
+        raise AgentUnreachable(
+            '[health] listen is disabled (listen = ""): status and refresh talk to the agent '
+            'through it; set it, e.g. listen = "127.0.0.1:8787", and restart the agent'
+        )
+    host, colon, port = listen.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ValueError(f'[health] listen {listen!r}: expected "HOST:PORT" or "[::1]:PORT"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{_authority(host, port)}"
+
+
+def _call(
+    method: str, listen: str, path: str, params: dict[str, str], timeout: float
+) -> tuple[int, dict[str, Any]]:
+    url = _base_url(listen) + path
+    try:
+        # trust_env off: a loopback call must not go through $HTTP_PROXY
+        with httpx.Client(timeout=timeout, trust_env=False) as client:
+            response = client.request(method, url, params=params)
+    except httpx.ConnectError as exc:
+        raise AgentUnreachable(
+            f"the agent is not running or [health] listen is disabled ({listen})"
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise AgentUnreachable(
+            f"the agent's health listener ({listen}) did not answer within {timeout:g} s"
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise AgentUnreachable(
+            f"the agent's health listener ({listen}) broke off the connection "
+            f"({type(exc).__name__})"
+        ) from exc
+    try:
+        document = response.json()
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise AgentUnreachable(
+            f"{listen} answered HTTP {response.status_code} without a dvs-agent JSON body: "
+            "is [health] listen the address of this agent?"
+        )
+    return response.status_code, document
+
+
+def fetch_status(listen: str, *, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """``GET /readyz`` of the agent listening on ``listen``: (200 or 503, the JSON body).
+
+    Raises :class:`AgentUnreachable` when nothing answers there.
+    """
+    return _call("GET", listen, "/readyz", {}, timeout)
+
+
+def request_refresh(
+    listen: str, profile: str | None, *, timeout: float = 5.0
+) -> tuple[int, dict[str, Any]]:
+    """``POST /refresh[?profile=NAME]``: (202 accepted, 429 too soon, 404 unknown profile, …).
+
+    Raises :class:`AgentUnreachable` when nothing answers there.
+    """
+    params = {} if profile is None else {"profile": profile}
+    return _call("POST", listen, "/refresh", params, timeout)

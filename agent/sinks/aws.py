@@ -1,0 +1,302 @@
+"""The aws sink: the token document written back to a Secrets Manager secret (DESIGN §4).
+
+Other hosts read the same JSON document as the file sink's ``json`` format from the secret's
+``SecretString``. The newest token wins (STYLE, Vault Agent): the current value is read first,
+and a stored document whose ``expires_at`` is later than ours is left alone. Secrets Manager has
+no check-and-set, so two agents writing at the same instant may still race; the loser's token is
+the older one only if both read before either wrote, and the next refresh settles it.
+
+botocore logs request and response bodies at DEBUG; the client comes from
+:func:`agent.sources.aws.make_client`, which installs the filter that withholds them (the
+``PutSecretValue`` request and the ``GetSecretValue`` answer both hold a token).
+
+This module imports boto3: import it only when a profile uses an aws sink.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import botocore.exceptions as bx
+
+from agent.errors import ConfigError, SinkError
+from agent.models import Token
+from agent.sources.aws import UNNAMED_PROFILE, describe_location, guard_botocore_logs, make_client
+
+_DENIED = frozenset({"AccessDeniedException", "AccessDenied"})
+_REJECTED_CREDENTIALS = frozenset(
+    {
+        "UnrecognizedClientException",
+        "UnrecognizedClient",
+        "InvalidClientTokenId",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+    }
+)
+#: how many times a write reads again after another writer created the secret meanwhile
+_ATTEMPTS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class AwsSinkSettings:
+    """Where the token document goes (``[[profiles.NAME.sinks]]`` with ``type = "aws"``)."""
+
+    #: the secret's name or ARN
+    secret_id: str
+    #: None: the default boto3 chain (``$AWS_REGION``, ``$AWS_DEFAULT_REGION``, the config file)
+    region: str | None = None
+    #: a VPC endpoint or a test server
+    endpoint_url: str | None = None
+    #: ``CreateSecret`` (by name) when the secret does not exist yet
+    create: bool = False
+    #: seconds, for connecting and for each read
+    timeout: float = 10.0
+    #: the profile's name
+    profile: str = UNNAMED_PROFILE
+    #: the config table these settings come from, named in error messages
+    config_key: str = "sinks[0]"
+
+
+class AwsSink:
+    """Puts each new token's document into a secret; a :class:`TokenSink`."""
+
+    def __init__(
+        self,
+        settings: AwsSinkSettings,
+        *,
+        client: Any | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._settings = settings
+        self._log = logger if logger is not None else logging.getLogger("agent.sinks.aws")
+        self._owns_client = client is None
+        self._client = client
+        if client is not None:
+            guard_botocore_logs()
+        self.name = f"aws:{settings.secret_id}"
+
+    def check(self) -> None:
+        """Build the client (a missing region fails here, at start); no request is sent."""
+        key = self._settings.config_key
+        if not self._settings.secret_id:
+            raise SinkError(f"{key}.secret_id is empty: name the secret (or give its ARN)")
+        self._ensure_client()
+
+    def write(self, token: Token) -> None:
+        """``PutSecretValue`` of ``token.document()`` unless a later-expiring one is stored.
+
+        A missing secret is created when ``create`` is set. Raises :class:`SinkError` naming
+        the secret, the region (and endpoint) and what to do.
+        """
+        client = self._ensure_client()
+        document = token.document()
+        text = json.dumps(document, separators=(",", ":"))
+        for _ in range(_ATTEMPTS):
+            stored = self._read_current(client)
+            if stored is not None:
+                if stored == document:
+                    self._log.debug("%s already holds this token", self.name)
+                    return
+                if _later(stored, document):
+                    self._log.debug(
+                        "%s: newer token already stored (expires %s; ours %s): not written",
+                        self.name,
+                        stored.get("expires_at"),
+                        document["expires_at"],
+                    )
+                    return
+            if self._put(client, text) or self._create(client, text):
+                break
+            # created by someone else between our read and our CreateSecret: decide again
+        else:
+            raise SinkError(
+                f"aws sink {self._settings.config_key}: secret {self._settings.secret_id} in "
+                f"{self._where()} kept changing while writing; the next attempt will try again"
+            )
+        self._log.debug(
+            "wrote %s in %s (expires %s)", self.name, self._where(), document["expires_at"]
+        )
+
+    def close(self) -> None:
+        if self._owns_client and self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _read_current(self, client: Any) -> dict[str, Any] | None:
+        """The secret's current document; None when it has none (or does not exist)."""
+        try:
+            response = client.get_secret_value(SecretId=self._settings.secret_id)
+        except bx.ClientError as exc:
+            if _code(exc) == "ResourceNotFoundException":
+                # no secret, or a secret without a value yet: PutSecretValue tells which
+                return None
+            raise self._error(exc, "GetSecretValue") from None
+        except Exception as exc:
+            raise self._error(exc, "GetSecretValue") from None
+        text = response.get("SecretString")
+        if not isinstance(text, str):
+            return None
+        try:
+            stored = json.loads(text)
+        except ValueError:
+            self._log.debug("%s holds no JSON document: it will be replaced", self.name)
+            return None
+        return stored if isinstance(stored, dict) else None
+
+    def _put(self, client: Any, text: str) -> bool:
+        """True once written; False when the secret does not exist (create it)."""
+        try:
+            client.put_secret_value(SecretId=self._settings.secret_id, SecretString=text)
+        except bx.ClientError as exc:
+            if _code(exc) == "ResourceNotFoundException":
+                return False
+            raise self._error(exc, "PutSecretValue") from None
+        except Exception as exc:
+            raise self._error(exc, "PutSecretValue") from None
+        return True
+
+    def _create(self, client: Any, text: str) -> bool:
+        """True once created; False when it was created meanwhile by someone else."""
+        s = self._settings
+        if not s.create:
+            raise SinkError(
+                f"aws sink {s.config_key}: secret {s.secret_id} in {self._where()} does not "
+                f"exist; create it or set create = true ({s.config_key}.create)"
+            )
+        try:
+            client.create_secret(
+                Name=s.secret_id,
+                SecretString=text,
+                Description="dvs-agent token document (written by dvs-agent)",
+            )
+        except bx.ClientError as exc:
+            if _code(exc) == "ResourceExistsException":
+                return False
+            raise self._error(exc, "CreateSecret") from None
+        except Exception as exc:
+            raise self._error(exc, "CreateSecret") from None
+        self._log.info("created secret %s in %s", s.secret_id, self._where())
+        return True
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _ensure_client(self) -> Any:
+        if self._client is None:
+            s = self._settings
+            try:
+                self._client = make_client(
+                    "secretsmanager",
+                    region=s.region,
+                    endpoint_url=s.endpoint_url,
+                    timeout=s.timeout,
+                    profile=s.profile,
+                )
+            except ConfigError:
+                raise SinkError(
+                    f"aws sink {s.config_key}: no AWS region for secret {s.secret_id}: set "
+                    f"{s.config_key}.region (or the profile's aws.region), or AWS_REGION / "
+                    "AWS_DEFAULT_REGION in the agent's environment"
+                ) from None
+            except ValueError as exc:  # botocore: "Invalid endpoint: …"
+                raise SinkError(
+                    f"aws sink {s.config_key}: {exc}: check {s.config_key}.endpoint_url"
+                ) from None
+        return self._client
+
+    def _where(self) -> str:
+        return describe_location(self._client) if self._client is not None else "?"
+
+    def _error(self, exc: BaseException, operation: str) -> SinkError:
+        """The SinkError for a boto3/botocore failure; AWS's messages never hold a value."""
+        s = self._settings
+        prefix = f"aws sink {s.config_key}: "
+        what = f"secret {s.secret_id} in {self._where()}"
+        needs = "secretsmanager:GetSecretValue and secretsmanager:PutSecretValue" + (
+            " and secretsmanager:CreateSecret" if s.create else ""
+        )
+        if isinstance(exc, bx.ClientError):
+            code = _code(exc) or "Unknown"
+            message = str(_error_field(exc, "Message") or "").strip()
+            said = f"{code}: {message}" if message else code
+            if code in _DENIED:
+                return SinkError(
+                    f"{prefix}AWS denied {operation} on {what} ({said}): the agent's IAM "
+                    f"identity needs {needs} on the secret's ARN, and kms:GenerateDataKey and "
+                    "kms:Decrypt on its KMS key if it is a customer managed key"
+                )
+            if code in _REJECTED_CREDENTIALS:
+                return SinkError(
+                    f"{prefix}AWS rejected the agent's credentials calling {operation} on "
+                    f"{what} ({said}): check the instance profile or the AWS_* variables"
+                )
+            if code == "InvalidRequestException":
+                return SinkError(
+                    f"{prefix}AWS refused {operation} on {what} ({said}): is the secret "
+                    "scheduled for deletion? restore it (RestoreSecret) or choose another "
+                    f"{s.config_key}.secret_id"
+                )
+            return SinkError(f"{prefix}{operation} on {what} failed ({said})")
+        if isinstance(exc, bx.NoCredentialsError):
+            return SinkError(
+                f"{prefix}no AWS credentials found for {what}: attach an instance profile (IAM "
+                "role), set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
+                "configure ~/.aws"
+            )
+        if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
+            return SinkError(f"{prefix}Secrets Manager timed out for {what} ({operation})")
+        if isinstance(exc, bx.EndpointConnectionError | bx.HTTPClientError | bx.ConnectionError):
+            return SinkError(
+                f"{prefix}cannot reach Secrets Manager for {what} ({operation}): check the "
+                f"network, the region and {s.config_key}.endpoint_url"
+            )
+        if isinstance(exc, bx.ParamValidationError):
+            # its text may quote a parameter's value: keep only the lines about SecretId
+            lines = [line for line in str(exc).splitlines()[1:] if "SecretString" not in line]
+            detail = f": {' '.join(lines)}" if lines else ""
+            return SinkError(
+                f"{prefix}invalid {operation} request for {what}{detail}: check "
+                f"{s.config_key}.secret_id"
+            )
+        if isinstance(exc, bx.BotoCoreError):
+            return SinkError(f"{prefix}{operation} on {what} failed: {exc}")
+        return SinkError(f"{prefix}{operation} on {what} failed: {type(exc).__name__}")
+
+
+def _code(exc: bx.ClientError) -> str | None:
+    code = _error_field(exc, "Code")
+    return str(code) if code is not None else None
+
+
+def _error_field(exc: bx.ClientError, name: str) -> object:
+    response = exc.response if isinstance(exc.response, dict) else {}
+    error = response.get("Error")
+    return error.get(name) if isinstance(error, dict) else None
+
+
+def _later(stored: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """True when the stored document expires after ours."""
+    theirs = _expires_at(stored)
+    mine = _expires_at(ours)
+    return theirs is not None and mine is not None and theirs > mine
+
+
+def _expires_at(document: dict[str, Any]) -> datetime | None:
+    """The document's ``expires_at`` (RFC 3339; no offset is taken as UTC), None if absent."""
+    value = document.get("expires_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -1,0 +1,322 @@
+"""The redis sink: the token document in a Redis key whose TTL is the token's life (DESIGN §4).
+
+``SET key <document> PX <ms until expires_at>``, done by a small Lua script so that the newest
+token wins atomically (STYLE, Vault Agent): a stored document whose ``expires_at`` is later than
+ours is left alone. An expired token is never stored. The ACL user needs ``+eval`` and, on the
+key, ``+get +set`` (``~KEY``); ``+select`` too when the URL names a database other than 0.
+
+The client makes no retries of its own (``Retry(NoBackoff(), 0)``, no retry on timeout): the
+agent's scheduler is the one retry layer. The password is read from ``password_file`` or
+``password_env`` when the client is built, and again after Redis rejected it, so a rotated
+password is picked up at the next attempt.
+
+This module imports redis-py: import it only when a profile uses a redis sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import redis
+import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from agent.errors import SinkError
+from agent.models import Token
+
+DEFAULT_PORT = 6379
+
+#: KEYS[1] the key; ARGV[1] the document, ARGV[2] its expires_at, ARGV[3] the TTL in ms.
+#: Returns 1 when written, 0 when a document expiring later is stored, 2 when ours is.
+#: ``expires_at`` is compared as text, which orders RFC 3339 UTC times of one shape.
+SET_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  if current == ARGV[1] then
+    return 2
+  end
+  local ok, doc = pcall(cjson.decode, current)
+  if ok and type(doc) == 'table' and type(doc['expires_at']) == 'string'
+      and string.match(doc['expires_at'], '^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$')
+      and doc['expires_at'] > ARGV[2] then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+_WRITTEN, _NEWER_STORED, _SAME_STORED = 1, 0, 2
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSinkSettings:
+    """Where the token document goes (``[[profiles.NAME.sinks]]`` with ``type = "redis"``)."""
+
+    #: ``redis://HOST[:PORT][/DB]``, or ``rediss://`` for TLS (verified against the system
+    #: CA store); never a password
+    url: str
+    #: the full key name
+    key: str
+    #: an ACL user; None: the ``default`` user
+    username: str | None = None
+    #: a file holding the password (one trailing newline is stripped)
+    password_file: str | None = None
+    #: a variable holding the password (instead of ``password_file``)
+    password_env: str | None = None
+    #: seconds, for connecting and for each command
+    timeout: float = 5.0
+    #: the config table these settings come from, named in error messages
+    config_key: str = "sinks[0]"
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    host: str
+    port: int
+    db: int
+    tls: bool
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class RedisSink:
+    """Writes each new token's document to one Redis key; a :class:`TokenSink`."""
+
+    def __init__(
+        self,
+        settings: RedisSinkSettings,
+        *,
+        environ: Mapping[str, str] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._settings = settings
+        self._environ = os.environ if environ is None else environ
+        self._log = logger if logger is not None else logging.getLogger("agent.sinks.redis")
+        self._lock = threading.Lock()
+        self._client: Any = None
+        #: the password in use, kept only to blank it out of error texts
+        self._password: str | None = None
+        try:
+            self._target: _Target | None = _parse_url(settings.url, settings.config_key)
+            self._url_error: SinkError | None = None
+        except SinkError as exc:
+            self._target, self._url_error = None, exc
+        where = f"{self._target.address}/{self._target.db}" if self._target else "?"
+        self.name = f"redis:{where}/{settings.key}"
+
+    def check(self) -> None:
+        """The URL parses, the key is set, the password file or variable can be read.
+
+        No connection is made: Redis being down at start must not stop the other sinks.
+        """
+        self._require_target()
+        if not self._settings.key:
+            raise SinkError(f"{self._settings.config_key}.key is empty: name the key")
+        self._read_password()
+
+    def write(self, token: Token) -> None:
+        """Store ``token.document()`` with the token's remaining life as TTL (newest wins).
+
+        An expired token is not stored (logged, not an error). Raises :class:`SinkError`
+        naming the server and key and what to check; never the password.
+        """
+        target = self._require_target()
+        ttl_ms = int((token.expires_at - datetime.now(UTC)).total_seconds() * 1000)
+        if ttl_ms <= 0:
+            self._log.warning(
+                "%s: the token expired at %s: not written", self.name, token.expires_at
+            )
+            return
+        document = token.document()
+        data = msgspec.json.encode(document)
+        client = self._ensure_client(target)
+        try:
+            result = client.eval(
+                SET_IF_NEWER, 1, self._settings.key, data, document["expires_at"], ttl_ms
+            )
+        except redis.exceptions.RedisError as exc:
+            if isinstance(exc, redis.exceptions.AuthenticationError):
+                self._drop_client()  # the next attempt reads the password again
+            raise self._error(exc, target) from None
+        if result == _NEWER_STORED:
+            self._log.debug(
+                "%s: newer token already stored: not written (ours expires %s)",
+                self.name,
+                document["expires_at"],
+            )
+        elif result == _SAME_STORED:
+            self._log.debug("%s already holds this token", self.name)
+        else:
+            self._log.debug(
+                "wrote %s (expires %s, ttl %d ms)", self.name, document["expires_at"], ttl_ms
+            )
+
+    def close(self) -> None:
+        self._drop_client()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _require_target(self) -> _Target:
+        if self._target is None:
+            assert self._url_error is not None
+            raise self._url_error
+        return self._target
+
+    def _ensure_client(self, target: _Target) -> Any:
+        with self._lock:
+            if self._client is None:
+                s = self._settings
+                password = self._read_password()
+                self._password = password
+                self._client = redis.Redis(
+                    host=target.host,
+                    port=target.port,
+                    db=target.db,
+                    username=s.username,
+                    password=password,
+                    ssl=target.tls,
+                    ssl_cert_reqs="required",
+                    ssl_check_hostname=True,
+                    socket_timeout=s.timeout,
+                    socket_connect_timeout=s.timeout,
+                    # one retry layer: the agent's (STYLE); redis-py retries 3 times by default
+                    retry=Retry(NoBackoff(), 0),
+                    retry_on_error=[],
+                    health_check_interval=0,
+                    max_connections=2,
+                )
+            return self._client
+
+    def _drop_client(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _read_password(self) -> str | None:
+        s = self._settings
+        key = s.config_key
+        if s.password_file and s.password_env:
+            raise SinkError(f"{key}: set one of password_file and password_env, not both")
+        if s.password_file:
+            name = f"{key}.password_file"
+            try:
+                with open(s.password_file, encoding="utf-8") as handle:
+                    text = handle.read()
+            except FileNotFoundError:
+                raise SinkError(
+                    f"{s.password_file} ({name}) does not exist: write the Redis password "
+                    "there, or fix the path"
+                ) from None
+            except PermissionError:
+                raise SinkError(
+                    f"{s.password_file} ({name}) is not readable by the agent (uid "
+                    f"{os.geteuid()}): fix its owner or mode"
+                ) from None
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise SinkError(f"cannot read {s.password_file} ({name}): {reason}") from None
+            text = text.removesuffix("\n").removesuffix("\r")
+            if not text:
+                raise SinkError(f"{s.password_file} ({name}) is empty")
+            return text
+        if s.password_env:
+            value = self._environ.get(s.password_env)
+            if not value:
+                state = "is empty" if value == "" else "is not set"
+                raise SinkError(
+                    f"the variable {s.password_env} ({key}.password_env) {state} in the "
+                    "agent's environment: set it to the Redis password"
+                )
+            return value
+        return None
+
+    def _error(self, exc: redis.exceptions.RedisError, target: _Target) -> SinkError:
+        """The SinkError for a redis-py failure, without the password (or any value)."""
+        s = self._settings
+        where = f"Redis at {target.address} (db {target.db}, key {s.key}; {s.config_key})"
+        said = self._said(exc)
+        if isinstance(exc, redis.exceptions.AuthenticationError):
+            user = s.username or "default"
+            source = (
+                f"{s.config_key}.password_env = {s.password_env}"
+                if s.password_env
+                else f"{s.config_key}.password_file"
+                + (f" = {s.password_file}" if s.password_file else " (none is set)")
+            )
+            return SinkError(
+                f"{where} rejected the credentials of user {user} ({said}): check username/"
+                f"password_file ({s.config_key}.username; {source})"
+            )
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            return SinkError(
+                f"{where} denied the write ({said}): the ACL user {s.username or 'default'} "
+                f"needs +eval and +get +set on the key (~{s.key})"
+                + (f", and +select for db {target.db}" if target.db else "")
+            )
+        if isinstance(exc, redis.exceptions.TimeoutError):
+            return SinkError(f"{where} did not answer within {s.timeout:g}s")
+        if isinstance(exc, redis.exceptions.ConnectionError):
+            if "ssl" in said.lower() or "certificate" in said.lower():
+                return SinkError(
+                    f"TLS with {where} failed ({said}): its certificate must be valid for "
+                    f"{target.host} and signed by a CA in the system store"
+                )
+            return SinkError(
+                f"cannot reach {where} ({said}): check {s.config_key}.url and that Redis runs"
+            )
+        if isinstance(exc, redis.exceptions.ResponseError) and said.startswith("WRONGTYPE"):
+            return SinkError(
+                f"{where} holds a value that is not a string at the key: choose another "
+                f"{s.config_key}.key or delete it"
+            )
+        return SinkError(f"{where} refused the write ({type(exc).__name__}: {said})")
+
+    def _said(self, exc: BaseException) -> str:
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+
+def _parse_url(url: str, config_key: str) -> _Target:
+    name = f"{config_key}.url"
+    example = "use redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise SinkError(f"{name} is not a Redis URL: {example}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise SinkError(f"{name} must start with redis:// or rediss:// (TLS): {example}")
+    if parts.username is not None or parts.password is not None:
+        raise SinkError(
+            f"{name} must not hold a user or password: set {config_key}.username and "
+            f"{config_key}.password_file (or password_env)"
+        )
+    if not parts.hostname:
+        raise SinkError(f"{name} names no host: {example}")
+    if parts.query or parts.fragment:
+        raise SinkError(f"{name} takes no query or fragment: {example}")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise SinkError(f"{name}: the database must be a number (/0, /1, …): {example}")
+    return _Target(
+        host=parts.hostname,
+        port=port if port is not None else DEFAULT_PORT,
+        db=int(path) if path else 0,
+        tls=parts.scheme == "rediss",
+    )

@@ -1,0 +1,204 @@
+"""The vault sink: the token document written back to a Vault KV v2 secret (DESIGN §4).
+
+Other hosts read the same JSON document as the file sink's ``json`` format. Writes use
+check-and-set and the newest token wins (STYLE, Vault Agent): a stored document whose
+``expires_at`` is later than ours is left alone, and a write that lost a check-and-set race
+reads again and decides again, so a concurrent writer never loses the newest token.
+
+This module imports hvac: import it only when a profile uses a vault sink.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import hvac.exceptions
+
+from agent.errors import AgentError, SinkError
+from agent.models import Token
+from agent.vault_client import VaultConnection
+
+#: how many times a write reads and decides again after losing a check-and-set race
+CAS_ATTEMPTS = 3
+
+_CAS_MISMATCH = "check-and-set parameter did not match"
+
+
+@dataclass(frozen=True, slots=True)
+class VaultSinkSettings:
+    """Where the token document goes (``[[profiles.NAME.sinks]]`` with ``type = "vault"``)."""
+
+    #: the secret's path inside the mount: ``dvs/osigu-token``
+    path: str
+    #: where the KV v2 secrets engine is mounted
+    mount: str = "secret"
+    #: the config table these settings come from, named in error messages
+    config_key: str = "sinks[0]"
+
+
+class _Conflict:
+    """Returned by one attempt that lost a check-and-set race."""
+
+
+_CONFLICT = _Conflict()
+
+
+class VaultSink:
+    """Writes each new token's document to a KV v2 secret; a :class:`TokenSink`.
+
+    Every request goes through the shared :class:`VaultConnection` (logged in, re-authenticated
+    after a 403, no hidden retries); its errors become :class:`SinkError`.
+    """
+
+    def __init__(
+        self,
+        connection: VaultConnection,
+        settings: VaultSinkSettings,
+        *,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._conn = connection
+        self._settings = settings
+        self._log = logger if logger is not None else logging.getLogger("agent.sinks.vault")
+        self._mount = settings.mount.strip("/")
+        self._path = settings.path.strip("/")
+        self.name = f"vault:{self._mount}/{self._path}"
+        self._needs = (
+            f"create and update on {self._mount}/data/{self._path}, and read on it "
+            "(for check-and-set)"
+        )
+
+    def check(self) -> None:
+        """The settings only: Vault being down at start must not stop the other sinks."""
+        key = self._settings.config_key
+        if not self._mount:
+            raise SinkError(f"{key}.mount is empty: name the KV v2 mount (e.g. secret)")
+        if not self._path:
+            raise SinkError(f"{key}.path is empty: name the secret (e.g. dvs/osigu-token)")
+
+    def write(self, token: Token) -> None:
+        """Store ``token.document()`` unless a document that expires later is stored already.
+
+        Raises :class:`SinkError` naming Vault's address, the mount and path, and the cause.
+        """
+        document = token.document()
+        what = f"write {self._mount}/{self._path} (KV v2)"
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                outcome = self._conn.call(
+                    lambda client: self._attempt(client, document), what=what, needs=self._needs
+                )
+            except SinkError:
+                raise
+            except AgentError as exc:
+                raise SinkError(f"vault sink {self._settings.config_key}: {exc}") from None
+            if outcome is not _CONFLICT:
+                return
+            self._log.debug(
+                "%s on Vault at %s changed while writing: reading it again",
+                self.name,
+                self._conn.address,
+            )
+        raise SinkError(
+            f"vault sink {self._settings.config_key}: {self._mount}/{self._path} on Vault at "
+            f"{self._conn.address} changed during each of {CAS_ATTEMPTS} check-and-set writes: "
+            "another writer is busy on it; the next attempt will try again"
+        )
+
+    def close(self) -> None:
+        """Drop the connection's client (the token is not revoked; a later call logs in)."""
+        self._conn.close()
+
+    # -- one read-decide-write round (run by VaultConnection.call) ----------------------------
+
+    def _attempt(self, client: Any, document: dict[str, Any]) -> _Conflict | None:
+        version, stored = self._read_current(client)
+        if stored is not None:
+            if stored == document:
+                self._log.debug("%s already holds this token", self.name)
+                return None
+            if _later(stored, document):
+                self._log.debug(
+                    "%s: newer token already stored (expires %s; ours %s): not written",
+                    self.name,
+                    stored.get("expires_at"),
+                    document["expires_at"],
+                )
+                return None
+        try:
+            response = client.secrets.kv.v2.create_or_update_secret(
+                path=self._path, secret=document, cas=version, mount_point=self._mount
+            )
+        except hvac.exceptions.InvalidRequest as exc:
+            if any(_CAS_MISMATCH in str(error) for error in (exc.errors or ())):
+                return _CONFLICT
+            raise
+        except hvac.exceptions.InvalidPath:
+            raise self._no_mount() from None
+        written = _dict(_dict(response).get("data")).get("version")
+        if not isinstance(written, int):
+            # a KV v1 mount takes the same request and stores it at "data/PATH"
+            raise SinkError(
+                f"vault sink {self._settings.config_key}: Vault at {self._conn.address} "
+                f"returned no version for {self._mount}/{self._path}: the vault sink needs a "
+                f"KV version 2 mount at {self._mount}/ ({self._settings.config_key}.mount)"
+            )
+        self._log.debug(
+            "wrote %s on Vault at %s (version %s, expires %s)",
+            self.name,
+            self._conn.address,
+            written,
+            document["expires_at"],
+        )
+        return None
+
+    def _read_current(self, client: Any) -> tuple[int, dict[str, Any] | None]:
+        """The current version (0: no secret yet) and its document (None: none or deleted)."""
+        try:
+            response = client.secrets.kv.v2.read_secret_version(
+                path=self._path, mount_point=self._mount, raise_on_deleted_version=False
+            )
+        except hvac.exceptions.InvalidPath as exc:
+            # 404: no secret, or its current version is destroyed (metadata still counts it)
+            body = exc.json if isinstance(getattr(exc, "json", None), dict) else {}
+            version = _dict(_dict(body.get("data")).get("metadata")).get("version")
+            return (version if isinstance(version, int) else 0), None
+        body = _dict(_dict(response).get("data"))
+        version = _dict(body.get("metadata")).get("version")
+        data = body.get("data")  # None when the current version is deleted
+        return (version if isinstance(version, int) else 0), (
+            data if isinstance(data, dict) else None
+        )
+
+    def _no_mount(self) -> SinkError:
+        return SinkError(
+            f"vault sink {self._settings.config_key}: Vault at {self._conn.address} answered 404 "
+            f"to a write of {self._mount}/data/{self._path}: is a KV v2 secrets engine mounted "
+            f"at {self._mount}/ ({self._settings.config_key}.mount)?"
+        )
+
+
+def _later(stored: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """True when the stored document expires after ours (both in the document's format)."""
+    theirs = _expires_at(stored)
+    mine = _expires_at(ours)
+    return theirs is not None and mine is not None and theirs > mine
+
+
+def _expires_at(document: dict[str, Any]) -> datetime | None:
+    """The document's ``expires_at`` (RFC 3339; no offset is taken as UTC), None if absent."""
+    value = document.get("expires_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
