@@ -183,6 +183,7 @@ class Agent:
         scheduler = RefreshScheduler(clock=self._clock, on_outcome=self._on_outcome)
         self._scheduler = scheduler
         self._start_watchdog(scheduler)
+        scheduler.add_periodic("expiry", self._check_expiry, timedelta(seconds=1))
         for profile in self.profiles.values():
             self._schedule(profile, restore=True)
         previous = self._install_signals()
@@ -303,6 +304,10 @@ class Agent:
             self._status_line = status
             sd_notify(f"STATUS={status}", self._environ)
 
+    def _check_expiry(self) -> None:
+        if any([profile.check_expiry() for profile in list(self.profiles.values())]):
+            self._check_ready()
+
     def _start_watchdog(self, scheduler: RefreshScheduler) -> None:
         """WATCHDOG=1 from a scheduler job, so that a hung scheduler is caught by systemd."""
         usec = self._environ.get("WATCHDOG_USEC", "")
@@ -345,6 +350,7 @@ class Agent:
         """Each profile's state for /readyz (never a secret)."""
         from agent.health import ProfileStatus
 
+        self._check_expiry()  # the state says "expired" from the moment the token has
         return [
             ProfileStatus(
                 name=p.name,

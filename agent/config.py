@@ -1230,6 +1230,12 @@ def _redis_url_problem(url: str) -> str | None:
             f"{_toml_repr(url)}: the path is the database number, an integer "
             f"(redis[s]://HOST[:PORT][/DB]), e.g. {example}"
         )
+    if parts.scheme.lower() == "redis" and not _is_loopback(host):
+        return (
+            f"plain redis:// to {host} would send every token (and the Redis password) across "
+            f"the network in clear: use rediss:// (TLS), e.g. {example}; redis:// is for "
+            "loopback hosts only"
+        )
     return None
 
 

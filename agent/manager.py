@@ -134,6 +134,7 @@ class Profile:
         self._rng = rng or random.Random()  # noqa: S311 - jitter
         self._log = logger or logging.getLogger("agent")
         self._lock = threading.RLock()
+        self._state_lock = threading.Lock()
         self._metrics = metrics
 
         self.state = State.STARTING
@@ -150,9 +151,31 @@ class Profile:
         return {"profile": self.name, "event": event, **fields}
 
     def _set_state(self, state: State) -> None:
-        self.state = state
-        if self._metrics is not None:
-            self._metrics.state(self.name, state.value)
+        with self._state_lock:
+            self.state = state
+            if self._metrics is not None:
+                self._metrics.state(self.name, state.value)
+
+    def check_expiry(self) -> bool:
+        """Mark the profile expired once its token has run out (True when that happened now).
+
+        Runs beside a refresh in progress: a refresh that holds a new token wins.
+        """
+        token = self.token
+        if token is None or token.is_valid(self._clock()):
+            return False
+        with self._state_lock:
+            if self.token is not token or self.state not in (State.OK, State.DEGRADED):
+                return False
+            self.state = State.EXPIRED
+            if self._metrics is not None:
+                self._metrics.state(self.name, State.EXPIRED.value)
+        self._log.error(
+            "the token expired at %s and no new one could be obtained yet",
+            rfc3339(token.expires_at),
+            extra=self._extra("token_expired", expires_at=rfc3339(token.expires_at)),
+        )
+        return True
 
     def _succeeded(self, token: Token) -> None:
         if self._metrics is not None:

@@ -1468,7 +1468,7 @@ def test_wrong_value_type_in_a_write_back_sink_names_the_key() -> None:
         "redis://[::1]:6379/0",
         "redis://localhost/15",
         "REDISS://Redis.Internal/1",
-        "redis://my_redis:6379/0",
+        "rediss://my_redis:6379/0",
     ],
 )
 def test_redis_good_urls(url: str) -> None:
@@ -1494,6 +1494,8 @@ def test_redis_good_urls(url: str) -> None:
         ("redis://h?db=1", "options after '?' or '#' are not supported"),
         ("redis://h/0#x", "options after '?' or '#' are not supported"),
         ("redis://a b/0", "is not a host name or address"),
+        ("redis://redis.internal:6379/0", "use rediss:// (TLS)"),
+        ("redis://10.0.0.5/0", "in clear"),
     ],
 )
 def test_redis_bad_urls(url: str, problem: str) -> None:
@@ -1812,7 +1814,7 @@ ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:dvs/token-AbCdEf"
         ('type = "redis"', 'type = "redis"\nurl = "redis://127.0.0.1"', "url"),
         (
             'type = "redis"\nurl = "rediss://r.internal:6380/2"\nkey = "k"',
-            'type = "redis"\nurl = "redis://R.internal:6380/2"\nkey = "k"',
+            'type = "redis"\nurl = "rediss://R.internal:6380/2"\nkey = "k"',
             "key",
         ),
     ],
