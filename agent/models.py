@@ -118,3 +118,21 @@ class Token:
 def rfc3339(moment: datetime) -> str:
     """``2026-11-28T16:27:29Z``: UTC, whole seconds, a ``Z`` suffix."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stored_is_newer(stored: Mapping[str, Any], ours: Mapping[str, Any]) -> bool:
+    """True when a stored token document expires after ours (write-back sinks: newest wins)."""
+    theirs, mine = _document_expiry(stored), _document_expiry(ours)
+    return theirs is not None and mine is not None and theirs > mine
+
+
+def _document_expiry(document: Mapping[str, Any]) -> datetime | None:
+    """A document's ``expires_at`` (RFC 3339; no offset is taken as UTC), None if absent."""
+    value = document.get("expires_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

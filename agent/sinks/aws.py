@@ -18,29 +18,21 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import botocore.exceptions as bx
 
 from agent.errors import ConfigError, SinkError
-from agent.models import Token
-from agent.sources.aws import UNNAMED_PROFILE, describe_location, guard_botocore_logs, make_client
-
-_DENIED = frozenset({"AccessDeniedException", "AccessDenied"})
-_REJECTED_CREDENTIALS = frozenset(
-    {
-        "UnrecognizedClientException",
-        "UnrecognizedClient",
-        "InvalidClientTokenId",
-        "ExpiredTokenException",
-        "ExpiredToken",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "MissingAuthenticationToken",
-    }
+from agent.models import Token, stored_is_newer
+from agent.sources.aws import (
+    DENIED_CODES,
+    REJECTED_CREDENTIAL_CODES,
+    UNNAMED_PROFILE,
+    describe_location,
+    guard_botocore_logs,
+    make_client,
 )
+
 #: how many times a write reads again after another writer created the secret meanwhile
 _ATTEMPTS = 2
 
@@ -105,7 +97,7 @@ class AwsSink:
                 if stored == document:
                     self._log.debug("%s already holds this token", self.name)
                     return
-                if _later(stored, document):
+                if stored_is_newer(stored, document):
                     self._log.debug(
                         "%s: newer token already stored (expires %s; ours %s): not written",
                         self.name,
@@ -228,13 +220,13 @@ class AwsSink:
             code = _code(exc) or "Unknown"
             message = str(_error_field(exc, "Message") or "").strip()
             said = f"{code}: {message}" if message else code
-            if code in _DENIED:
+            if code in DENIED_CODES:
                 return SinkError(
                     f"{prefix}AWS denied {operation} on {what} ({said}): the agent's IAM "
                     f"identity needs {needs} on the secret's ARN, and kms:GenerateDataKey and "
                     "kms:Decrypt on its KMS key if it is a customer managed key"
                 )
-            if code in _REJECTED_CREDENTIALS:
+            if code in REJECTED_CREDENTIAL_CODES:
                 return SinkError(
                     f"{prefix}AWS rejected the agent's credentials calling {operation} on "
                     f"{what} ({said}): check the instance profile or the AWS_* variables"
@@ -281,22 +273,3 @@ def _error_field(exc: bx.ClientError, name: str) -> object:
     response = exc.response if isinstance(exc.response, dict) else {}
     error = response.get("Error")
     return error.get(name) if isinstance(error, dict) else None
-
-
-def _later(stored: dict[str, Any], ours: dict[str, Any]) -> bool:
-    """True when the stored document expires after ours."""
-    theirs = _expires_at(stored)
-    mine = _expires_at(ours)
-    return theirs is not None and mine is not None and theirs > mine
-
-
-def _expires_at(document: dict[str, Any]) -> datetime | None:
-    """The document's ``expires_at`` (RFC 3339; no offset is taken as UTC), None if absent."""
-    value = document.get("expires_at")
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -55,24 +55,11 @@ def _build(
         )
     if isinstance(sink, VaultSinkConfig):
         from agent.sinks.vault import VaultSink, VaultSinkSettings
-        from agent.vault_client import VaultAuth, VaultConnection
+        from agent.sources.factory import vault_connection
 
         vault = sink.merged(pc.vault)
-        auth = VaultAuth(
-            address=vault.resolved_address(environ, key=f"{key}.address"),
-            auth_method=vault.auth_method,
-            token_file=vault.token_file,
-            role_id_file=vault.role_id_file,
-            secret_id_file=vault.secret_id_file,
-            approle_mount=vault.approle_mount,
-            namespace=vault.namespace,
-            ca_cert=vault.ca_cert,
-            tls_skip_verify=vault.tls_skip_verify,
-            timeout=timeout,
-            config_key=key,
-        )
         return VaultSink(
-            VaultConnection(auth, environ=environ, logger=logger),
+            vault_connection(vault, environ=environ, key=key, timeout=timeout, logger=logger),
             VaultSinkSettings(path=vault.path, mount=vault.mount, config_key=key),
             logger=logger,
         )

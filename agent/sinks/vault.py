@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import hvac.exceptions
 
 from agent.errors import AgentError, SinkError
-from agent.models import Token
+from agent.models import Token, stored_is_newer
 from agent.vault_client import VaultConnection
 
 #: how many times a write reads and decides again after losing a check-and-set race
@@ -120,7 +119,7 @@ class VaultSink:
             if stored == document:
                 self._log.debug("%s already holds this token", self.name)
                 return None
-            if _later(stored, document):
+            if stored_is_newer(stored, document):
                 self._log.debug(
                     "%s: newer token already stored (expires %s; ours %s): not written",
                     self.name,
@@ -179,25 +178,6 @@ class VaultSink:
             f"to a write of {self._mount}/data/{self._path}: is a KV v2 secrets engine mounted "
             f"at {self._mount}/ ({self._settings.config_key}.mount)?"
         )
-
-
-def _later(stored: dict[str, Any], ours: dict[str, Any]) -> bool:
-    """True when the stored document expires after ours (both in the document's format)."""
-    theirs = _expires_at(stored)
-    mine = _expires_at(ours)
-    return theirs is not None and mine is not None and theirs > mine
-
-
-def _expires_at(document: dict[str, Any]) -> datetime | None:
-    """The document's ``expires_at`` (RFC 3339; no offset is taken as UTC), None if absent."""
-    value = document.get("expires_at")
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _dict(value: object) -> dict[str, Any]:

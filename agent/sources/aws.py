@@ -27,7 +27,7 @@ from agent.models import Credentials, Secret
 UNNAMED_PROFILE = "NAME"
 
 #: ClientError codes meaning "these AWS credentials are not accepted" (not a missing permission)
-_REJECTED_CREDENTIALS = frozenset(
+REJECTED_CREDENTIAL_CODES = frozenset(
     {
         "UnrecognizedClientException",
         "UnrecognizedClient",
@@ -40,7 +40,7 @@ _REJECTED_CREDENTIALS = frozenset(
         "MissingAuthenticationToken",
     }
 )
-_DENIED = frozenset({"AccessDeniedException", "AccessDenied"})
+DENIED_CODES = frozenset({"AccessDeniedException", "AccessDenied"})
 #: how many key names of the secret's JSON object a message lists at most
 _MAX_KEYS_SHOWN = 20
 
@@ -294,13 +294,13 @@ def map_error(
             return SourceEmpty(
                 f"no secret {secret_id} in {where}: check profiles.{profile}.aws.secret_id/region"
             )
-        if code in _DENIED:
+        if code in DENIED_CODES:
             return SourceUnavailable(
                 f"AWS denied {operation} on {what} ({said}): the agent's IAM identity needs "
                 "secretsmanager:GetSecretValue and secretsmanager:DescribeSecret on the secret's "
                 "ARN, and kms:Decrypt on its KMS key if it is a customer managed key"
             )
-        if code in _REJECTED_CREDENTIALS:
+        if code in REJECTED_CREDENTIAL_CODES:
             return SourceUnavailable(
                 f"AWS rejected the agent's credentials calling {operation} on {what} ({said}): "
                 "check the instance profile or the AWS_* variables (an expired session token? a "

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from agent.config import ProfileConfig
+from agent.config import ProfileConfig, VaultSinkResolved, VaultSourceConfig
 from agent.sources.base import CredentialSource
 from agent.sources.env import EnvSource
+
+if TYPE_CHECKING:
+    from agent.vault_client import VaultConnection
 
 
 def build_sources(
@@ -45,12 +49,35 @@ def _vault(
     logger: logging.Logger,
 ) -> CredentialSource:
     from agent.sources.vault import VaultSource, VaultSourceSettings
-    from agent.vault_client import VaultAuth, VaultConnection
 
     vc = pc.vault
     assert vc is not None and vc.path is not None  # the config checks guarantee both
+    key = f"profiles.{profile}.vault"
+    settings = VaultSourceSettings(
+        path=vc.path,
+        mount=vc.mount,
+        kv_version=vc.kv_version,
+        client_id_key=vc.client_id_key,
+        client_secret_key=vc.client_secret_key,
+        config_key=key,
+    )
+    connection = vault_connection(vc, environ=environ, key=key, timeout=timeout, logger=logger)
+    return VaultSource(connection, settings, logger=logger)
+
+
+def vault_connection(
+    vc: VaultSourceConfig | VaultSinkResolved,
+    *,
+    environ: Mapping[str, str],
+    key: str,
+    timeout: float,
+    logger: logging.Logger,
+) -> VaultConnection:
+    """An authenticated Vault connection for a source or a write-back sink (``key`` names it)."""
+    from agent.vault_client import VaultAuth, VaultConnection
+
     auth = VaultAuth(
-        address=vc.resolved_address(environ, key=f"profiles.{profile}.vault.address"),
+        address=vc.resolved_address(environ, key=f"{key}.address"),
         auth_method=vc.auth_method,
         token_file=vc.token_file,
         role_id_file=vc.role_id_file,
@@ -60,18 +87,9 @@ def _vault(
         ca_cert=vc.ca_cert,
         tls_skip_verify=vc.tls_skip_verify,
         timeout=timeout,
-        config_key=f"profiles.{profile}.vault",
+        config_key=key,
     )
-    settings = VaultSourceSettings(
-        path=vc.path,
-        mount=vc.mount,
-        kv_version=vc.kv_version,
-        client_id_key=vc.client_id_key,
-        client_secret_key=vc.client_secret_key,
-        config_key=f"profiles.{profile}.vault",
-    )
-    connection = VaultConnection(auth, environ=environ, logger=logger)
-    return VaultSource(connection, settings, logger=logger)
+    return VaultConnection(auth, environ=environ, logger=logger)
 
 
 def _aws(
