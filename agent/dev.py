@@ -26,7 +26,7 @@ log_format = "text"
 state_dir = "{dir}/state"
 
 [health]
-listen = ""
+listen = "127.0.0.1:{health_port}"
 
 [profiles.dvs]
 token_url = "{url}"
@@ -54,18 +54,25 @@ def _say(line: str) -> None:
     print(f"{stamp} issuer  {line}", flush=True)
 
 
-def _watch_secret(path: Path, server: TokenServer, stop: threading.Event) -> None:
-    """Rotation demo: what is written to DIR/client_secret becomes the issuer's secret too."""
-    current = DEMO_CLIENT_SECRET
-    while not stop.wait(0.5):
+class _SecretFile:
+    """Rotation demo: what is written to DIR/client_secret becomes the issuer's secret too.
+
+    Checked before each token request, so the issuer always knows the secret the agent reads.
+    """
+
+    def __init__(self, path: Path, server: TokenServer) -> None:
+        self._path, self._server = path, server
+        self._current = DEMO_CLIENT_SECRET
+
+    def sync(self) -> None:
         try:
-            secret = path.read_text().rstrip("\r\n")
+            secret = self._path.read_text().rstrip("\r\n")
         except OSError:
-            continue
-        if secret and secret != current:
-            current = secret
-            server.set_secret(DEMO_CLIENT_ID, secret)
-            _say(f"client secret rotated (from {path}); the old one is now rejected")
+            return
+        if secret and secret != self._current:
+            self._current = secret
+            self._server.set_secret(DEMO_CLIENT_ID, secret)
+            _say(f"client secret rotated (from {self._path}); the old one is now rejected")
 
 
 def run_dev(directory: Path, *, port: int, expires_in: int, issuer_only: bool) -> int:
@@ -94,13 +101,13 @@ def run_dev(directory: Path, *, port: int, expires_in: int, issuer_only: bool) -
                 signal.signal(signum, lambda *_: stop.set())
             stop.wait()
             return EX_OK
-        return _run_agent(directory, server, stop)
+        return _run_agent(directory, server)
     finally:
         stop.set()
         server.stop()
 
 
-def _run_agent(directory: Path, server: TokenServer, stop: threading.Event) -> int:
+def _run_agent(directory: Path, server: TokenServer) -> int:
     from agent.app import Agent
     from agent.config import load_config
 
@@ -111,19 +118,28 @@ def _run_agent(directory: Path, server: TokenServer, stop: threading.Event) -> i
     with os.fdopen(fd, "w") as handle:
         handle.write(DEMO_CLIENT_SECRET)
     config_path = directory / "agent.toml"
-    config_path.write_text(_CONFIG.format(dir=directory, url=server.url, client_id=DEMO_CLIENT_ID))
+    config_path.write_text(
+        _CONFIG.format(
+            dir=directory, url=server.url, client_id=DEMO_CLIENT_ID, health_port=server.port + 1
+        )
+    )
     config = load_config(config_path)
     redactor = setup_logging("info", "text")
-    watcher = threading.Thread(
-        target=_watch_secret, args=(secret_file, server, stop), name="dev-secret", daemon=True
-    )
-    watcher.start()
+    server.before_request = _SecretFile(secret_file, server).sync
     _say(f"agent config {config_path}")
     _say(f"the agent keeps {directory / 'token'} and {directory / 'token.json'} fresh")
     _say(f"try a rotation: echo new-secret > {secret_file}   (Ctrl-C stops both)")
+    _say(
+        f"health: http://127.0.0.1:{server.port + 1}/readyz and /metrics; "
+        f"dvs-agent status -c {config_path}"
+    )
     environ = dict(os.environ)
     environ.pop("DVS_CLIENT_SECRET", None)
     environ.update({"DVS_CLIENT_ID": DEMO_CLIENT_ID, "DVS_CLIENT_SECRET_FILE": str(secret_file)})
-    agent = Agent(config, config_path=config_path, environ=environ, redactor=redactor)
+    from agent.metrics import Metrics
+
+    agent = Agent(
+        config, config_path=config_path, environ=environ, redactor=redactor, metrics=Metrics()
+    )
     result = agent.run()
     return result.code

@@ -177,6 +177,8 @@ class TokenServer:
         self.accept_body_grant = accept_body_grant
         #: called with one human-readable line per issued token, rejection or fault
         self.on_event = on_event
+        #: called before each token request is judged (the dev command syncs its secret file)
+        self.before_request: Callable[[], None] | None = None
         self._lock = threading.Condition(threading.Lock())
         self._clients: dict[str, _Client] = {}
         self._faults: list[Fault] = []
@@ -377,6 +379,9 @@ class TokenServer:
         body: bytes,
         creds: tuple[str, str] | None,
     ) -> _Reply:
+        hook = self.before_request
+        if hook is not None:
+            hook()
         if method != "POST":
             return _default_reply(405, event=f"{method} {TOKEN_PATH}: 405 Method Not Allowed")
         who = repr(creds[0]) if creds else "?"
