@@ -183,7 +183,8 @@ class Agent:
         scheduler = RefreshScheduler(clock=self._clock, on_outcome=self._on_outcome)
         self._scheduler = scheduler
         self._start_watchdog(scheduler)
-        scheduler.add_periodic("expiry", self._check_expiry, timedelta(seconds=1))
+        # readyz and status compute expiry when asked; this only keeps metrics and STATUS= current
+        scheduler.add_periodic("expiry", self._check_expiry, timedelta(seconds=5))
         for profile in self.profiles.values():
             self._schedule(profile, restore=True)
         previous = self._install_signals()

@@ -143,6 +143,8 @@ class Profile:
         self.last_error: str | None = None
         self.last_refresh: datetime | None = None
         self._failures = 0
+        #: credentials read a moment ago by restore(): the first refresh need not read again
+        self._just_read = False
         #: sinks that missed the current token (retried until written or superseded)
         self._unwritten: list[TokenSink] = []
 
@@ -212,6 +214,7 @@ class Profile:
         with self._lock:
             credentials = self.chain.read()
             self._remember(credentials)
+            self._just_read = True
             token = self._store.load(self.name, self._fingerprint(credentials))
             now = self._clock()
             if token is None or not token.is_valid(now):
@@ -271,9 +274,10 @@ class Profile:
         ):
             return self._retry_sinks(held)
 
-        reread = (
+        just_read, self._just_read = self._just_read, False
+        reread = not (just_read and reason is Reason.START) and (
             self.credentials is None
-            or reason not in (Reason.SCHEDULE,)
+            or reason is not Reason.SCHEDULE
             or self._timing.reread_on_schedule
             or self.state is not State.OK
         )
