@@ -30,7 +30,7 @@ from agent.logs import Redactor, set_level
 from agent.manager import Outcome, Profile, Reason, State, Timing
 from agent.models import rfc3339
 from agent.notify import sd_notify
-from agent.oauth import Clock, TokenClient, utc_now
+from agent.oauth import Clock, TlsContexts, TokenClient, utc_now
 from agent.schedule import RefreshScheduler
 from agent.sinks.factory import build_sinks
 from agent.sources.chain import SourceChain
@@ -89,6 +89,7 @@ class Agent:
         self._log = logger or logging.getLogger("agent")
         self._stopping = threading.Event()
         self.store = StateStore(Path(config.agent.state_dir), logger=self._log)
+        self._tls = TlsContexts()
         self.profiles: dict[str, Profile] = {
             name: self._build(name, pc) for name, pc in config.profiles.items()
         }
@@ -115,6 +116,7 @@ class Agent:
             scope=pc.scope,
             timeout=pc.request_timeout,
             ca_bundle=pc.ca_bundle,
+            tls=self._tls,
             clock=self._clock,
             stopping=self._stopping,
             logger=logging.getLogger("agent.oauth"),
@@ -328,7 +330,7 @@ class Agent:
         from agent.health import HealthServer
 
         if self.metrics is None:
-            raise RuntimeError("run() needs an Agent built with metrics=Metrics()")
+            raise RuntimeError("serving [health] needs an Agent built with metrics=Metrics()")
         host, port = address
         try:
             self._health = HealthServer(

@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.app import Agent
 
         metrics = None
-        if command == "run":
+        if command == "run" and config.health.address is not None:
             from agent.metrics import Metrics
 
             metrics = Metrics()

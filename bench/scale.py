@@ -1,0 +1,382 @@
+"""Scale: what one dvs-agent costs with 1, 10 and 100 profiles, and what each extra one adds.
+
+For each profile count it starts ONE real agent process (``.venv/bin/dvs-agent run``, a clean
+environment, ``log_level = "warning"``, health listener off) whose profiles each read their
+credentials from their own environment variables (``DVS_CLIENT_ID_<i>``/``DVS_CLIENT_SECRET_<i>``),
+poll them every second, and write a raw token file, against the project's token server on
+loopback (``expires_in`` 86399, so no refresh falls in the window). It reports:
+
+- start → all files: from exec until every profile's token file exists;
+- RSS and threads: ``VmRSS`` and ``Threads`` of /proc/PID/status, 20 s after all files exist;
+- idle CPU: utime+stime (/proc/PID/stat) over an idle window, in ms per second;
+- token requests the server saw (must equal the profile count: one per profile);
+
+and the growth per extra profile between consecutive counts, against issue 5's targets
+(env-only RSS ≤ 30 MiB at one profile; each extra profile ≤ 0.5 MiB and no extra thread).
+
+    .venv/bin/python bench/scale.py [--counts 1,10,100] [--idle-seconds 30] [--quick]
+
+Numbers depend on the machine; the targets are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.devserver import TokenServer  # noqa: E402
+
+AGENT = ROOT / ".venv" / "bin" / "dvs-agent"
+EXPIRES_IN = 86399
+RSS_TARGET_MIB = 30.0
+PER_PROFILE_TARGET_KIB = 512.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Sample:
+    profiles: int
+    start_s: float
+    rss_kib: int
+    threads: int
+    cpu_ms_per_s: float
+    token_requests: int
+    token_statuses: Counter[int]
+    rss_after_idle_kib: int
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _client(i: int) -> tuple[str, str]:
+    return f"bench-client-{i}", f"bench-secret-{i}"
+
+
+def _config(work: Path, token_url: str, count: int) -> Path:
+    parts = [
+        f"""[agent]
+log_level = "warning"
+log_format = "text"
+state_dir = "{work}/state"
+
+[health]
+listen = ""
+"""
+    ]
+    for i in range(count):
+        name = f"p{i}"
+        parts.append(
+            f"""
+[profiles.{name}]
+token_url = "{token_url}"
+sources = ["env"]
+
+[profiles.{name}.env]
+client_id_var = "DVS_CLIENT_ID_{i}"
+client_secret_var = "DVS_CLIENT_SECRET_{i}"
+
+[profiles.{name}.rotation]
+poll_interval = "1s"
+
+[[profiles.{name}.sinks]]
+type = "file"
+path = "{work}/tokens/{name}"
+format = "raw"
+"""
+        )
+    path = work / "agent.toml"
+    path.write_text("".join(parts))
+    return path
+
+
+def _env(work: Path, count: int) -> dict[str, str]:
+    """A clean environment: nothing inherited but the two variables of every profile."""
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work),
+        "LANG": "C.UTF-8",
+    }
+    for i in range(count):
+        client_id, secret = _client(i)
+        env[f"DVS_CLIENT_ID_{i}"] = client_id
+        env[f"DVS_CLIENT_SECRET_{i}"] = secret
+    return env
+
+
+@contextmanager
+def _agent(config: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(config.parent / "agent.log", "wb")  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            [str(AGENT), "run", "-c", str(config)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=config.parent,
+            start_new_session=True,  # our Ctrl-C is not theirs: we stop it ourselves, below
+        )
+    except BaseException:
+        log.close()
+        raise
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        log.close()
+
+
+def _log_tail(work: Path, lines: int = 20) -> str:
+    try:
+        text = (work / "agent.log").read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _check_alive(proc: subprocess.Popen[bytes], work: Path, when: str) -> None:
+    code = proc.poll()
+    if code is not None:
+        raise BenchError(f"the agent exited with {code} {when}; its log:\n{_log_tail(work)}")
+
+
+def _status(pid: int) -> dict[str, str]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def _rss_kib(pid: int) -> int:
+    return int(_status(pid)["VmRSS"].split()[0])
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        stat = handle.read()
+    rest = stat[stat.rindex(")") + 2 :].split()  # rest[0] is field 3 (state)
+    utime, stime = int(rest[11]), int(rest[12])  # fields 14 and 15
+    return (utime + stime) / CLK_TCK
+
+
+def _sleep_watching(proc: subprocess.Popen[bytes], work: Path, seconds: float, when: str) -> None:
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        _check_alive(proc, work, when)
+        time.sleep(min(left, 0.5))
+    _check_alive(proc, work, when)
+
+
+def _check_files(work: Path, server: TokenServer, count: int) -> None:
+    """Every file holds a token the server minted for that profile's own client."""
+    issued = server.issued()
+    for i in range(count):
+        token = (work / "tokens" / f"p{i}").read_text()
+        minted = issued.get(token)
+        if minted is None or minted.client_id != _client(i)[0]:
+            raise BenchError(f"tokens/p{i} does not hold a token minted for {_client(i)[0]}")
+
+
+def measure(base: Path, count: int, settle: float, idle: float, start_timeout: float) -> Sample:
+    work = base / f"n{count}"
+    work.mkdir()
+    clients = dict(_client(i) for i in range(count))
+    with TokenServer(clients=clients, expires_in=EXPIRES_IN) as server:
+        config = _config(work, server.url, count)
+        env = _env(work, count)
+        files = [work / "tokens" / f"p{i}" for i in range(count)]
+        started = time.monotonic()
+        with _agent(config, env) as proc:
+            missing = list(files)
+            while missing:
+                _check_alive(proc, work, "before writing every token file")
+                if time.monotonic() - started > start_timeout:
+                    raise BenchError(
+                        f"{len(missing)} of {count} token files still missing after "
+                        f"{start_timeout:g} s; the agent's log:\n{_log_tail(work)}"
+                    )
+                missing = [path for path in missing if not path.exists()]
+                if missing:
+                    time.sleep(0.005)
+            start_s = time.monotonic() - started
+            _sleep_watching(proc, work, settle, "while settling")
+            status = _status(proc.pid)
+            rss_kib = int(status["VmRSS"].split()[0])
+            threads = int(status["Threads"])
+            cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+            _sleep_watching(proc, work, idle, "in the idle window")
+            cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
+            rss_after = _rss_kib(proc.pid)
+            _check_files(work, server, count)
+        requests = server.token_requests()
+    return Sample(
+        profiles=count,
+        start_s=start_s,
+        rss_kib=rss_kib,
+        threads=threads,
+        cpu_ms_per_s=(cpu1 - cpu0) * 1000 / (t1 - t0),
+        token_requests=len(requests),
+        token_statuses=Counter(r.status for r in requests),
+        rss_after_idle_kib=rss_after,
+    )
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(samples: list[Sample], settle: float, idle: float) -> bool:
+    """Print the tables; True when the server saw exactly one token request per profile.
+
+    The targets are reported (PASS/MISS), never asserted: a MISS does not fail the run.
+    """
+    all_ok = True
+    print(
+        f"\none dvs-agent, env source, poll_interval 1s, one raw file sink per profile; "
+        f"RSS/threads {settle:g} s after all files, idle CPU over {idle:g} s"
+    )
+    header = (
+        f"{'profiles':>8} | {'start→all files (s)':>19} | {'RSS MiB':>7} | {'threads':>7} | "
+        f"{'idle CPU ms/s':>13} | {'token requests':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for s in samples:
+        ok = s.token_requests == s.profiles and s.token_statuses == Counter({200: s.profiles})
+        all_ok &= ok
+        print(
+            f"{s.profiles:>8} | {s.start_s:>19.3f} | {s.rss_kib / 1024:>7.1f} | "
+            f"{s.threads:>7} | {s.cpu_ms_per_s:>13.2f} | "
+            f"{f'{s.token_requests} {_verdict(ok)}':>14}"
+        )
+
+    print("\ngrowth per extra profile")
+    header = (
+        f"{'profiles':>9} | {'ΔRSS/Δprofiles KiB':>18} | {'Δthreads':>8} | "
+        f"{'ΔCPU/profile ms/s':>17}"
+    )
+    print(header)
+    print("-" * len(header))
+    for a, b in itertools.pairwise(samples):
+        extra = b.profiles - a.profiles
+        print(
+            f"{f'{a.profiles}→{b.profiles}':>9} | "
+            f"{(b.rss_kib - a.rss_kib) / extra:>18.1f} | {b.threads - a.threads:>+8} | "
+            f"{(b.cpu_ms_per_s - a.cpu_ms_per_s) / extra:>17.3f}"
+        )
+
+    print("\ntargets (issue 5)")
+    one = next((s for s in samples if s.profiles == 1), None)
+    if one is not None:
+        ok = one.rss_kib / 1024 <= RSS_TARGET_MIB
+        print(
+            f"  env-only RSS at 1 profile ≤ {RSS_TARGET_MIB:g} MiB: "
+            f"{one.rss_kib / 1024:.1f} MiB  {_verdict(ok)}"
+        )
+    for a, b in itertools.pairwise(samples):
+        extra = b.profiles - a.profiles
+        per = (b.rss_kib - a.rss_kib) / extra
+        ok_rss = per <= PER_PROFILE_TARGET_KIB
+        ok_threads = b.threads <= a.threads
+        print(
+            f"  {a.profiles}→{b.profiles}: each extra profile ≤ "
+            f"{PER_PROFILE_TARGET_KIB / 1024:g} MiB: {per:.1f} KiB  {_verdict(ok_rss)}; "
+            f"no extra thread: {b.threads - a.threads:+d}  {_verdict(ok_threads)}"
+        )
+    print(
+        "  token requests = profiles (one each): "
+        + _verdict(all(s.token_requests == s.profiles for s in samples))
+    )
+
+    after = ", ".join(f"{s.profiles}: {s.rss_after_idle_kib / 1024:.1f}" for s in samples)
+    print(f"\nRSS MiB at the end of the idle window (profiles: MiB): {after}")
+    tick_ms = 1000 / CLK_TCK / idle
+    print(f"idle CPU resolution: {tick_ms:.2f} ms/s (one {1000 / CLK_TCK:g} ms clock tick)")
+    return all_ok
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not counts or any(c < 1 for c in counts) or counts != sorted(set(counts)):
+        raise argparse.ArgumentTypeError("counts must be increasing positive integers")
+    return counts
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: the agent is stopped, temp files removed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", type=_counts, default=[1, 10, 100])
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--settle-seconds", type=float, default=20.0, help="wait after all files, before RSS"
+    )
+    parser.add_argument("--start-timeout", type=float, default=120.0)
+    parser.add_argument("--quick", action="store_true", help="counts 1,10 with 5 s idle")
+    args = parser.parse_args()
+    if args.quick:
+        args.counts, args.idle_seconds = [1, 10], 5.0
+    if args.idle_seconds <= 0 or args.settle_seconds < 0:
+        parser.error("--idle-seconds must be > 0 and --settle-seconds ≥ 0")
+    if not AGENT.exists():
+        parser.error(f"{AGENT} is missing: run `make bench-scale` (it installs the venv)")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    samples = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="dvs-scale-") as tmp:
+            for count in args.counts:
+                print(f"{count} profile(s)…", file=sys.stderr, flush=True)
+                samples.append(
+                    measure(
+                        Path(tmp),
+                        count,
+                        args.settle_seconds,
+                        args.idle_seconds,
+                        args.start_timeout,
+                    )
+                )
+    except KeyboardInterrupt:
+        print("interrupted; the agent was stopped and its temp dir removed", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sys.stderr.flush()
+    if not report(samples, args.settle_seconds, args.idle_seconds):
+        print("error: the token server did not see one request per profile", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
