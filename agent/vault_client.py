@@ -160,6 +160,10 @@ class VaultConnection:
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         session.verify = verify  # hvac prefers a session's verify over its own argument
+        # Proxies from the environment (HTTPS_PROXY, NO_PROXY) are resolved once for this one
+        # address; trust_env off spares every poll requests' per-call netrc and proxy look-ups.
+        session.proxies = requests.utils.get_environ_proxies(auth.address)
+        session.trust_env = False
         if verify is False:
             self._log.warning(
                 "TLS verification of Vault at %s is off (%s.tls_skip_verify): set %s.ca_cert",

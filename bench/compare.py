@@ -12,8 +12,8 @@ and prints one table: exec → first file (median of cold starts), RSS and threa
 agent has run for a while, CPU and Vault requests (from the audit log) over an idle window,
 store write → new file on disk (median and max of rotations), token requests per lifetime.
 
-    .venv/bin/python bench/compare.py            # the full run (about 4 minutes)
-    .venv/bin/python bench/compare.py --quick    # a smoke run (about 1.5 minutes)
+    .venv/bin/python bench/compare.py            # the full run (about 3.5 minutes)
+    .venv/bin/python bench/compare.py --quick    # a smoke run (about 1 minute)
 
 The targets are the issue's; the numbers depend on the machine: compare the two columns of one
 run, never a column against another machine's.
@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.devserver import TokenServer  # noqa: E402
+from bench.runtime_venv import DEV_AGENT, install_agent  # noqa: E402
 from tests.servers import Bao, bao_server  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -194,9 +195,10 @@ class DvsAgent(AgentKind):
     name = "dvs-agent"
     key = "dvs"
 
-    def __init__(self, store: Store, server: TokenServer) -> None:
+    def __init__(self, store: Store, server: TokenServer, binary: Path) -> None:
         self.store = store
         self.server = server
+        self.binary = binary
 
     def output(self, rundir: Path) -> Path:
         return rundir / "token"
@@ -235,7 +237,7 @@ path = "{self.output(rundir)}"
 format = "raw"
 """
         )
-        return [str(VENV_BIN / "dvs-agent"), "run", "-c", str(config)]
+        return [str(self.binary), "run", "-c", str(config)]
 
     def reflects(self, rundir: Path, secret: str) -> bool:
         try:
@@ -760,7 +762,12 @@ def run(args: argparse.Namespace, base: Path, stack: ExitStack) -> int:
         TokenServer(clients={CLIENT_ID: store.secret}, expires_in=LONG_TOKEN)
     )
     stack.callback(kill_all)  # agents go before the servers they talk to
-    kinds: list[AgentKind] = [OpenBaoAgent(binary, store), DvsAgent(store, server)]
+    agent_binary = DEV_AGENT if args.dev_venv else install_agent(base)
+    print(f"dvs-agent binary: {agent_binary}", flush=True)
+    kinds: list[AgentKind] = [
+        OpenBaoAgent(binary, store),
+        DvsAgent(store, server, agent_binary),
+    ]
     rng = random.Random(2026)
 
     print(f"exec -> first file: 1 warm-up + {args.cold_starts} cold starts each", flush=True)
@@ -826,6 +833,11 @@ def main() -> int:
     parser.add_argument("--rotations", type=int, help="rotations per agent (15; quick 5)")
     parser.add_argument("--short-token", type=int, default=4, help="short token lifetime (4)")
     parser.add_argument("--short-lifetimes", type=int, default=3, help="short lifetimes (3)")
+    parser.add_argument(
+        "--dev-venv",
+        action="store_true",
+        help="run dvs-agent from the dev venv instead of a fresh runtime-only venv",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 3 cold starts, 10 s idle, 5 rotations"
     )

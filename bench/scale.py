@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.devserver import TokenServer  # noqa: E402
+from bench.runtime_venv import DEV_AGENT, install_agent  # noqa: E402
 
-AGENT = ROOT / ".venv" / "bin" / "dvs-agent"
 EXPIRES_IN = 86399
 RSS_TARGET_MIB = 30.0
 PER_PROFILE_TARGET_KIB = 512.0
@@ -120,11 +120,11 @@ def _env(work: Path, count: int) -> dict[str, str]:
 
 
 @contextmanager
-def _agent(config: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def _agent(agent: Path, config: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     log = open(config.parent / "agent.log", "wb")  # noqa: SIM115
     try:
         proc = subprocess.Popen(
-            [str(AGENT), "run", "-c", str(config)],
+            [str(agent), "run", "-c", str(config)],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -201,7 +201,9 @@ def _check_files(work: Path, server: TokenServer, count: int) -> None:
             raise BenchError(f"tokens/p{i} does not hold a token minted for {_client(i)[0]}")
 
 
-def measure(base: Path, count: int, settle: float, idle: float, start_timeout: float) -> Sample:
+def measure(
+    agent: Path, base: Path, count: int, settle: float, idle: float, start_timeout: float
+) -> Sample:
     work = base / f"n{count}"
     work.mkdir()
     clients = dict(_client(i) for i in range(count))
@@ -210,7 +212,7 @@ def measure(base: Path, count: int, settle: float, idle: float, start_timeout: f
         env = _env(work, count)
         files = [work / "tokens" / f"p{i}" for i in range(count)]
         started = time.monotonic()
-        with _agent(config, env) as proc:
+        with _agent(agent, config, env) as proc:
             missing = list(files)
             while missing:
                 _check_alive(proc, work, "before writing every token file")
@@ -342,22 +344,27 @@ def main() -> int:
     )
     parser.add_argument("--start-timeout", type=float, default=120.0)
     parser.add_argument("--quick", action="store_true", help="counts 1,10 with 5 s idle")
+    parser.add_argument(
+        "--dev-venv",
+        action="store_true",
+        help="run dvs-agent from the dev venv instead of a fresh runtime-only venv",
+    )
     args = parser.parse_args()
     if args.quick:
         args.counts, args.idle_seconds = [1, 10], 5.0
     if args.idle_seconds <= 0 or args.settle_seconds < 0:
         parser.error("--idle-seconds must be > 0 and --settle-seconds ≥ 0")
-    if not AGENT.exists():
-        parser.error(f"{AGENT} is missing: run `make bench-scale` (it installs the venv)")
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     samples = []
     try:
         with tempfile.TemporaryDirectory(prefix="dvs-scale-") as tmp:
+            agent = DEV_AGENT if args.dev_venv else install_agent(Path(tmp))
             for count in args.counts:
                 print(f"{count} profile(s)…", file=sys.stderr, flush=True)
                 samples.append(
                     measure(
+                        agent,
                         Path(tmp),
                         count,
                         args.settle_seconds,
