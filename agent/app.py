@@ -169,6 +169,11 @@ class Agent:
             profile.check_sinks()
             if not force and profile.restore() and profile.due() > self._clock():
                 return EX_OK
+        except SourceUnavailable as exc:
+            if not force and profile.token is not None and profile.due() > self._clock():
+                return EX_OK  # the sinks hold the recorded, still valid token (warned)
+            self._log.error("%s", exc, extra=extra)
+            return exc.exit_code
         except AgentError as exc:
             self._log.error("%s", exc, extra=extra)
             return exc.exit_code

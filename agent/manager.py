@@ -23,6 +23,7 @@ from agent.errors import (
     CredentialsRejected,
     RequestRejected,
     SinkError,
+    SourceUnavailable,
 )
 from agent.logs import Redactor
 from agent.models import Credentials, Token, rfc3339
@@ -209,10 +210,16 @@ class Profile:
         """Take the recorded token for the current credentials, if still valid.
 
         Reads the credentials (raises the source's error). The sinks are written again with
-        it (files may be gone after a reboot), without counting as a new token.
+        it (files may be gone after a reboot), without counting as a new token. When every
+        source is unavailable (a store down at start), the recorded token is used all the same
+        while it is valid, the profile is degraded, and the source's error is raised after.
         """
         with self._lock:
-            credentials = self.chain.read()
+            try:
+                credentials = self.chain.read()
+            except SourceUnavailable as exc:
+                self._restore_without_sources(exc)
+                raise
             self._remember(credentials)
             self._just_read = True
             token = self._store.load(self.name, self._fingerprint(credentials))
@@ -235,6 +242,22 @@ class Profile:
                 ),
             )
             return True
+
+    def _restore_without_sources(self, exc: SourceUnavailable) -> None:
+        token = self._store.load(self.name, None)
+        if token is None or not token.is_valid(self._clock()):
+            return
+        self._hold(token)
+        self._write_sinks(token)
+        self._set_state(State.DEGRADED)
+        self.last_error = str(exc)
+        self.last_refresh = token.obtained_at
+        self._log.warning(
+            "no credential source answers (%s); keeping the recorded token, valid until %s",
+            exc,
+            rfc3339(token.expires_at),
+            extra=self._extra("token_restored", expires_at=rfc3339(token.expires_at)),
+        )
 
     def due(self) -> datetime:
         """When the held token should be refreshed (now if none)."""

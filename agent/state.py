@@ -70,8 +70,12 @@ class StateStore:
     def _path(self, profile: str) -> Path:
         return self.directory / f"{profile}.json"
 
-    def load(self, profile: str, fingerprint: str) -> Token | None:
-        """The recorded token of ``profile`` if it was minted with these credentials."""
+    def load(self, profile: str, fingerprint: str | None) -> Token | None:
+        """The recorded token of ``profile`` if it was minted with these credentials.
+
+        ``fingerprint=None`` skips that check: for when the credential sources cannot be read
+        (a store down at start) and the recorded token is the only working one.
+        """
         path = self._path(profile)
         try:
             record = msgspec.json.decode(path.read_bytes(), type=_Record)
@@ -85,7 +89,7 @@ class StateStore:
                 extra={"profile": profile},
             )
             return None
-        if not secrets.compare_digest(record.fingerprint, fingerprint):
+        if fingerprint is not None and not secrets.compare_digest(record.fingerprint, fingerprint):
             return None
         return Token(
             access_token=Secret(record.access_token),

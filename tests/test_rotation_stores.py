@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 from agent.devserver import TokenServer
-from tests.conftest import CLIENT_ID, Spawn, agent_env, wait_for
-from tests.servers import MOTO_ENV, Bao, Moto, bao_server, moto_server
+from tests.conftest import CLIENT_ID, Spawn, agent_env, run_cli, wait_for
+from tests.servers import MOTO_ENV, Bao, Moto, bao_server, free_port, moto_server
 
 
 def _config(tmp_path: Path, url: str, profile: str, poll: str = "1s") -> Path:
@@ -280,3 +282,44 @@ endpoint_url = "{moto.endpoint_url}"
             agent.output()
         )
         assert agent.stop() == 0
+
+
+def test_vault_down_at_restart_keeps_serving_the_recorded_token(
+    server: TokenServer, tmp_path: Path, spawn: Spawn
+) -> None:
+    """Vault is down when the agent restarts: the recorded token is still valid, so it is
+    written and served (degraded, ready) instead of leaving consumers without one."""
+    server.set_secret(CLIENT_ID, "restart-secret")
+    with bao_server(tmp_path / "bao") as bao:
+        _kv_write(bao, "dvs/restart", "restart-secret")
+        profile = _vault_profile(bao, "dvs/restart", tmp_path / "vault-token")
+        config = _config(tmp_path, server.url, profile)
+        first = run_cli("once", "-c", str(config), env=agent_env())
+        assert first.returncode == 0, first.stderr
+    token = (tmp_path / "token").read_text()
+    (tmp_path / "token").unlink()  # e.g. /run emptied by the reboot that also took Vault down
+    again = run_cli("once", "-c", str(config), env=agent_env())
+    assert again.returncode == 0, again.stderr
+    assert "keeping the recorded token" in again.stderr
+    assert (tmp_path / "token").read_text() == token
+    assert len(server.token_requests()) == 1
+    # the daemon too: degraded but ready, the token in place, retrying the sources
+    health_port = free_port()
+    config.write_text(
+        config.read_text().replace(
+            "[profiles.dvs]", f'[health]\nlisten = "127.0.0.1:{health_port}"\n\n[profiles.dvs]', 1
+        )
+    )
+    agent = spawn(config, agent_env())
+
+    def state() -> str | None:
+        try:
+            body = httpx.get(f"http://127.0.0.1:{health_port}/readyz", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        return str(body["profiles"]["dvs"]["state"])
+
+    assert wait_for(lambda: state() == "degraded", timeout=20), agent.output()
+    assert httpx.get(f"http://127.0.0.1:{health_port}/readyz", timeout=2).status_code == 200
+    assert (tmp_path / "token").read_text() == token
+    assert agent.stop() == 0
