@@ -197,7 +197,7 @@ class Profile:
         if self._redactor is not None:
             self._redactor.add(token.access_token.reveal())
 
-    def _fingerprint(self, credentials: Credentials) -> str:
+    def _keyed_hash(self, credentials: Credentials) -> str:
         return credentials.fingerprint(self._store.key)
 
     def check_sinks(self) -> None:
@@ -222,7 +222,7 @@ class Profile:
                 raise
             self._remember(credentials)
             self._just_read = True
-            token = self._store.load(self.name, self._fingerprint(credentials))
+            token = self._store.load(self.name, self._keyed_hash(credentials))
             now = self._clock()
             if token is None or not token.is_valid(now):
                 return False
@@ -360,7 +360,7 @@ class Profile:
         self._failures, self.last_error = 0, None
         self._hold(token)
         self.last_refresh = now
-        self._store.save(self.name, self._fingerprint(fetched.credentials), token)
+        self._store.save(self.name, self._keyed_hash(fetched.credentials), token)
         self._log.info(
             "new token for provider %s, expires %s (%s)",
             token.provider_slug or "?",

@@ -191,8 +191,12 @@ class TokenClient:
         self._log = logger or logging.getLogger("agent.oauth")
         self._where = _display_url(token_url)
         self._own_http = http is None
+        # A plain-http token URL (loopback only: the config checks) never uses TLS, so the CA
+        # store is not loaded for it (~2 MiB and tens of ms at start).
+        uses_tls = urlsplit(token_url).scheme.lower() == "https"
+        verify: ssl.SSLContext | bool = (tls or TlsContexts()).get(ca_bundle) if uses_tls else False
         self._http = http or httpx.Client(
-            verify=(tls or TlsContexts()).get(ca_bundle),
+            verify=verify,
             trust_env=True,  # HTTPS_PROXY / NO_PROXY work as ops expect
             follow_redirects=False,  # never resend credentials to another URL
             timeout=httpx.Timeout(self._timeout),
