@@ -31,7 +31,6 @@ from agent.manager import Outcome, Profile, Reason, State, Timing
 from agent.models import rfc3339
 from agent.notify import sd_notify
 from agent.oauth import Clock, TlsContexts, TokenClient, utc_now
-from agent.schedule import RefreshScheduler
 from agent.sinks.factory import build_sinks
 from agent.sources.chain import SourceChain
 from agent.sources.factory import build_sources
@@ -40,6 +39,7 @@ from agent.state import StateStore
 if TYPE_CHECKING:
     from agent.health import HealthServer, ProfileStatus, RefreshAnswer
     from agent.metrics import Metrics
+    from agent.schedule import RefreshScheduler
 
 #: SIGTERM/SIGINT: stop within this long, whatever is in flight (files are replaced atomically)
 STOP_DEADLINE_SECONDS = 4.0
@@ -187,6 +187,8 @@ class Agent:
         """The daemon: schedule every profile, then serve signals until SIGTERM/SIGINT."""
         self.prepare()
         self._start_health()
+        from agent.schedule import RefreshScheduler  # APScheduler: only the daemon needs it
+
         scheduler = RefreshScheduler(clock=self._clock, on_outcome=self._on_outcome)
         self._scheduler = scheduler
         self._start_watchdog(scheduler)
