@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -168,8 +169,11 @@ class TokenServer:
         reuse_tokens: bool = False,
         accept_body_grant: bool = False,
         on_event: Callable[[str], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        #: serve HTTPS with this server-side context (tests of ca_bundle and TLS failures)
+        self.tls = tls
         self.expires_in = expires_in
         self.scope = scope
         self.provider_slug = provider_slug
@@ -188,7 +192,7 @@ class TokenServer:
         self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = _HTTPServer((host, port), self)
+        self._httpd: _HTTPServer | None = self._bind(port)
         self._port: int = self._httpd.server_address[1]
         for client_id, secret in (clients or {}).items():
             self.add_client(client_id, secret)
@@ -199,10 +203,17 @@ class TokenServer:
     def port(self) -> int:
         return self._port
 
+    def _bind(self, port: int) -> _HTTPServer:
+        httpd = _HTTPServer((self.host, port), self)
+        if self.tls is not None:
+            httpd.socket = self.tls.wrap_socket(httpd.socket, server_side=True)
+        return httpd
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self._port}{TOKEN_PATH}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{self._port}{TOKEN_PATH}"
 
     def start(self) -> TokenServer:
         """Serve from a daemon thread. After :meth:`stop` it may start again on the same port."""
@@ -210,7 +221,7 @@ class TokenServer:
             if self._thread is not None:
                 return self
             if self._httpd is None:
-                self._httpd = _HTTPServer((self.host, self._port), self)
+                self._httpd = self._bind(self._port)
             self._stopping = threading.Event()
             httpd = self._httpd
             self._thread = threading.Thread(

@@ -97,11 +97,14 @@ class RefreshScheduler:
             replace_existing=True,
         )
         if poll_interval > timedelta(0):
+            jitter = min(poll_interval.total_seconds() / 10, 5.0)
             self._scheduler.add_job(
                 self._poll,
                 trigger=IntervalTrigger(
-                    seconds=poll_interval.total_seconds(),
-                    jitter=min(poll_interval.total_seconds() / 10, 5),
+                    # the jitter (so that a fleet does not poll in step) delays each fire by up
+                    # to `jitter`: start half of it early, so polls average poll_interval apart
+                    seconds=poll_interval.total_seconds() - jitter / 2,
+                    jitter=jitter,
                     timezone="UTC",
                 ),
                 args=(profile.name,),
