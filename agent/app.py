@@ -185,6 +185,22 @@ class Agent:
     # ----------------------------------------------------------------------- run
     def run(self) -> RunResult:
         """The daemon: schedule every profile, then serve signals until SIGTERM/SIGINT."""
+        # handlers first: a SIGTERM during start-up is a clean stop, not a kill
+        previous = self._install_signals()
+        try:
+            self._start()
+            while True:
+                event = self._events.get()
+                if event == "stop":
+                    break
+                if event == "reload":
+                    self.reload()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self._shutdown()
+
+    def _start(self) -> None:
         self.prepare()
         self._start_health()
         from agent.schedule import RefreshScheduler  # APScheduler: only the daemon needs it
@@ -196,7 +212,6 @@ class Agent:
         scheduler.add_periodic("expiry", self._check_expiry, timedelta(seconds=5))
         for profile in self.profiles.values():
             self._schedule(profile, restore=True)
-        previous = self._install_signals()
         scheduler.start()
         self._start_listeners()
         self._log.info(
@@ -206,17 +221,6 @@ class Agent:
             extra={"event": "started"},
         )
         self._check_ready()
-        try:
-            while True:
-                event = self._events.get()
-                if event == "stop":
-                    break
-                if event == "reload":
-                    self.reload()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        return self._shutdown()
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (thread-safe and signal-safe)."""
