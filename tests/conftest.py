@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.devserver import TokenServer
-from tests.servers import Bao, Moto, RedisServer, bao_server, moto_server, redis_server
+from tests.servers import MOTO_ENV, Bao, Moto, RedisServer, bao_server, moto_server, redis_server
 
 CLIENT_ID = "svc-client"
 CLIENT_SECRET = "s3cr3t-Value_with+chars/and=more"
@@ -194,3 +194,23 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server for the session (requirepass and an ACL user; see tests.servers)."""
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+def clean_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No AWS_* of the developer, empty AWS config files, no instance metadata."""
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    empty = tmp_path / "empty-aws-file"
+    empty.write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only moto's dummy credentials: no AWS_* of the developer, no ~/.aws, no IMDS."""
+    clean_aws_env(monkeypatch, tmp_path)
+    for key, value in MOTO_ENV.items():
+        monkeypatch.setenv(key, value)

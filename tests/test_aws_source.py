@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,32 +15,13 @@ from botocore.exceptions import ClientError
 
 from agent.errors import ConfigError, SourceEmpty, SourceUnavailable
 from agent.sources.aws import AwsSource, AwsSourceSettings, make_client, map_error
+from tests.conftest import clean_aws_env
 from tests.servers import MOTO_ENV, Moto, free_port
 
 CLIENT_ID = "aws-client-id"
 SECRET_1 = "aws-secret-one_+/=value"
 SECRET_2 = "aws-secret-two_rotated~value"
 PROFILE = "dvs"
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Only moto's dummy credentials: no AWS_* of the developer, no ~/.aws, no IMDS."""
-    _clean_aws_env(monkeypatch, tmp_path)
-    for key, value in MOTO_ENV.items():
-        monkeypatch.setenv(key, value)
-
-
-def _clean_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-
-    for key in list(os.environ):
-        if key.startswith("AWS_"):
-            monkeypatch.delenv(key)
-    empty = tmp_path / "empty-aws-file"
-    empty.write_text("")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture
@@ -285,7 +265,7 @@ def test_unreachable_endpoint_is_unavailable_and_quick(aws_env: None) -> None:
 
 
 def test_missing_region_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _clean_aws_env(monkeypatch, tmp_path)
+    clean_aws_env(monkeypatch, tmp_path)
     with pytest.raises(ConfigError) as caught:
         make_client("secretsmanager", region=None, endpoint_url=None, timeout=1, profile="p")
     message = str(caught.value)
@@ -305,7 +285,7 @@ def test_no_credentials_is_unavailable(
 ) -> None:
     name = _name()
     sm.create_secret(Name=name, SecretString=_doc(SECRET_1))
-    _clean_aws_env(monkeypatch, tmp_path)  # no AWS_* keys, empty files, no IMDS
+    clean_aws_env(monkeypatch, tmp_path)  # no AWS_* keys, empty files, no IMDS
     source = AwsSource(_settings(moto, name))
     for call in (source.read, source.version):
         with pytest.raises(SourceUnavailable) as caught:

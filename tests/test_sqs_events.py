@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +25,7 @@ from agent.triggers.sqs import (
     region_of_queue,
 )
 from tests.conftest import wait_for
-from tests.servers import MOTO_ENV, Moto
+from tests.servers import Moto
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
@@ -148,20 +146,6 @@ def _sns(event: dict[str, Any]) -> dict[str, Any]:
         "SigningCertURL": "https://sns.us-east-1.amazonaws.com/cert.pem",
         "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe",
     }
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Only moto's dummy credentials: no AWS_* of the developer, no ~/.aws, no IMDS."""
-    for key in list(os.environ):
-        if key.startswith("AWS_"):
-            monkeypatch.delenv(key)
-    empty = tmp_path / "empty-aws-file"
-    empty.write_text("")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-    for key, value in MOTO_ENV.items():
-        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture

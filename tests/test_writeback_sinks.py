@@ -30,7 +30,6 @@ from agent.sinks.redis import RedisSink, RedisSinkSettings
 from agent.sinks.vault import VaultSink, VaultSinkSettings
 from agent.vault_client import VaultAuth, VaultConnection
 from tests.servers import (
-    MOTO_ENV,
     REDIS_ACL_PASSWORD,
     REDIS_ACL_USER,
     REDIS_PASSWORD,
@@ -235,20 +234,6 @@ def test_vault_missing_mount_and_check(bao: Bao, tmp_path: Path) -> None:
 
 
 # -- aws ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Only moto's dummy credentials: no AWS_* of the developer, no ~/.aws, no IMDS."""
-    for key in list(os.environ):
-        if key.startswith("AWS_"):
-            monkeypatch.delenv(key)
-    empty = tmp_path / "empty-aws-file"
-    empty.write_text("")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-    for key, value in MOTO_ENV.items():
-        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture
