@@ -226,11 +226,8 @@ class Profile:
             now = self._clock()
             if token is None or not token.is_valid(now):
                 return False
-            self._hold(token)
-            self._write_sinks(token)
-            self._set_state(State.OK)
+            self._adopt_recorded(token, State.OK)
             self._succeeded(token)
-            self.last_refresh = token.obtained_at
             self._log.info(
                 "reusing the recorded token (provider %s), valid until %s",
                 token.provider_slug or "?",
@@ -247,17 +244,21 @@ class Profile:
         token = self._store.load(self.name, None)
         if token is None or not token.is_valid(self._clock()):
             return
-        self._hold(token)
-        self._write_sinks(token)
-        self._set_state(State.DEGRADED)
+        self._adopt_recorded(token, State.DEGRADED)
         self.last_error = str(exc)
-        self.last_refresh = token.obtained_at
         self._log.warning(
             "no credential source answers (%s); keeping the recorded token, valid until %s",
             exc,
             rfc3339(token.expires_at),
             extra=self._extra("token_restored", expires_at=rfc3339(token.expires_at)),
         )
+
+    def _adopt_recorded(self, token: Token, state: State) -> None:
+        """Hold a token from state_dir and put it back into the sinks (not a new token)."""
+        self._hold(token)
+        self._write_sinks(token)
+        self._set_state(state)
+        self.last_refresh = token.obtained_at
 
     def due(self) -> datetime:
         """When the held token should be refreshed (now if none)."""

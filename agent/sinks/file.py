@@ -30,6 +30,7 @@ from typing import Literal
 import msgspec
 
 from agent.errors import SinkError
+from agent.fsutil import fsync_dir, unlink_quietly, write_all
 from agent.models import Token, rfc3339
 
 Format = Literal["raw", "json", "env"]
@@ -139,7 +140,7 @@ class FileSink:
             raise SinkError(f"cannot write {self.path}: {self._explain(exc)}") from None
         finally:
             os.close(fd)
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
 
     def write(self, token: Token) -> None:
         """Replace the file with ``token`` atomically, then run ``on_change``.
@@ -161,19 +162,19 @@ class FileSink:
             try:
                 try:
                     self._apply_attributes(fd, uid, gid)
-                    _write_all(fd, data)
+                    write_all(fd, data)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
                 os.replace(tmp, self.path)
             except OSError as exc:
-                _unlink_quietly(tmp)
+                unlink_quietly(tmp)
                 raise SinkError(f"cannot write {self.path}: {self._explain(exc)}") from None
             except BaseException:
-                _unlink_quietly(tmp)
+                unlink_quietly(tmp)
                 raise
             try:
-                _fsync_dir(self._dir)
+                fsync_dir(self._dir)
             except OSError as exc:
                 # the new file is in place but may not survive a power loss: report it
                 raise SinkError(
@@ -410,26 +411,6 @@ def _uid_of(name: str) -> int:
 
 def _gid_of(name: str) -> int:
     return grp.getgrnam(name).gr_gid
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 def _kill_group(pgid: int) -> None:
