@@ -57,20 +57,25 @@ class Redactor(logging.Filter):
         self._lock = threading.Lock()
         # insertion-ordered, bounded: the newest secrets and tokens of every profile
         self._values: dict[str, None] = {}
+        # longest first (a token containing a secret is replaced whole); rebuilt on change
+        # only, since every log record reads it
+        self._ordered: tuple[str, ...] = ()
 
     def add(self, value: str) -> None:
         if len(value) < 4:
             return
         with self._lock:
+            known = value in self._values
             self._values.pop(value, None)
-            self._values[value] = None
+            self._values[value] = None  # most recently used: evicted last
+            if known:
+                return  # the same set of values: the order by length stands
             while len(self._values) > MAX_REMEMBERED:
                 del self._values[next(iter(self._values))]
+            self._ordered = tuple(sorted(self._values, key=len, reverse=True))
 
     def redact(self, text: str) -> str:
-        with self._lock:
-            values = sorted(self._values, key=len, reverse=True)
-        for value in values:
+        for value in self._ordered:
             if value in text:
                 text = text.replace(value, REDACTED)
         for pattern in _PATTERNS:
