@@ -41,7 +41,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeAlias, TypeVar, get_args
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 import msgspec.inspect as mi
@@ -1197,22 +1197,18 @@ def _check_redis_sink(where: str, sink: RedisSinkConfig, profile: str) -> Iterat
 def _redis_url_problem(url: str) -> str | None:
     """``redis://`` or ``rediss://`` ``HOST[:PORT][/DB]``, without ``user:password@``."""
     example = '"rediss://redis.internal:6379/0"'
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        # never echo it: the part before '@' may be a password
-        return (
-            "must not contain user:password@: a password never sits in this file; set "
-            "username, and password_file or password_env"
-        )
-    if parts.scheme.lower() not in ("redis", "rediss") or not parts.netloc:
-        return f"{_toml_repr(url)} is not a redis:// or rediss:// (TLS) URL, e.g. {example}"
-    try:
-        host = parts.hostname
-        port = parts.port
-    except ValueError as exc:
-        return f"{_toml_repr(url)} is not a valid URL: {exc}"
-    if not host:
-        return f"{_toml_repr(url)} has no host, e.g. {example}"
+    split = _split_url(
+        url,
+        schemes=("redis", "rediss"),
+        kind="a redis:// or rediss:// (TLS) URL",
+        example=example,
+        userinfo=": a password never sits in this file; set username, and password_file or "
+        "password_env",
+    )
+    if isinstance(split, str):
+        return split
+    parts, host = split
+    port = parts.port
     if not _REDIS_HOST_RE.fullmatch(host):
         try:
             ipaddress.ip_address(host)
@@ -1273,17 +1269,16 @@ def _vault_address_problem(url: str) -> str | None:
     return problem
 
 
-def _url_problem(url: str, *, example: str, exposed: str) -> str | None:
-    """An absolute http(s) URL, plain http only for loopback hosts, no ``user:password@``."""
+def _split_url(
+    url: str, *, schemes: tuple[str, ...], kind: str, example: str, userinfo: str
+) -> tuple[SplitResult, str] | str:
+    """``(parts, host)`` of a URL of one of ``schemes``, or what is wrong with it."""
     parts = urlsplit(url)
     if "@" in parts.netloc:
         # never echo it: the part before '@' may be a password
-        return (
-            "must not contain user:password@; credentials come from the profile's sources, "
-            "never from this file"
-        )
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        return f"{_toml_repr(url)} is not an absolute http(s) URL, e.g. {example}"
+        return f"must not contain user:password@{userinfo}"
+    if parts.scheme.lower() not in schemes or not parts.netloc:
+        return f"{_toml_repr(url)} is not {kind}, e.g. {example}"
     try:
         host = parts.hostname
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -1291,6 +1286,21 @@ def _url_problem(url: str, *, example: str, exposed: str) -> str | None:
         return f"{_toml_repr(url)} is not a valid URL: {exc}"
     if not host:
         return f"{_toml_repr(url)} has no host, e.g. {example}"
+    return parts, host
+
+
+def _url_problem(url: str, *, example: str, exposed: str) -> str | None:
+    """An absolute http(s) URL, plain http only for loopback hosts, no ``user:password@``."""
+    split = _split_url(
+        url,
+        schemes=("http", "https"),
+        kind="an absolute http(s) URL",
+        example=example,
+        userinfo="; credentials come from the profile's sources, never from this file",
+    )
+    if isinstance(split, str):
+        return split
+    parts, host = split
     if parts.scheme.lower() == "http" and not _is_loopback(host):
         return (
             f"plain http is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost): "
