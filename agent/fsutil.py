@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
+
+#: the temp files atomic_write leaves behind when the process is killed mid-write
+_TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -45,3 +49,13 @@ def atomic_write(path: Path, data: bytes, mode: int) -> None:
         unlink_quietly(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Remove atomic_write's temp files left in ``directory`` by a kill -9; returns them."""
+    removed = []
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False) and _TEMP.fullmatch(entry.name):
+            unlink_quietly(Path(entry.path))
+            removed.append(Path(entry.path))
+    return removed

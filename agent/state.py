@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from agent.errors import SinkError
-from agent.fsutil import atomic_write
+from agent.fsutil import atomic_write, remove_stale_temps
 from agent.models import Secret, Token
 
 _KEY_FILE = "key"
@@ -55,6 +55,8 @@ class StateStore:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             if self.directory.stat().st_uid == os.geteuid():
                 os.chmod(self.directory, 0o700)
+            for stale in remove_stale_temps(self.directory):
+                self._log.info("removed stale temp file %s", stale)
             key_path = self.directory / _KEY_FILE
             try:
                 self._key = bytes.fromhex(key_path.read_text().strip())

@@ -236,3 +236,14 @@ def test_tokens_never_written_by_failed_attempts(server: TokenServer, tmp_path: 
     assert _once(config, "--force").returncode == 69
     assert (tmp_path / "token").read_text() == good
     assert os.listdir(tmp_path).count("token") == 1
+
+
+def test_stale_state_temp_files_are_removed(server: TokenServer, tmp_path: Path) -> None:
+    config = write_config(tmp_path, server.url)
+    assert _once(config).returncode == 0
+    stale = tmp_path / "state" / ".dvs.json.0123456789ab.tmp"  # a kill -9 mid-save
+    stale.write_text("partial")
+    keep = tmp_path / "state" / "notes.tmp"
+    keep.write_text("not ours")
+    assert _once(config).returncode == 0
+    assert not stale.exists() and keep.exists()
