@@ -11,6 +11,7 @@ This module imports hvac: import it only when a profile uses Vault.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -18,10 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import hvac
 import hvac.exceptions
+import hvac.utils
 import requests
 import requests.adapters
 import requests.exceptions
@@ -92,6 +94,8 @@ class VaultConnection:
         self._renewable = False
         #: the current values never to show in a message: role_id, secret_id, tokens
         self._sensitive: dict[str, str] = {}
+        #: the prepared GET of each path polled with the current token (see :meth:`get`)
+        self._prepared: dict[tuple[str, str | None], requests.PreparedRequest] = {}
 
     @property
     def address(self) -> str:
@@ -132,8 +136,53 @@ class VaultConnection:
             except Exception as exc:
                 raise self._error(exc, what) from None
 
+    def get(self, path: str) -> dict[str, Any]:
+        """``GET /v1/{path}`` with the logged-in token, for a call made inside :meth:`call`.
+
+        The poll's request: it goes through the hvac client's own requests session (its TLS
+        settings, proxies and connection pool), but is prepared once per path and token instead
+        of on every call, which halves its CPU cost (about 0.6 ms instead of 1 ms a call on our
+        machines; a Vault poll every second is most of the agent's idle CPU). Errors raise
+        hvac's exceptions, as an hvac call would; a redirect (a standby node) goes through
+        hvac, which follows it.
+        """
+        with self._lock:
+            client = self._client
+            key = (path, self._token)
+            prepared = self._prepared.get(key)
+            if prepared is None:
+                self._prepared = {}  # a new token: requests of the old one are stale
+                url = f"{client.adapter.base_uri}/v1/{path}"
+                request = requests.Request("GET", url, headers=self._headers())
+                prepared = client.session.prepare_request(request)
+                self._prepared[key] = prepared
+            session = client.session
+            response = session.get_adapter(prepared.url).send(
+                prepared,
+                timeout=self._auth.timeout,
+                verify=session.verify,
+                cert=session.cert,
+                proxies=session.proxies,
+            )
+            if response.is_redirect:
+                response.close()
+                body = client.adapter.get(f"/v1/{path}")
+            elif response.status_code == 200:
+                body = response.json()
+            else:
+                _raise_for_status(prepared.url, response)
+            return body if isinstance(body, dict) else {}
+
+    def _headers(self) -> dict[str, str]:
+        """The headers hvac sends with every request."""
+        headers = {"X-Vault-Request": "true", "X-Vault-Token": self._token or ""}
+        if self._auth.namespace:
+            headers["X-Vault-Namespace"] = self._auth.namespace
+        return headers
+
     def close(self) -> None:
         with self._lock:
+            self._prepared = {}
             if self._client is not None:
                 self._client.adapter.close()
             self._client = None
@@ -492,3 +541,17 @@ def _reason(exc: BaseException) -> str:
     if match:
         text = match.group(0)
     return " ".join(text.split())[:200] or type(exc).__name__
+
+
+def _raise_for_status(url: str | None, response: requests.Response) -> NoReturn:
+    """Raise the hvac exception for a failed response, with Vault's ``errors`` as hvac does."""
+    payload: Any = None
+    if response.headers.get("Content-Type") == "application/json":
+        with contextlib.suppress(ValueError):
+            payload = response.json()
+    errors = payload.get("errors") if isinstance(payload, dict) else None
+    text = response.text
+    hvac.utils.raise_for_error(
+        "get", url, response.status_code, None if errors else text, errors=errors, text=text
+    )
+    raise hvac.exceptions.VaultError(f"HTTP {response.status_code}", url=url)  # not reached

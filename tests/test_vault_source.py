@@ -624,6 +624,25 @@ def test_revoked_approle_token_logs_in_again(
     assert logins(caplog) == 1
 
 
+def test_poll_after_revoked_token_logs_in_again_and_uses_the_new_token(
+    bao: Bao, root: Any, approle: Callable[..., AppRole], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The poll's prepared request carries the token: a new login must not reuse the old one."""
+    caplog.set_level(logging.INFO, logger="agent")
+    path, values = new_path(), Values.new()
+    write_v2(root, path, values.data())
+    role = approle()
+    source = source_for(role.auth(bao.address), path)
+    baseline = source.version()
+    for _ in range(3):
+        assert revoke_role_tokens(root, role.name) == 1
+        caplog.clear()
+        assert source.version() == baseline
+        assert logins(caplog) == 1
+        assert source.version() == baseline  # the new token, not another login
+        assert logins(caplog) == 1
+
+
 def test_rotated_token_file_is_read_again(bao: Bao, root: Any, tmp_path: Path) -> None:
     path, values = new_path(), Values.new()
     write_v2(root, path, values.data())

@@ -143,7 +143,8 @@ class VaultSource:
     def _read_metadata(self, client: Any) -> dict[str, Any]:
         s = self._settings
         try:
-            response = client.secrets.kv.v2.read_secret_metadata(path=s.path, mount_point=s.mount)
+            # the poll's call: the connection's lean GET, not hvac's request building
+            response = self._conn.get(f"{s.mount}/metadata/{s.path}")
         except hvac.exceptions.InvalidPath:
             raise self._missing() from None
         return _dict(response)
