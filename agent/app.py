@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
@@ -31,6 +31,7 @@ from agent.manager import Outcome, Profile, Reason, State, Timing
 from agent.models import rfc3339
 from agent.notify import sd_notify
 from agent.oauth import Clock, TlsContexts, TokenClient, utc_now
+from agent.signals import SIGNALS, signals_to_main_thread
 from agent.sinks.factory import build_sinks
 from agent.sources.chain import SourceChain
 from agent.sources.factory import build_sources
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 STOP_DEADLINE_SECONDS = 4.0
 #: `dvs-agent refresh`: at most one accepted request per profile in this many seconds
 REFRESH_INTERVAL = 10.0
+#: threads for the profiles' first attempts at start (they end when every profile had one)
+FIRST_WORKERS = 4
 
 
 class ListenError(SourceUnavailable):
@@ -101,6 +104,9 @@ class Agent:
         self._health: HealthServer | None = None
         self._status_line = ""
         self._last_refresh_request: dict[str, float] = {}
+        #: when each profile runs next after its first attempt (see _start_first_attempts)
+        self._first_runs: dict[str, datetime] = {}
+        self._first_threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ building
     def _build(self, name: str, pc: ProfileConfig) -> Profile:
@@ -184,25 +190,78 @@ class Agent:
 
     # ----------------------------------------------------------------------- run
     def run(self) -> RunResult:
-        """The daemon: schedule every profile, then serve signals until SIGTERM/SIGINT."""
+        """The daemon: first tokens, then the schedule; serve signals until SIGTERM/SIGINT."""
         # handlers first: a SIGTERM during start-up is a clean stop, not a kill
         previous = self._install_signals()
+        reload_pending = False
         try:
-            self._start()
+            self._begin()
             while True:
                 event = self._events.get()
                 if event == "stop":
                     break
-                if event == "reload":
+                if event == "reload" and self._scheduler is None:
+                    reload_pending = True  # after the first attempts
+                elif event == "reload":
                     self.reload()
+                elif event == "started":
+                    self._start_scheduler()
+                    if reload_pending:
+                        self.reload()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self._shutdown()
 
-    def _start(self) -> None:
+    def _begin(self) -> None:
+        """Check the sinks, open the health listener, start each profile's first attempt."""
         self.prepare()
-        self._start_health()
+        with signals_to_main_thread():
+            self._start_health()
+            self._start_first_attempts()
+
+    def _start_first_attempts(self) -> None:
+        """Each profile's recorded or first token, on at most FIRST_WORKERS short-lived threads.
+
+        The last one to finish posts "started"; APScheduler is imported only then, so that
+        exec -> first token file does not wait for it (bench/compare.py measures that path).
+        """
+        todo = list(self.profiles.values())
+        if not todo:
+            self._events.put("started")
+            return
+        lock = threading.Lock()
+        left = len(todo)
+
+        def work() -> None:
+            nonlocal left
+            while True:
+                with lock:
+                    if not todo or self._stopping.is_set():
+                        return
+                    profile = todo.pop(0)
+                self._first_runs[profile.name] = self._first_attempt(profile)
+                with lock:
+                    left -= 1
+                    if left == 0:
+                        self._events.put("started")
+
+        for i in range(min(FIRST_WORKERS, len(todo))):
+            thread = threading.Thread(target=work, name=f"dvs-first-{i}", daemon=True)
+            thread.start()
+            self._first_threads.append(thread)
+
+    def _first_attempt(self, profile: Profile) -> datetime:
+        """The recorded token if still valid, else a refresh; when the profile runs next."""
+        try:
+            if profile.restore():
+                return profile.due()
+        except AgentError as exc:
+            self._log.error("%s", exc, extra={"profile": profile.name, "event": "source_error"})
+        reason = Reason.SCHEDULE if profile.token else Reason.START
+        return profile.refresh(reason).next_at
+
+    def _start_scheduler(self) -> None:
         from agent.schedule import RefreshScheduler  # APScheduler: only the daemon needs it
 
         scheduler = RefreshScheduler(clock=self._clock, on_outcome=self._on_outcome)
@@ -211,9 +270,12 @@ class Agent:
         # readyz and status compute expiry when asked; this only keeps metrics and STATUS= current
         scheduler.add_periodic("expiry", self._check_expiry, timedelta(seconds=5))
         for profile in self.profiles.values():
-            self._schedule(profile, restore=True)
-        scheduler.start()
-        self._start_listeners()
+            first_run = self._first_runs.get(profile.name, self._clock())
+            self._schedule(profile, first_run=first_run)
+        with signals_to_main_thread():
+            scheduler.start()
+            self._start_listeners()
+        self._first_done.update(self._first_runs)
         self._log.info(
             "dvs-agent running with %d profile(s): %s",
             len(self.profiles),
@@ -237,20 +299,14 @@ class Agent:
         def on_signal(signum: int, frame: FrameType | None) -> None:
             self._events.put("reload" if signum == signal.SIGHUP else "stop")
 
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        for signum in SIGNALS:
             previous[signum] = signal.signal(signum, on_signal)
         return previous
 
-    def _schedule(self, profile: Profile, *, restore: bool, reason: Reason | None = None) -> None:
+    def _schedule(
+        self, profile: Profile, *, first_run: datetime, reason: Reason | None = None
+    ) -> None:
         assert self._scheduler is not None
-        first_run = self._clock()
-        if restore:
-            try:
-                if profile.restore():
-                    first_run = profile.due()
-                    self._first_done.add(profile.name)
-            except AgentError as exc:
-                self._log.error("%s", exc, extra={"profile": profile.name, "event": "source_error"})
         poll = self.config.profiles[profile.name].rotation.poll_interval
         self._scheduler.add(profile, first_run=first_run, poll_interval=poll)
         if reason is not None:
@@ -413,13 +469,18 @@ class Agent:
         if self._scheduler is not None:
             self._scheduler.shutdown()
         deadline = time.monotonic() + STOP_DEADLINE_SECONDS
-        scheduler = self._scheduler
-        while scheduler is not None and scheduler.busy() and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             time.sleep(0.05)
-        clean = scheduler is None or not scheduler.busy()
+        clean = not self._busy()
         if clean:  # closing a client that a stuck thread still uses could block
             self.close()
         return RunResult(EX_OK, clean)
+
+    def _busy(self) -> bool:
+        """A refresh (or a first attempt) is still running."""
+        if any(thread.is_alive() for thread in self._first_threads):
+            return True
+        return self._scheduler is not None and self._scheduler.busy()
 
     # -------------------------------------------------------------------- reload
     def trigger_all(self, reason: Reason) -> None:
@@ -486,13 +547,20 @@ class Agent:
                 self._scheduler.remove(name)
                 self.profiles.pop(name).close()
             self.profiles[name] = profile
-            self._schedule(profile, restore=True, reason=Reason.SIGHUP)
+            first_run = self._clock()
+            try:
+                if profile.restore():
+                    first_run = profile.due()
+            except AgentError as exc:
+                self._log.error("%s", exc, extra={"profile": name, "event": "source_error"})
+            self._schedule(profile, first_run=first_run, reason=Reason.SIGHUP)
             applied[name] = pc
             self._log.info("profile (re)configured", extra={"profile": name, "event": "reload"})
         # what runs now: the new settings where they applied, the old ones where they failed
         self.config = msgspec.structs.replace(new, profiles=applied)
         self._stop_listeners()
-        self._start_listeners()
+        with signals_to_main_thread():
+            self._start_listeners()
 
 
 def describe(profile: Profile) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from agent.devserver import TokenServer
 from agent.errors import EX_OK, EX_UNAVAILABLE
 from agent.logs import setup_logging
+from agent.signals import signals_to_main_thread
 
 DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret"  # noqa: S105 - the dev issuer's published demo secret
@@ -90,7 +91,8 @@ def run_dev(directory: Path, *, port: int, expires_in: int, issuer_only: bool) -
             file=sys.stderr,
         )
         return EX_UNAVAILABLE
-    server.start()
+    with signals_to_main_thread():  # Ctrl-C must reach the main thread's wait
+        server.start()
     _say(f"token endpoint {server.url} (tokens live {expires_in}s)")
     _say(f"demo credentials: DVS_CLIENT_ID={DEMO_CLIENT_ID} DVS_CLIENT_SECRET={DEMO_CLIENT_SECRET}")
     stop = threading.Event()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,11 +16,13 @@ from agent.devserver import Fault, TokenServer
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
+    REPO,
     Spawn,
     agent_env,
     wait_for,
     write_config,
 )
+from tests.servers import free_port
 
 
 def _read(path: Path) -> str | None:
@@ -204,6 +209,61 @@ def test_sd_notify_ready_after_first_token(
         assert "STOPPING=1" in sock.recv(4096).decode()
     finally:
         sock.close()
+
+
+def test_first_token_does_not_wait_for_the_scheduler(server: TokenServer, tmp_path: Path) -> None:
+    """exec -> first file is the path ops wait on: APScheduler is imported after it."""
+    server.enqueue(Fault.slow(1.5))  # the first token request is answered after 1.5 s
+    config = write_config(tmp_path, server.url)
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "agent", "run", "-c", str(config)],
+            env=agent_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+        assert server.wait_for_requests(1, timeout=15)
+        imported = re.compile(r"^import time:.*\|\s+apscheduler$", re.MULTILINE)
+        assert not imported.search(log.read_text())  # the request is in flight
+        assert wait_for(lambda: (tmp_path / "token").exists())
+        assert wait_for(lambda: imported.search(log.read_text()) is not None)  # then the schedule
+        assert wait_for(lambda: '"event":"started"' in log.read_text())
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def _blocked_signals(pid: int, tid: int) -> int:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk in /proc/{pid}/task/{tid}/status")
+
+
+def test_only_the_main_thread_takes_signals(
+    server: TokenServer, tmp_path: Path, spawn: Spawn
+) -> None:
+    """A SIGTERM taken by a worker thread would not wake the main thread: the stop would hang."""
+    port = free_port()
+    health = f'\n[health]\nlisten = "127.0.0.1:{port}"\n'
+    agent = spawn(write_config(tmp_path, server.url, agent=health, poll="1s"))
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    assert wait_for(lambda: (tmp_path / "token").exists())
+    time.sleep(2.5)  # polls have run on the scheduler's pool
+    tids = sorted(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir())
+    assert len(tids) >= 3, tids  # main, the scheduler, the health listener (and pool workers)
+    wanted = sum(1 << (s - 1) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+    assert _blocked_signals(pid, pid) & wanted == 0  # the main thread takes them
+    for tid in tids:
+        if tid != pid:
+            assert _blocked_signals(pid, tid) & wanted == wanted, f"thread {tid}"
+    for _ in range(5):  # and they work: reloads, then a stop
+        agent.signal(signal.SIGHUP)
+    assert agent.stop() == 0
 
 
 def test_kill_9_at_random_moments_never_leaves_a_partial_token(
