@@ -1,5 +1,7 @@
 """APScheduler jobs: one refresh job and one version-poll job per profile, on a shared pool.
 
+A poll that sees a change refreshes at once in its own thread (no hop through the scheduler).
+
 Every trigger (time, a version change, SIGHUP) goes through :meth:`RefreshScheduler.trigger`,
 which coalesces: while a profile's refresh runs, further triggers set one pending reason that
 the same run picks up when it finishes, so refreshes of one profile never overlap and a burst of
@@ -10,6 +12,7 @@ triggers costs one refresh. The refresh job's fire time is always the one the pr
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +69,10 @@ class RefreshScheduler:
         on_outcome: OutcomeHook | None = None,
         max_workers: int = 4,
         logger: logging.Logger | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - poll phases
         self._on_outcome = on_outcome
         self._log = logger or logging.getLogger("agent.schedule")
         self._slots: dict[str, _Slot] = {}
@@ -97,14 +102,15 @@ class RefreshScheduler:
             replace_existing=True,
         )
         if poll_interval > timedelta(0):
-            jitter = min(poll_interval.total_seconds() / 10, 5.0)
+            # Fixed period from a random phase: a fleet (or many profiles) polls spread over the
+            # interval, and a rotation waits poll_interval/2 on average. (A jitter on every fire
+            # would spread them too, but uneven gaps make the average wait longer.)
+            phase = self._rng.uniform(0, poll_interval.total_seconds())
             self._scheduler.add_job(
                 self._poll,
                 trigger=IntervalTrigger(
-                    # the jitter (so that a fleet does not poll in step) delays each fire by up
-                    # to `jitter`: start half of it early, so polls average poll_interval apart
-                    seconds=poll_interval.total_seconds() - jitter / 2,
-                    jitter=jitter,
+                    seconds=poll_interval.total_seconds(),
+                    start_date=self._clock() + timedelta(seconds=phase),
                     timezone="UTC",
                 ),
                 args=(profile.name,),
@@ -143,6 +149,11 @@ class RefreshScheduler:
         """True while any profile's refresh runs."""
         return any(slot.running for slot in self._slots.values())
 
+    def running(self, name: str) -> bool:
+        """True while ``name``'s refresh runs."""
+        slot = self._slots.get(name)
+        return slot is not None and slot.running
+
     def next_run(self, name: str) -> datetime | None:
         slot = self._slots.get(name)
         return slot.next_at if slot else None
@@ -153,8 +164,7 @@ class RefreshScheduler:
         if slot is None or self._stopping:
             return
         with slot.lock:
-            if slot.pending is None or reason is not Reason.RETRY:
-                slot.pending = reason
+            _add_pending(slot, reason)
             if not slot.running:
                 self._set_next(slot, self._clock())
 
@@ -167,13 +177,33 @@ class RefreshScheduler:
             job.modify(next_run_time=when)
 
     def _run(self, name: str) -> None:
+        """The refresh job."""
         slot = self._slots.get(name)
         if slot is None:
             return
         with slot.lock:
+            if slot.running:
+                return  # a poll's refresh is running: it sets the next time when it ends
             slot.running = True
             taken = _take_pending(slot)
-        reason = taken or (Reason.SCHEDULE if slot.profile.token else Reason.START)
+        self._drive(slot, taken or (Reason.SCHEDULE if slot.profile.token else Reason.START))
+
+    def _poll(self, name: str) -> None:
+        """The poll job: on a change, refresh in this same thread, now."""
+        slot = self._slots.get(name)
+        if slot is None or self._stopping or self.running(name):
+            return  # a refresh running re-reads the credentials anyway
+        if not slot.profile.poll():
+            return
+        with slot.lock:
+            if slot.running or self._stopping:
+                _add_pending(slot, Reason.ROTATION)  # the refresh running picks it up
+                return
+            slot.running = True
+        self._drive(slot, Reason.ROTATION)
+
+    def _drive(self, slot: _Slot, reason: Reason) -> None:
+        """Refresh until no trigger is pending (call with ``slot.running`` set)."""
         while True:
             outcome = slot.profile.refresh(reason)
             if self._on_outcome is not None:
@@ -189,13 +219,6 @@ class RefreshScheduler:
                     return
             reason = taken
 
-    def _poll(self, name: str) -> None:
-        slot = self._slots.get(name)
-        if slot is None or slot.running:
-            return
-        if slot.profile.poll():
-            self.trigger(name, Reason.ROTATION)
-
     def _job_event(self, event: JobExecutionEvent) -> None:
         if event.exception is not None:
             self._log.error("job %s failed: %r", event.job_id, event.exception)
@@ -207,3 +230,9 @@ def _take_pending(slot: _Slot) -> Reason | None:
     """The pending trigger's reason, cleared (call with ``slot.lock`` held)."""
     reason, slot.pending = slot.pending, None
     return reason
+
+
+def _add_pending(slot: _Slot, reason: Reason) -> None:
+    """Set the pending trigger (call with ``slot.lock`` held); a retry never overrides another."""
+    if slot.pending is None or reason is not Reason.RETRY:
+        slot.pending = reason
