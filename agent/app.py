@@ -107,6 +107,7 @@ class Agent:
         #: when each profile runs next after its first attempt (see _start_first_attempts)
         self._first_runs: dict[str, datetime] = {}
         self._first_threads: list[threading.Thread] = []
+        self._expiry_lock = threading.Lock()
 
     # ------------------------------------------------------------------ building
     def _build(self, name: str, pc: ProfileConfig) -> Profile:
@@ -267,8 +268,6 @@ class Agent:
         scheduler = RefreshScheduler(clock=self._clock, on_outcome=self._on_outcome)
         self._scheduler = scheduler
         self._start_watchdog(scheduler)
-        # readyz and status compute expiry when asked; this only keeps metrics and STATUS= current
-        scheduler.add_periodic("expiry", self._check_expiry, timedelta(seconds=5))
         for profile in self.profiles.values():
             first_run = self._first_runs.get(profile.name, self._clock())
             self._schedule(profile, first_run=first_run)
@@ -276,6 +275,7 @@ class Agent:
             scheduler.start()
             self._start_listeners()
         self._first_done.update(self._first_runs)
+        self._arm_expiry()
         self._log.info(
             "dvs-agent running with %d profile(s): %s",
             len(self.profiles),
@@ -356,6 +356,7 @@ class Agent:
     def _on_outcome(self, profile: Profile, reason: Reason, outcome: Outcome) -> None:
         self._first_done.add(profile.name)
         self._check_ready()
+        self._arm_expiry()
 
     def _status(self) -> str:
         bad = [f"{p.name}: {p.state.value}" for p in self.profiles.values() if p.state != State.OK]
@@ -377,6 +378,26 @@ class Agent:
     def _check_expiry(self) -> None:
         if any([profile.check_expiry() for profile in list(self.profiles.values())]):
             self._check_ready()
+
+    def _arm_expiry(self) -> None:
+        """One check when the first token held runs out, so that the state, its metric and
+        STATUS= say "expired" from that moment (readyz and status also check when asked).
+        A timer, not a periodic job: nothing wakes up for it while the tokens are valid."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return
+        with self._expiry_lock:  # outcomes arrive from several threads: the last one is current
+            held = [
+                p.token.expires_at
+                for p in list(self.profiles.values())
+                if p.token is not None and p.state in (State.OK, State.DEGRADED)
+            ]
+            if held:
+                scheduler.add_once("expiry", self._expiry_due, min(held))
+
+    def _expiry_due(self) -> None:
+        self._check_expiry()
+        self._arm_expiry()
 
     def _start_watchdog(self, scheduler: RefreshScheduler) -> None:
         """WATCHDOG=1 from a scheduler job, so that a hung scheduler is caught by systemd."""

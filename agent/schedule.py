@@ -22,6 +22,7 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEv
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from agent.manager import Outcome, Profile, Reason
@@ -128,6 +129,17 @@ class RefreshScheduler:
             id=job_id,
             name=job_id,
             misfire_grace_time=max(1, int(every.total_seconds())),
+            replace_existing=True,
+        )
+
+    def add_once(self, job_id: str, func: Callable[[], object], when: datetime) -> None:
+        """Run ``func`` once at ``when`` (replaces the job of the same id)."""
+        self._scheduler.add_job(
+            func,
+            trigger=DateTrigger(run_date=when, timezone="UTC"),
+            id=job_id,
+            name=job_id,
+            misfire_grace_time=None,
             replace_existing=True,
         )
 

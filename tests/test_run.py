@@ -211,6 +211,42 @@ def test_sd_notify_ready_after_first_token(
         sock.close()
 
 
+def test_sd_notify_status_says_expired_when_the_token_runs_out(tmp_path: Path) -> None:
+    """No health query involved: a timer at the token's expiry updates the state and STATUS=."""
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(20)
+    env = agent_env(NOTIFY_SOCKET=address)
+    try:
+        with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=3) as server:
+            config = write_config(
+                tmp_path, server.url, poll="0", extra_profile='request_timeout = "30s"'
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(config)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=REPO,
+            )
+            try:
+                assert "READY=1" in sock.recv(4096).decode()
+                # the refresh hangs across the expiry: no outcome tells the agent it expired
+                server.enqueue(*[Fault.slow(20)] * 5)
+                messages = []
+                while not any("expired" in m for m in messages):
+                    messages.append(sock.recv(4096).decode())
+                late = time.time() - max(t.expires_at for t in server.issued().values())
+                assert late < 3, (late, messages)  # at the expiry, not at a later poll
+                assert any(m.startswith("STATUS=not ok: dvs: expired") for m in messages)
+            finally:
+                proc.terminate()
+                assert proc.wait(10) == 0
+    finally:
+        sock.close()
+
+
 def test_first_token_does_not_wait_for_the_scheduler(server: TokenServer, tmp_path: Path) -> None:
     """exec -> first file is the path ops wait on: APScheduler is imported after it."""
     server.enqueue(Fault.slow(1.5))  # the first token request is answered after 1.5 s
