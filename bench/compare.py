@@ -463,6 +463,24 @@ def cold_start(kind: AgentKind, rundir: Path) -> float:
         stop(proc, signal.SIGKILL)
 
 
+#: what dvs-agent imports before its first token with the Vault source (the stack's own cost;
+#: httpx imports httpcore when its first client is made)
+FLOOR_IMPORTS = ("httpx", "httpcore", "hvac", "msgspec", "tomllib")
+
+
+def import_floor(python: Path, runs: int) -> list[float]:
+    """Seconds to run the agent venv's python importing :data:`FLOOR_IMPORTS` and exit: the
+    part of exec -> first file that no agent code can remove (1 warm-up + ``runs``)."""
+    code = "import " + ", ".join(FLOOR_IMPORTS)
+    times = []
+    for i in range(runs + 1):
+        started = time.perf_counter()
+        subprocess.run([str(python), "-c", code], check=True, env=clean_env(Path("/tmp")))
+        if i > 0:
+            times.append(time.perf_counter() - started)
+    return times
+
+
 @dataclass
 class Steady:
     footprint: Footprint
@@ -486,6 +504,12 @@ def steady_state(
     rng: random.Random,
 ) -> Steady:
     rundir.mkdir(parents=True)
+    # The pause after each rotation is seen sets the next write's phase against the agent's
+    # 1 s poll, which decides most of its latency: spread the pauses evenly over one second
+    # (in an order from ``rng``), so that the median measures the agent, not the draws. Each
+    # agent gets the same pauses in the same order.
+    pauses = [0.2 + (k + 0.5) / rotations for k in range(rotations)]
+    rng.shuffle(pauses)
     argv = kind.command(rundir)
     started_wall = time.time()
     started = time.perf_counter()
@@ -529,8 +553,7 @@ def steady_state(
                 0.005,
             )
             result.rotations.append(time.perf_counter() - begun)
-            # a random pause, so that rotations do not fall at one phase of the 1 s poll
-            time.sleep(rng.uniform(0.2, 1.2))
+            time.sleep(pauses[i - 1])
         return result
     finally:
         stop(proc)
@@ -643,6 +666,14 @@ def build_rows(
             1.5,
             "{:.0f}",
         ),
+        Row(
+            "  floor: python -c 'import " + ", ".join(FLOOR_IMPORTS) + "' (ms)",
+            statistics.median(cold["bao"]) * 1000,
+            statistics.median(cold["floor"]) * 1000,
+            "(no agent code)",
+            None,
+            "{:.0f}",
+        ),
         ratio_row(
             "RSS after settle (MiB)",
             bao.footprint.rss_kib / mib,
@@ -653,18 +684,40 @@ def build_rows(
         ratio_row(
             "threads after settle", bao.footprint.threads, dvs.footprint.threads, 1, "{:.0f}"
         ),
-        ratio_row(f"CPU over {idle} s idle (s)", bao.cpu, dvs.cpu, 1, "{:.2f}"),
+        ratio_row(
+            f"CPU over {idle} s idle (ms, schedstat)",
+            bao.oncpu * 1000,
+            dvs.oncpu * 1000,
+            1,
+            "{:.1f}",
+        ),
         ratio_row(
             "  idle CPU per second (ms/s)",
-            bao.cpu / bao.idle * 1000,
-            dvs.cpu / dvs.idle * 1000,
+            bao.oncpu / bao.idle * 1000,
+            dvs.oncpu / dvs.idle * 1000,
             1,
+            "{:.2f}",
+        ),
+        Row(
+            "  cross-check: utime+stime (s, 10 ms ticks)",
+            bao.cpu,
+            dvs.cpu,
+            "-",
+            None,
             "{:.2f}",
         ),
         ratio_row("Vault requests/min idle", b_total * pb, d_total * pd, 1, "{:.1f}"),
         Row("  metadata reads/min", b_meta * pb, d_meta * pd, "-", None),
         Row("  secret reads/min", b_sec * pb, d_sec * pd, "0 (dvs)", d_sec == 0),
         Row("  other requests/min", b_other * pb, d_other * pd, "-", None),
+        Row(
+            "  mean gap between idle reads (s): the poll period",
+            60.0 / (b_total * pb) if b_total else None,
+            60.0 / (d_total * pd) if d_total else 0.0,
+            "-",
+            None,
+            "{:.3f}",
+        ),
         ratio_row(
             f"rotation -> new file, median of {len(dvs.rotations)} (s)",
             statistics.median(bao.rotations),
@@ -768,7 +821,6 @@ def run(args: argparse.Namespace, base: Path, stack: ExitStack) -> int:
         OpenBaoAgent(binary, store),
         DvsAgent(store, server, agent_binary),
     ]
-    rng = random.Random(2026)
 
     print(f"exec -> first file: 1 warm-up + {args.cold_starts} cold starts each", flush=True)
     cold: dict[str, list[float]] = {k.key: [] for k in kinds}
@@ -781,6 +833,9 @@ def run(args: argparse.Namespace, base: Path, stack: ExitStack) -> int:
     for kind in kinds:
         times = ", ".join(f"{t * 1000:.0f}" for t in cold[kind.key])
         print(f"  {kind.name}: {times} ms", flush=True)
+    cold["floor"] = import_floor(agent_binary.parent / "python", args.cold_starts)
+    times = ", ".join(f"{t * 1000:.0f}" for t in cold["floor"])
+    print(f"  the libraries' imports alone: {times} ms", flush=True)
 
     steady: dict[str, Steady] = {}
     for kind in kinds:
@@ -797,7 +852,7 @@ def run(args: argparse.Namespace, base: Path, stack: ExitStack) -> int:
             args.settle_seconds,
             args.idle_seconds,
             args.rotations,
-            rng,
+            random.Random(2026),  # the same pauses for each agent
         )
         result = steady[kind.key]
         print(f"  after {args.settle_seconds:g} s: {result.footprint.detail()}", flush=True)

@@ -247,11 +247,31 @@ def measure(
     )
 
 
+#: what an env-only dvs-agent imports to run (token client, scheduler, config): its RSS floor
+FLOOR_IMPORTS = (
+    "httpx",
+    "msgspec",
+    "tomllib",
+    "apscheduler.schedulers.background",
+    "apscheduler.executors.pool",
+)
+
+
+def import_floor_kib(python: Path) -> int:
+    """VmRSS of the agent venv's python after importing :data:`FLOOR_IMPORTS`, no agent code."""
+    code = (
+        "import " + ", ".join(FLOOR_IMPORTS) + "\n"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])"
+    )
+    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip())
+
+
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report(samples: list[Sample], settle: float, idle: float) -> bool:
+def report(samples: list[Sample], settle: float, idle: float, floor_kib: int) -> bool:
     """Print the tables; True when the server saw exactly one token request per profile.
 
     The targets are reported (PASS/MISS), never asserted: a MISS does not fail the run.
@@ -298,6 +318,10 @@ def report(samples: list[Sample], settle: float, idle: float) -> bool:
         print(
             f"  env-only RSS at 1 profile ≤ {RSS_TARGET_MIB:g} MiB: "
             f"{one.rss_kib / 1024:.1f} MiB  {_verdict(ok)}"
+        )
+        print(
+            f"    floor: python importing {', '.join(FLOOR_IMPORTS)} and nothing else: "
+            f"{floor_kib / 1024:.1f} MiB"
         )
     for a, b in itertools.pairwise(samples):
         extra = b.profiles - a.profiles
@@ -360,6 +384,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="dvs-scale-") as tmp:
             agent = DEV_AGENT if args.dev_venv else install_agent(Path(tmp))
+            floor_kib = import_floor_kib(agent.parent / "python")
             for count in args.counts:
                 print(f"{count} profile(s)…", file=sys.stderr, flush=True)
                 samples.append(
@@ -379,7 +404,7 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     sys.stderr.flush()
-    if not report(samples, args.settle_seconds, args.idle_seconds):
+    if not report(samples, args.settle_seconds, args.idle_seconds, floor_kib):
         print("error: the token server did not see one request per profile", file=sys.stderr)
         return 1
     return 0
