@@ -241,7 +241,12 @@ class Agent:
                     if not todo or self._stopping.is_set():
                         return
                     profile = todo.pop(0)
-                self._first_runs[profile.name] = self._first_attempt(profile)
+                try:
+                    when = self._first_attempt(profile)
+                except Exception:  # a bug must not keep the scheduler from starting
+                    self._log.exception("first attempt failed", extra={"profile": profile.name})
+                    when = self._clock()
+                self._first_runs[profile.name] = when
                 with lock:
                     left -= 1
                     if left == 0:
@@ -254,13 +259,20 @@ class Agent:
 
     def _first_attempt(self, profile: Profile) -> datetime:
         """The recorded token if still valid, else a refresh; when the profile runs next."""
+        due = self._restore(profile)
+        if due is not None:
+            return due
+        reason = Reason.SCHEDULE if profile.token else Reason.START
+        return profile.refresh(reason).next_at
+
+    def _restore(self, profile: Profile) -> datetime | None:
+        """When the recorded token is due for refresh, if it is still valid (else None)."""
         try:
             if profile.restore():
                 return profile.due()
         except AgentError as exc:
             self._log.error("%s", exc, extra={"profile": profile.name, "event": "source_error"})
-        reason = Reason.SCHEDULE if profile.token else Reason.START
-        return profile.refresh(reason).next_at
+        return None
 
     def _start_scheduler(self) -> None:
         from agent.schedule import RefreshScheduler  # APScheduler: only the daemon needs it
@@ -568,12 +580,7 @@ class Agent:
                 self._scheduler.remove(name)
                 self.profiles.pop(name).close()
             self.profiles[name] = profile
-            first_run = self._clock()
-            try:
-                if profile.restore():
-                    first_run = profile.due()
-            except AgentError as exc:
-                self._log.error("%s", exc, extra={"profile": name, "event": "source_error"})
+            first_run = self._restore(profile) or self._clock()
             self._schedule(profile, first_run=first_run, reason=Reason.SIGHUP)
             applied[name] = pc
             self._log.info("profile (re)configured", extra={"profile": name, "event": "reload"})

@@ -67,8 +67,11 @@ class ProfileStatus:
     source: str | None
 
     def ready(self, now: datetime) -> bool:
-        """Whether the profile holds an unexpired token (a degraded profile may well be ready)."""
-        return self.expires_at is not None and now < self.expires_at
+        """Whether the profile holds an unexpired token (a degraded profile may well be ready).
+
+        Not while ``starting``: the first token is held a moment before its files are written,
+        and ready must mean that a consumer finds the file."""
+        return self.state != "starting" and self.expires_at is not None and now < self.expires_at
 
     def describe(self, now: datetime) -> dict[str, Any]:
         """The JSON object of ``/readyz`` for this profile."""

@@ -180,6 +180,8 @@ def test_healthz(health: Running) -> None:
     ("profiles", "code"),
     [
         pytest.param([status(state="starting", expires_in=None)], 503, id="starting-no-token"),
+        # the first token is held a moment before its files are written
+        pytest.param([status(state="starting", expires_in=120)], 503, id="starting-token-held"),
         pytest.param([status(state="expired", expires_in=-1)], 503, id="expired"),
         pytest.param([status(state="ok", expires_in=0)], 503, id="expires-now"),
         pytest.param([status("a"), status("b")], 200, id="all-valid"),
