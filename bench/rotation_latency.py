@@ -114,7 +114,11 @@ def _measure(
             raise RuntimeError(f"{name}: no first token within 60 s")
         time.sleep(0.01)
     latencies = []
-    rng = random.Random(2026)
+    # The pause after each rotation is seen sets where the next write falls in the poll cycle,
+    # which decides most of a polled rotation's latency: spread the pauses evenly over one
+    # second (in a fixed shuffled order), so that the median measures the agent, not the draws.
+    pauses = [0.2 + (k + 0.5) / rotations for k in range(rotations)]
+    random.Random(2026).shuffle(pauses)
     for i in range(1, rotations + 1):
         secret = f"secret-{i}"
         server.set_secret(CLIENT_ID, secret)
@@ -125,8 +129,7 @@ def _measure(
                 raise RuntimeError(f"{name}: rotation {i} not picked up within 60 s")
             time.sleep(0.005)
         latencies.append(time.monotonic() - started)
-        # a random pause, so that rotations do not fall at one phase of the poll cycle
-        time.sleep(rng.uniform(0.2, 1.2))
+        time.sleep(pauses[i - 1])
     return Result(name, latencies)
 
 
