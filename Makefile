@@ -37,6 +37,7 @@ bench-rotation: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/scale.py --secret-files
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

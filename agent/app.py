@@ -319,7 +319,15 @@ class Agent:
         self, profile: Profile, *, first_run: datetime, reason: Reason | None = None
     ) -> None:
         assert self._scheduler is not None
-        poll = self.config.profiles[profile.name].rotation.poll_interval
+        poll: timedelta = self.config.profiles[profile.name].rotation.poll_interval
+        if poll > timedelta(0) and not profile.chain.can_change():
+            self._log.info(
+                "not polling: the credentials come from environment variables, which do not "
+                "change while the agent runs; to rotate without a restart, give the values in "
+                "files (DVS_CLIENT_SECRET_FILE, ..._FILE), which are polled",
+                extra={"profile": profile.name, "event": "polling_off"},
+            )
+            poll = timedelta(0)
         self._scheduler.add(profile, first_run=first_run, poll_interval=poll)
         if reason is not None:
             self._scheduler.trigger(profile.name, reason)

@@ -2,19 +2,21 @@
 
 For each profile count it starts ONE real agent process (``.venv/bin/dvs-agent run``, a clean
 environment, ``log_level = "warning"``, health listener off) whose profiles each read their
-credentials from their own environment variables (``DVS_CLIENT_ID_<i>``/``DVS_CLIENT_SECRET_<i>``),
-poll them every second, and write a raw token file, against the project's token server on
+credentials from their own environment variables (``DVS_CLIENT_ID_<i>``/``DVS_CLIENT_SECRET_<i>``;
+values in the environment are not polled, since they cannot change; with ``--secret-files`` each
+secret is in a file, ``DVS_CLIENT_SECRET_<i>_FILE``, polled every second), and write a raw token
+file, against the project's token server on
 loopback (``expires_in`` 86399, so no refresh falls in the window). It reports:
 
 - start → all files: from exec until every profile's token file exists;
 - RSS and threads: ``VmRSS`` and ``Threads`` of /proc/PID/status, 20 s after all files exist;
-- idle CPU: utime+stime (/proc/PID/stat) over an idle window, in ms per second;
+- idle CPU: on-CPU time of the threads (/proc/PID/task/*/schedstat) over an idle window, ms/s;
 - token requests the server saw (must equal the profile count: one per profile);
 
 and the growth per extra profile between consecutive counts, against issue 5's targets
 (env-only RSS ≤ 30 MiB at one profile; each extra profile ≤ 0.5 MiB and no extra thread).
 
-    .venv/bin/python bench/scale.py [--counts 1,10,100] [--idle-seconds 30] [--quick]
+    .venv/bin/python bench/scale.py [--secret-files] [--counts 1,10,100] [--idle-seconds 30]
 
 Numbers depend on the machine; the targets are reported, never asserted.
 """
@@ -22,6 +24,7 @@ Numbers depend on the machine; the targets are reported, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import signal
@@ -45,7 +48,6 @@ from bench.runtime_venv import DEV_AGENT, install_agent  # noqa: E402
 EXPIRES_IN = 86399
 RSS_TARGET_MIB = 30.0
 PER_PROFILE_TARGET_KIB = 512.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -105,7 +107,7 @@ format = "raw"
     return path
 
 
-def _env(work: Path, count: int) -> dict[str, str]:
+def _env(work: Path, count: int, secret_files: bool) -> dict[str, str]:
     """A clean environment: nothing inherited but the two variables of every profile."""
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -115,7 +117,13 @@ def _env(work: Path, count: int) -> dict[str, str]:
     for i in range(count):
         client_id, secret = _client(i)
         env[f"DVS_CLIENT_ID_{i}"] = client_id
-        env[f"DVS_CLIENT_SECRET_{i}"] = secret
+        if secret_files:
+            path = work / "secrets" / f"p{i}"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(secret)
+            env[f"DVS_CLIENT_SECRET_{i}_FILE"] = str(path)
+        else:
+            env[f"DVS_CLIENT_SECRET_{i}"] = secret
     return env
 
 
@@ -176,11 +184,13 @@ def _rss_kib(pid: int) -> int:
 
 
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        stat = handle.read()
-    rest = stat[stat.rindex(")") + 2 :].split()  # rest[0] is field 3 (state)
-    utime, stime = int(rest[11]), int(rest[12])  # fields 14 and 15
-    return (utime + stime) / CLK_TCK
+    """On-CPU seconds of the live threads, in nanoseconds (/proc/PID/task/TID/schedstat): the
+    idle window has no thread starting or ending, and utime+stime count 10 ms ticks."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def _sleep_watching(proc: subprocess.Popen[bytes], work: Path, seconds: float, when: str) -> None:
@@ -202,14 +212,20 @@ def _check_files(work: Path, server: TokenServer, count: int) -> None:
 
 
 def measure(
-    agent: Path, base: Path, count: int, settle: float, idle: float, start_timeout: float
+    agent: Path,
+    base: Path,
+    count: int,
+    settle: float,
+    idle: float,
+    start_timeout: float,
+    secret_files: bool,
 ) -> Sample:
     work = base / f"n{count}"
     work.mkdir()
     clients = dict(_client(i) for i in range(count))
     with TokenServer(clients=clients, expires_in=EXPIRES_IN) as server:
         config = _config(work, server.url, count)
-        env = _env(work, count)
+        env = _env(work, count, secret_files)
         files = [work / "tokens" / f"p{i}" for i in range(count)]
         started = time.monotonic()
         with _agent(agent, config, env) as proc:
@@ -271,14 +287,18 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report(samples: list[Sample], settle: float, idle: float, floor_kib: int) -> bool:
+def report(
+    samples: list[Sample], settle: float, idle: float, floor_kib: int, secret_files: bool
+) -> bool:
     """Print the tables; True when the server saw exactly one token request per profile.
 
     The targets are reported (PASS/MISS), never asserted: a MISS does not fail the run.
     """
     all_ok = True
     print(
-        f"\none dvs-agent, env source, poll_interval 1s, one raw file sink per profile; "
+        "\none dvs-agent, env source "
+        + ("(secrets in files, polled every 1s)" if secret_files else "(values in the environment)")
+        + ", one raw file sink per profile; "
         f"RSS/threads {settle:g} s after all files, idle CPU over {idle:g} s"
     )
     header = (
@@ -340,8 +360,7 @@ def report(samples: list[Sample], settle: float, idle: float, floor_kib: int) ->
 
     after = ", ".join(f"{s.profiles}: {s.rss_after_idle_kib / 1024:.1f}" for s in samples)
     print(f"\nRSS MiB at the end of the idle window (profiles: MiB): {after}")
-    tick_ms = 1000 / CLK_TCK / idle
-    print(f"idle CPU resolution: {tick_ms:.2f} ms/s (one {1000 / CLK_TCK:g} ms clock tick)")
+    print("idle CPU: on-CPU time of the agent's threads from /proc/PID/task/*/schedstat")
     return all_ok
 
 
@@ -369,6 +388,11 @@ def main() -> int:
     parser.add_argument("--start-timeout", type=float, default=120.0)
     parser.add_argument("--quick", action="store_true", help="counts 1,10 with 5 s idle")
     parser.add_argument(
+        "--secret-files",
+        action="store_true",
+        help="each secret in a file (…_FILE), which the agent polls every second",
+    )
+    parser.add_argument(
         "--dev-venv",
         action="store_true",
         help="run dvs-agent from the dev venv instead of a fresh runtime-only venv",
@@ -395,6 +419,7 @@ def main() -> int:
                         args.settle_seconds,
                         args.idle_seconds,
                         args.start_timeout,
+                        args.secret_files,
                     )
                 )
     except KeyboardInterrupt:
@@ -404,7 +429,7 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     sys.stderr.flush()
-    if not report(samples, args.settle_seconds, args.idle_seconds, floor_kib):
+    if not report(samples, args.settle_seconds, args.idle_seconds, floor_kib, args.secret_files):
         print("error: the token server did not see one request per profile", file=sys.stderr)
         return 1
     return 0

@@ -131,6 +131,21 @@ def test_polled_rotation_reauths_within_poll_interval(
     assert agent.stop() == 0
 
 
+def test_credentials_straight_from_the_environment_are_not_polled(
+    server: TokenServer, tmp_path: Path, spawn: Spawn
+) -> None:
+    """A process's environment does not change under it: polling it would be a busy loop."""
+    agent = spawn(write_config(tmp_path, server.url, poll="1s"))  # DVS_CLIENT_SECRET itself
+    assert wait_for(lambda: '"event":"polling_off"' in agent.output()), agent.output()
+    assert "DVS_CLIENT_SECRET_FILE" in agent.output()  # says how to rotate without a restart
+    assert agent.stop() == 0
+    _, env = _file_env(tmp_path)  # from a file: polled (see the rotation test above)
+    agent = spawn(write_config(tmp_path, server.url, poll="1s"), env)
+    assert wait_for(lambda: '"event":"started"' in agent.output()), agent.output()
+    assert '"event":"polling_off"' not in agent.output()
+    assert agent.stop() == 0
+
+
 def test_bad_rotation_keeps_token_and_recovers(
     server: TokenServer, tmp_path: Path, spawn: Spawn
 ) -> None:

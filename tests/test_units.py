@@ -129,6 +129,19 @@ def test_env_source(tmp_path: Path) -> None:
     assert custom.read().client_id == "1"
 
 
+def test_env_source_can_change_only_through_files(tmp_path: Path) -> None:
+    direct = {"DVS_CLIENT_ID": "id", "DVS_CLIENT_SECRET": "s"}
+    assert not EnvSource(environ=direct).can_change()  # nothing to poll
+    for var in ("DVS_CLIENT_ID", "DVS_CLIENT_SECRET"):
+        env = {k: v for k, v in direct.items() if k != var} | {f"{var}_FILE": str(tmp_path)}
+        assert EnvSource(environ=env).can_change()
+    custom = {"A": "1", "B_FILE": str(tmp_path)}
+    assert EnvSource(client_id_var="A", client_secret_var="B", environ=custom).can_change()
+    assert not EnvSource(
+        environ={"DVS_CLIENT_SECRET_FILE": "/x"}, client_secret_var="S"
+    ).can_change()
+
+
 class _Fake:
     """A scripted source (unit test of the chain's logic only)."""
 
@@ -145,8 +158,18 @@ class _Fake:
             raise self.outcome
         return self._version
 
+    def can_change(self) -> bool:
+        return self.name != "env"
+
     def close(self) -> None:
         pass
+
+
+def test_chain_can_change_when_any_source_can() -> None:
+    log = logging.getLogger("t")
+    assert not SourceChain([_Fake("env", "s")], profile="p", logger=log).can_change()
+    chain = SourceChain([_Fake("vault", "s"), _Fake("env", "s")], profile="p", logger=log)
+    assert chain.can_change()
 
 
 def test_chain_falls_back_and_reports(caplog: pytest.LogCaptureFixture) -> None:

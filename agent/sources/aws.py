@@ -169,6 +169,9 @@ class AwsSource:
             version=f"aws:{version_id}",
         )
 
+    def can_change(self) -> bool:
+        return True
+
     def version(self) -> str:
         """``DescribeSecret`` only: the id of the version carrying ``version_stage``."""
         s = self._settings

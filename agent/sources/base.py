@@ -23,4 +23,9 @@ class CredentialSource(Protocol):
 
     def version(self) -> str: ...
 
+    def can_change(self) -> bool:
+        """False when what ``read`` returns cannot change while the agent runs (polling it
+        would be a busy loop); stores and files can change."""
+        ...
+
     def close(self) -> None: ...

@@ -83,6 +83,10 @@ class SourceChain:
             return credentials
         raise _combined(failures)
 
+    def can_change(self) -> bool:
+        """Whether any source's credentials can change while the agent runs (worth polling)."""
+        return any(source.can_change() for source in self._sources)
+
     def poll(self) -> Poll:
         """Cheap check: has the winning source's version changed, or has an earlier one recovered?
 

@@ -44,6 +44,10 @@ class EnvSource:
     def version(self) -> str:
         return self.read().version
 
+    def can_change(self) -> bool:
+        """Only through a ``_FILE``: a process's own environment does not change under it."""
+        return any(f"{var}_FILE" in self._environ for var in (self._id_var, self._secret_var))
+
     def close(self) -> None:
         return None
 

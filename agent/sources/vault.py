@@ -100,6 +100,9 @@ class VaultSource:
             version=version,
         )
 
+    def can_change(self) -> bool:
+        return True
+
     def version(self) -> str:
         s = self._settings
         if s.kv_version == 1:
