@@ -97,6 +97,19 @@ def run_cli(
     )
 
 
+def threads_taking_signals(pid: int) -> list[int]:
+    """The threads of ``pid`` that do not block SIGHUP, SIGTERM and SIGINT (only the main
+    thread should take them: one that another thread took would not wake the main thread)."""
+    wanted = sum(1 << (s - 1) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+    taking = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda t: int(t.name)):
+        status = (task / "status").read_text().splitlines()
+        blocked = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+        if blocked & wanted != wanted:
+            taking.append(int(task.name))
+    return taking
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

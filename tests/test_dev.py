@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import REPO, agent_env, run_cli, wait_for
+from tests.conftest import REPO, agent_env, run_cli, threads_taking_signals, wait_for
 from tests.servers import free_port
 
 
@@ -65,6 +65,8 @@ def test_dev_keeps_a_token_fresh_and_follows_a_rotation(tmp_path: Path) -> None:
         (directory / "client_secret").write_text("rotated-in-dev")
         assert wait_for(lambda: token.read_text() != before, timeout=15)
         time.sleep(0.5)
+        # the issuer's threads too leave Ctrl-C to the main thread (it was lost at times)
+        assert threads_taking_signals(proc.pid) == [proc.pid]
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=15)
