@@ -23,7 +23,8 @@ from typing import Any
 import botocore.exceptions as bx
 
 from agent.errors import ConfigError, SinkError
-from agent.models import Token, stored_is_newer
+from agent.models import Token
+from agent.sinks.base import keep_stored
 from agent.sources.aws import (
     DENIED_CODES,
     REJECTED_CREDENTIAL_CODES,
@@ -93,18 +94,8 @@ class AwsSink:
         text = json.dumps(document, separators=(",", ":"))
         for _ in range(_ATTEMPTS):
             stored = self._read_current(client)
-            if stored is not None:
-                if stored == document:
-                    self._log.debug("%s already holds this token", self.name)
-                    return
-                if stored_is_newer(stored, document):
-                    self._log.debug(
-                        "%s: newer token already stored (expires %s; ours %s): not written",
-                        self.name,
-                        stored.get("expires_at"),
-                        document["expires_at"],
-                    )
-                    return
+            if keep_stored(stored, document, sink=self.name, log=self._log):
+                return
             if self._put(client, text) or self._create(client, text):
                 break
             # created by someone else between our read and our CreateSecret: decide again

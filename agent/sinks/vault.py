@@ -17,7 +17,8 @@ from typing import Any
 import hvac.exceptions
 
 from agent.errors import AgentError, SinkError
-from agent.models import Token, stored_is_newer
+from agent.models import Token
+from agent.sinks.base import keep_stored
 from agent.vault_client import VaultConnection
 
 #: how many times a write reads and decides again after losing a check-and-set race
@@ -115,18 +116,8 @@ class VaultSink:
 
     def _attempt(self, client: Any, document: dict[str, Any]) -> _Conflict | None:
         version, stored = self._read_current(client)
-        if stored is not None:
-            if stored == document:
-                self._log.debug("%s already holds this token", self.name)
-                return None
-            if stored_is_newer(stored, document):
-                self._log.debug(
-                    "%s: newer token already stored (expires %s; ours %s): not written",
-                    self.name,
-                    stored.get("expires_at"),
-                    document["expires_at"],
-                )
-                return None
+        if keep_stored(stored, document, sink=self.name, log=self._log):
+            return None
         try:
             response = client.secrets.kv.v2.create_or_update_secret(
                 path=self._path, secret=document, cas=version, mount_point=self._mount
