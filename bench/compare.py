@@ -27,7 +27,6 @@ import functools
 import json
 import os
 import platform
-import random
 import shutil
 import signal
 import statistics
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.devserver import TokenServer  # noqa: E402
+from bench import measure  # noqa: E402
 from bench.runtime_venv import DEV_AGENT, install_agent  # noqa: E402
 from tests.servers import Bao, bao_server  # noqa: E402
 
@@ -310,14 +310,6 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _status(pid: int) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        fields[name] = value.strip()
-    return fields
-
-
 @dataclass(frozen=True)
 class Footprint:
     rss_kib: int
@@ -342,7 +334,7 @@ def footprint(pid: int) -> Footprint:
     rss = anon = file = threads = count = 0
     for member in process_tree(pid):
         with contextlib.suppress(OSError):
-            status = _status(member)
+            status = measure.proc_status(member)
             rss += _kib(status, "VmRSS")
             anon += _kib(status, "RssAnon")
             file += _kib(status, "RssFile")
@@ -364,17 +356,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def oncpu_seconds(pid: int) -> float:
-    """Nanosecond on-CPU time of the live threads of the tree (/proc/PID/task/TID/schedstat):
-    a finer cross-check of :func:`cpu_seconds`, whose clock ticks are 10 ms."""
-    total = 0
-    for member in process_tree(pid):
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{member}/task"):
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    total += int(
-                        Path(f"/proc/{member}/task/{task}/schedstat").read_text().split()[0]
-                    )
-    return total / 1e9
+    """:func:`bench.measure.oncpu_seconds` of the process tree: a finer cross-check of
+    :func:`cpu_seconds`, whose clock ticks are 10 ms."""
+    return measure.oncpu_seconds(process_tree(pid))
 
 
 # -- the audit log ---------------------------------------------------------------------------------
@@ -501,15 +485,9 @@ def steady_state(
     settle: float,
     idle: float,
     rotations: int,
-    rng: random.Random,
 ) -> Steady:
     rundir.mkdir(parents=True)
-    # The pause after each rotation is seen sets the next write's phase against the agent's
-    # 1 s poll, which decides most of its latency: spread the pauses evenly over one second
-    # (in an order from ``rng``), so that the median measures the agent, not the draws. Each
-    # agent gets the same pauses in the same order.
-    pauses = [0.2 + (k + 0.5) / rotations for k in range(rotations)]
-    rng.shuffle(pauses)
+    pauses = measure.spread_pauses(rotations)  # the same for each agent
     argv = kind.command(rundir)
     started_wall = time.time()
     started = time.perf_counter()
@@ -852,7 +830,6 @@ def run(args: argparse.Namespace, base: Path, stack: ExitStack) -> int:
             args.settle_seconds,
             args.idle_seconds,
             args.rotations,
-            random.Random(2026),  # the same pauses for each agent
         )
         result = steady[kind.key]
         print(f"  after {args.settle_seconds:g} s: {result.footprint.detail()}", flush=True)

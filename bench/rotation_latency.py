@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.devserver import TokenServer  # noqa: E402
+from bench import measure  # noqa: E402
 from tests.servers import MOTO_ENV, bao_server, moto_server  # noqa: E402
 
 CLIENT_ID = "bench-client"
@@ -114,11 +114,7 @@ def _measure(
             raise RuntimeError(f"{name}: no first token within 60 s")
         time.sleep(0.01)
     latencies = []
-    # The pause after each rotation is seen sets where the next write falls in the poll cycle,
-    # which decides most of a polled rotation's latency: spread the pauses evenly over one
-    # second (in a fixed shuffled order), so that the median measures the agent, not the draws.
-    pauses = [0.2 + (k + 0.5) / rotations for k in range(rotations)]
-    random.Random(2026).shuffle(pauses)
+    pauses = measure.spread_pauses(rotations)
     for i in range(1, rotations + 1):
         secret = f"secret-{i}"
         server.set_secret(CLIENT_ID, secret)

@@ -24,9 +24,7 @@ Numbers depend on the machine; the targets are reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -43,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.devserver import TokenServer  # noqa: E402
+from bench.measure import oncpu_seconds, proc_status  # noqa: E402
 from bench.runtime_venv import DEV_AGENT, install_agent  # noqa: E402
 
 EXPIRES_IN = 86399
@@ -170,29 +169,6 @@ def _check_alive(proc: subprocess.Popen[bytes], work: Path, when: str) -> None:
         raise BenchError(f"the agent exited with {code} {when}; its log:\n{_log_tail(work)}")
 
 
-def _status(pid: int) -> dict[str, str]:
-    fields = {}
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    return fields
-
-
-def _rss_kib(pid: int) -> int:
-    return int(_status(pid)["VmRSS"].split()[0])
-
-
-def _cpu_seconds(pid: int) -> float:
-    """On-CPU seconds of the live threads, in nanoseconds (/proc/PID/task/TID/schedstat): the
-    idle window has no thread starting or ending, and utime+stime count 10 ms ticks."""
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-    return total / 1e9
-
-
 def _sleep_watching(proc: subprocess.Popen[bytes], work: Path, seconds: float, when: str) -> None:
     end = time.monotonic() + seconds
     while (left := end - time.monotonic()) > 0:
@@ -242,13 +218,13 @@ def measure(
                     time.sleep(0.005)
             start_s = time.monotonic() - started
             _sleep_watching(proc, work, settle, "while settling")
-            status = _status(proc.pid)
+            status = proc_status(proc.pid)
             rss_kib = int(status["VmRSS"].split()[0])
             threads = int(status["Threads"])
-            cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+            cpu0, t0 = oncpu_seconds([proc.pid]), time.monotonic()
             _sleep_watching(proc, work, idle, "in the idle window")
-            cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
-            rss_after = _rss_kib(proc.pid)
+            cpu1, t1 = oncpu_seconds([proc.pid]), time.monotonic()
+            rss_after = int(proc_status(proc.pid)["VmRSS"].split()[0])
             _check_files(work, server, count)
         requests = server.token_requests()
     return Sample(
