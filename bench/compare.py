@@ -452,17 +452,25 @@ def cold_start(kind: AgentKind, rundir: Path) -> float:
 FLOOR_IMPORTS = ("httpx", "httpcore", "hvac", "msgspec", "tomllib")
 
 
-def import_floor(python: Path, runs: int) -> list[float]:
-    """Seconds to run the agent venv's python importing :data:`FLOOR_IMPORTS` and exit: the
-    part of exec -> first file that no agent code can remove (1 warm-up + ``runs``)."""
-    code = "import " + ", ".join(FLOOR_IMPORTS)
-    times = []
-    for i in range(runs + 1):
-        started = time.perf_counter()
-        subprocess.run([str(python), "-c", code], check=True, env=clean_env(Path("/tmp")))
-        if i > 0:
-            times.append(time.perf_counter() - started)
-    return times
+class ImportFloor(AgentKind):
+    """The agent venv's python importing :data:`FLOOR_IMPORTS`, then writing a file: the part
+    of exec -> first file that no agent code can remove, timed as the agents are (to the file,
+    not to the exit, which would add the interpreter's teardown)."""
+
+    name = "the libraries' imports alone"
+    key = "floor"
+
+    def __init__(self, python: Path) -> None:
+        self.python = python
+
+    def output(self, rundir: Path) -> Path:
+        return rundir / "imported"
+
+    def command(self, rundir: Path) -> list[str]:
+        code = (
+            f"import {', '.join(FLOOR_IMPORTS)}\nopen({str(self.output(rundir))!r}, 'w').write('x')"
+        )
+        return [str(self.python), "-c", code]
 
 
 @dataclass
@@ -645,7 +653,7 @@ def build_rows(
             "{:.0f}",
         ),
         Row(
-            "  floor: python -c 'import " + ", ".join(FLOOR_IMPORTS) + "' (ms)",
+            "  floor: python importing " + ", ".join(FLOOR_IMPORTS) + " (ms)",
             statistics.median(cold["bao"]) * 1000,
             statistics.median(cold["floor"]) * 1000,
             "(no agent code)",
@@ -696,12 +704,28 @@ def build_rows(
             None,
             "{:.3f}",
         ),
+        Row(
+            "  on-CPU time per idle Vault request (ms)",
+            bao.oncpu * 1000 / b_total if b_total else None,
+            dvs.oncpu * 1000 / d_total if d_total else 0.0,
+            "-",
+            None,
+            "{:.2f}",
+        ),
         ratio_row(
             f"rotation -> new file, median of {len(dvs.rotations)} (s)",
             statistics.median(bao.rotations),
             statistics.median(dvs.rotations),
             1,
             "{:.3f}",
+        ),
+        Row(
+            "  median / mean gap between idle reads (half a period: ~0.5)",
+            statistics.median(bao.rotations) * b_total / bao.idle if b_total else None,
+            statistics.median(dvs.rotations) * d_total / dvs.idle if d_total else 0.0,
+            "-",
+            None,
+            "{:.2f}",
         ),
         ratio_row(
             "rotation -> new file, max (s)",
@@ -801,19 +825,20 @@ def run(args: argparse.Namespace, base: Path, stack: ExitStack) -> int:
     ]
 
     print(f"exec -> first file: 1 warm-up + {args.cold_starts} cold starts each", flush=True)
-    cold: dict[str, list[float]] = {k.key: [] for k in kinds}
+    # Rounds of one start of each agent and of the floor, in a rotating order: the machine's
+    # speed drifts over a run, and the ratios are only fair between starts made side by side.
+    starts = [*kinds, ImportFloor(agent_binary.parent / "python")]
+    cold: dict[str, list[float]] = {k.key: [] for k in starts}
     for i in range(args.cold_starts + 1):
-        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+        shift = i % len(starts)
+        for kind in starts[shift:] + starts[:shift]:
             elapsed = cold_start(kind, base / f"{kind.key}-cold-{i}")
             if i > 0:  # the first start of each warms the page cache and Python's bytecode
                 cold[kind.key].append(elapsed)
             shutil.rmtree(base / f"{kind.key}-cold-{i}", ignore_errors=True)
-    for kind in kinds:
+    for kind in starts:
         times = ", ".join(f"{t * 1000:.0f}" for t in cold[kind.key])
         print(f"  {kind.name}: {times} ms", flush=True)
-    cold["floor"] = import_floor(agent_binary.parent / "python", args.cold_starts)
-    times = ", ".join(f"{t * 1000:.0f}" for t in cold["floor"])
-    print(f"  the libraries' imports alone: {times} ms", flush=True)
 
     steady: dict[str, Steady] = {}
     for kind in kinds:
