@@ -29,6 +29,8 @@ from agent.manager import Outcome, Profile, Reason
 from agent.oauth import Clock
 
 _FAR = timedelta(days=3650)
+#: worker threads of the shared pool that runs every job (started only as jobs overlap)
+POOL_WORKERS = 4
 
 OutcomeHook = Callable[[Profile, Reason, Outcome], None]
 
@@ -68,7 +70,7 @@ class RefreshScheduler:
         *,
         clock: Clock,
         on_outcome: OutcomeHook | None = None,
-        max_workers: int = 4,
+        max_workers: int = POOL_WORKERS,
         logger: logging.Logger | None = None,
         rng: random.Random | None = None,
     ) -> None:

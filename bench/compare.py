@@ -467,9 +467,8 @@ class ImportFloor(AgentKind):
         return rundir / "imported"
 
     def command(self, rundir: Path) -> list[str]:
-        code = (
-            f"import {', '.join(FLOOR_IMPORTS)}\nopen({str(self.output(rundir))!r}, 'w').write('x')"
-        )
+        out = str(self.output(rundir))
+        code = f"import {', '.join(FLOOR_IMPORTS)}\nopen({out!r}, 'w').write('x')"
         return [str(self.python), "-c", code]
 
 

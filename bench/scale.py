@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.devserver import TokenServer  # noqa: E402
+from agent.schedule import POOL_WORKERS  # noqa: E402
 from bench.measure import oncpu_seconds, proc_status  # noqa: E402
 from bench.runtime_venv import DEV_AGENT, install_agent  # noqa: E402
 
@@ -258,7 +259,6 @@ FLOOR_WHAT = (
 )
 #: the agent's threads at any profile count without the health listener or SQS: the main
 #: thread, APScheduler's and the shared pool's workers (started as jobs overlap)
-POOL_WORKERS = 4
 THREAD_BOUND = 2 + POOL_WORKERS
 
 
