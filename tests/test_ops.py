@@ -247,6 +247,8 @@ path = "dvs/token-copy"
     agent = spawn(config, agent_env(REDIS_PASSWORD=redis.password))
     assert wait_for(lambda: (tmp_path / "token").exists(), timeout=20), agent.output()
     token = (tmp_path / "token").read_text()
+    # the sinks are written in order: the Redis key may land a moment after the file
+    assert wait_for(lambda: redis.client().get(key) is not None, timeout=15), agent.output()
     stored = redis.client().get(key)
     assert stored is not None and json.loads(stored)["access_token"] == token
     assert 0 < redis.client().pttl(key) <= 86399 * 1000
