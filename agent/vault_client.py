@@ -94,8 +94,8 @@ class VaultConnection:
         self._renewable = False
         #: the current values never to show in a message: role_id, secret_id, tokens
         self._sensitive: dict[str, str] = {}
-        #: the prepared GET of each path polled with the current token (see :meth:`get`)
-        self._prepared: dict[tuple[str, str | None], requests.PreparedRequest] = {}
+        #: per path polled, the token and the GET prepared with it (see :meth:`get`)
+        self._prepared: dict[str, tuple[str | None, requests.PreparedRequest]] = {}
 
     @property
     def address(self) -> str:
@@ -148,14 +148,14 @@ class VaultConnection:
         """
         with self._lock:
             client = self._client
-            key = (path, self._token)
-            prepared = self._prepared.get(key)
-            if prepared is None:
-                self._prepared = {}  # a new token: requests of the old one are stale
+            cached = self._prepared.get(path)
+            if cached is not None and cached[0] == self._token:
+                prepared = cached[1]
+            else:  # first poll of this path, or a new token since
                 url = f"{client.adapter.base_uri}/v1/{path}"
                 request = requests.Request("GET", url, headers=self._headers())
                 prepared = client.session.prepare_request(request)
-                self._prepared[key] = prepared
+                self._prepared[path] = (self._token, prepared)
             session = client.session
             response = session.get_adapter(prepared.url).send(
                 prepared,

@@ -8,6 +8,7 @@ labels with a fixed set of values (state, outcome), that the value is one of the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import promql_parser
@@ -45,8 +46,10 @@ def _rules() -> list[dict[str, Any]]:
     return rules
 
 
+@functools.cache
 def _exported() -> dict[str, set[str]]:
-    """Sample name → label names, from a registry in which every metric has a series."""
+    """Sample name → label names, from a registry in which every metric has a series (built
+    once: every rule's test reads it)."""
     metrics = Metrics()
     metrics.token_request("dvs", "ok")
     metrics.rotation("dvs", "poll")

@@ -8,6 +8,7 @@ rotation done as the kubelet does it (a new directory, then ``..data`` swapped a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -26,7 +27,9 @@ MANIFEST = REPO / "config" / "kubernetes.yaml"
 SIDECAR = "dvs-agent"
 
 
+@functools.cache
 def _docs() -> dict[str, dict[str, Any]]:
+    """The manifest's documents by kind, read and parsed once (tests only read them)."""
     docs = [doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc]
     by_kind = {doc["kind"]: doc for doc in docs}
     assert len(by_kind) == len(docs) == 3, [doc["kind"] for doc in docs]

@@ -609,14 +609,21 @@ def revoke_role_tokens(root: Any, role: str) -> int:
     return revoked
 
 
-def test_revoked_approle_token_logs_in_again(
+def approle_source(
     bao: Bao, root: Any, approle: Callable[..., AppRole], caplog: pytest.LogCaptureFixture
-) -> None:
+) -> tuple[AppRole, VaultSource, Values]:
+    """A KV v2 secret, an AppRole that may read it, and a source logged in with that role."""
     caplog.set_level(logging.INFO, logger="agent")
     path, values = new_path(), Values.new()
     write_v2(root, path, values.data())
     role = approle()
-    source = source_for(role.auth(bao.address), path)
+    return role, source_for(role.auth(bao.address), path), values
+
+
+def test_revoked_approle_token_logs_in_again(
+    bao: Bao, root: Any, approle: Callable[..., AppRole], caplog: pytest.LogCaptureFixture
+) -> None:
+    role, source, values = approle_source(bao, root, approle, caplog)
     source.read()
     assert revoke_role_tokens(root, role.name) == 1
     caplog.clear()
@@ -628,11 +635,7 @@ def test_poll_after_revoked_token_logs_in_again_and_uses_the_new_token(
     bao: Bao, root: Any, approle: Callable[..., AppRole], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The poll's prepared request carries the token: a new login must not reuse the old one."""
-    caplog.set_level(logging.INFO, logger="agent")
-    path, values = new_path(), Values.new()
-    write_v2(root, path, values.data())
-    role = approle()
-    source = source_for(role.auth(bao.address), path)
+    role, source, _ = approle_source(bao, root, approle, caplog)
     baseline = source.version()
     for _ in range(3):
         assert revoke_role_tokens(root, role.name) == 1

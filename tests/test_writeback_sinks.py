@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -29,6 +28,7 @@ from agent.sinks.aws import AwsSink, AwsSinkSettings
 from agent.sinks.redis import RedisSink, RedisSinkSettings
 from agent.sinks.vault import VaultSink, VaultSinkSettings
 from agent.vault_client import VaultAuth, VaultConnection
+from tests.conftest import clean_aws_env
 from tests.servers import (
     REDIS_ACL_PASSWORD,
     REDIS_ACL_USER,
@@ -329,12 +329,7 @@ def test_aws_newer_stored_document_is_not_overwritten(
 
 
 def test_aws_missing_region_fails_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("AWS_"):
-            monkeypatch.delenv(key)
-    empty = tmp_path / "empty"
-    empty.write_text("")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    clean_aws_env(monkeypatch, tmp_path)
     sink = AwsSink(AwsSinkSettings(secret_id="dvs/x", config_key="profiles.dvs.sinks[2]"))
     with pytest.raises(SinkError, match=r"set profiles\.dvs\.sinks\[2\]\.region"):
         sink.check()
