@@ -7,13 +7,13 @@ The agent never passes a secret to a logger; the filter is there for third-party
 from __future__ import annotations
 
 import logging
-import re
 import sys
-import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import msgspec
+
+from agent.masking import MASK, Masker, escape_controls
 
 #: fields a record may carry through ``extra=`` and that formatters print
 FIELDS = (
@@ -30,57 +30,22 @@ FIELDS = (
     "path",
 )
 
-REDACTED = "[REDACTED]"
-#: how many registered secret values the redactor keeps (the newest win)
-MAX_REMEMBERED = 256
-
-_PATTERNS = (
-    # Authorization: Basic xxx / Bearer xxx, in headers, reprs and tuples
-    re.compile(r"(?i)\b(basic|bearer)(\s+|'\s*,\s*b?')[A-Za-z0-9\-._~+/]+=*"),
-    # "access_token": "…", access_token=…, client_secret=…
-    re.compile(
-        r"(?i)(access_token|client_secret|secret_id|password|x-vault-token)"
-        r"(\"?\s*[:=]\s*\"?|'\s*:\s*'|=)[^\s\"'&,}]+"
-    ),
-)
+REDACTED = MASK
 
 
-class Redactor(logging.Filter):
-    """Replaces known secret values and credential-looking patterns in every record.
+class Redactor(Masker, logging.Filter):
+    """Masks known secret values and credential-looking patterns in every record.
 
-    ``add`` registers a value (a client secret, a token) so that it is redacted even where no
+    ``add`` registers a value (a client secret, a token) so that it is masked even where no
     pattern would recognise it.
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-        # insertion-ordered, bounded: the newest secrets and tokens of every profile
-        self._values: dict[str, None] = {}
-        # longest first (a token containing a secret is replaced whole); rebuilt on change
-        # only, since every log record reads it
-        self._ordered: tuple[str, ...] = ()
-
-    def add(self, value: str) -> None:
-        if len(value) < 4:
-            return
-        with self._lock:
-            known = value in self._values
-            self._values.pop(value, None)
-            self._values[value] = None  # most recently used: evicted last
-            if known:
-                return  # the same set of values: the order by length stands
-            while len(self._values) > MAX_REMEMBERED:
-                del self._values[next(iter(self._values))]
-            self._ordered = tuple(sorted(self._values, key=len, reverse=True))
+        Masker.__init__(self)
+        logging.Filter.__init__(self)
 
     def redact(self, text: str) -> str:
-        for value in self._ordered:
-            if value in text:
-                text = text.replace(value, REDACTED)
-        for pattern in _PATTERNS:
-            text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
-        return text
+        return self.mask(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -124,7 +89,8 @@ class TextFormatter(logging.Formatter):
         profile = getattr(record, "profile", None)
         head = f"{_timestamp(record)} {record.levelname:<7} "
         head += f"[{profile}] " if profile else ""
-        line = head + record.getMessage()
+        # JSON escapes control characters itself; a text line must not carry raw ESC/CR/LF
+        line = head + escape_controls(record.getMessage())
         if record.exc_text:
             line += "\n" + record.exc_text
         return line

@@ -25,7 +25,7 @@ class Secret:
         return self._value
 
     def __repr__(self) -> str:
-        return "Secret('**********')"
+        return "Secret('[REDACTED]')"
 
     __str__ = __repr__
 
