@@ -5,6 +5,23 @@ Basic client authentication, an empty body, a Spring Security OAuth style JSON a
 when asked, the RFC 6749 §4.4 form body. Tests steer it with :class:`Fault` objects queued
 with :meth:`TokenServer.enqueue`, and inspect what it saw with :meth:`TokenServer.requests`
 and :meth:`TokenServer.issued`. Standard library only; every public method is thread-safe.
+
+Besides wrong statuses and bodies, a fault can make the server behave like a hostile or broken
+one, to attack the client:
+
+- :meth:`Fault.trickle`: the answer is sent one byte per ``interval`` seconds (the body only, or
+  the status line and headers too);
+- :meth:`Fault.endless`: a chunked JSON-looking body that never ends;
+- :meth:`Fault.compression_bomb`: a gzip or deflate body of about 1 MB that inflates to 1 GiB;
+- :meth:`Fault.oversized`: a valid token answer padded to 100 MiB;
+- :meth:`Fault.echo`: an error text that echoes the secret, the Authorization header and a
+  token, with terminal escapes, CR and LF;
+- :meth:`Fault.hang`: no answer at all, until the server stops.
+
+Faults are global, or queued for one client id (``enqueue(..., client_id=...)``), so that one
+client can be attacked while another is served. Big bodies are streamed in chunks (never built in
+memory); :meth:`TokenServer.stop` ends every answer still being sent, and a client that closes
+its side ends it too.
 """
 
 from __future__ import annotations
@@ -16,13 +33,15 @@ import hmac
 import json
 import logging
 import math
+import select
 import socket
 import ssl
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +57,13 @@ _FORM_TYPE = "application/x-www-form-urlencoded"
 _JSON_TYPE = "application/json"
 _MAX_BODY = 1 << 20
 _IDLE_KEEPALIVE_SECONDS = 30.0
+#: how often a hanging answer checks for the server's stop and the client's close
+_POLL_SECONDS = 0.05
+#: bytes per piece of a streamed body (the stop event is checked between pieces)
+_PIECE = 64 * 1024
+#: a compression bomb's answer (a token answer or an error) sits in its last KiB
+_BOMB_TAIL = 1024
+_ENCODINGS = {"gzip": 31, "deflate": 15}  # wbits: a gzip wrapper, a zlib wrapper (RFC 9110)
 
 _log = logging.getLogger(__name__)
 
@@ -46,7 +72,14 @@ _log = logging.getLogger(__name__)
 class Fault:
     """What the server does for ONE request to the token path instead of handling it normally.
 
-    Faults are consumed in queue order, one per request (any method) to the token path.
+    Faults are consumed in queue order, one per request (any method) to the token path; a
+    request whose Basic client id has faults of its own queued takes the next of those first.
+
+    After ``delay``, the answer is the fault's (``status``, ``body``...), or with ``passthrough``
+    the normal one; ``echo_request`` replaces it with an echoing error, ``drop_connection`` and
+    ``never_answer`` with none at all. Then at most one body shape applies (``endless_body``,
+    else ``bomb_bytes``, else ``pad_to``), and ``trickle_interval`` slows down the sending of
+    whatever is sent. The classmethods build the usual combinations.
     """
 
     #: HTTP status to answer with
@@ -61,8 +94,45 @@ class Fault:
     delay: float = 0.0
     #: close the connection without sending any response
     drop_connection: bool = False
-    #: only apply ``delay``, then handle the request normally
+    #: handle the request normally (after ``delay``), then shape and send it as told below
     passthrough: bool = False
+    #: send the answer one byte per this many seconds (0: at once)
+    trickle_interval: float = 0.0
+    #: with ``trickle_interval``: the status line and headers are trickled too (else sent at once)
+    trickle_headers: bool = False
+    #: a ``Transfer-Encoding: chunked`` body ``{"access_token": "aaaa…`` that never ends (it
+    #: stops when the client closes, the server stops, or a write waits 30 s)
+    endless_body: bool = False
+    #: bytes of ``a`` per chunk of an ``endless_body``
+    chunk_size: int = 64 * 1024
+    #: a compression bomb: a body that inflates to this many bytes (0: none); spaces (JSON
+    #: whitespace), then the answer in the last KiB, so a client without a bound parses it
+    bomb_bytes: int = 0
+    #: the bomb's ``Content-Encoding``: ``gzip``, or ``deflate`` (zlib-wrapped)
+    encoding: str = "gzip"
+    #: pad the answer's body to this many bytes (0: no padding); sent with a Content-Length
+    pad_to: int = 0
+    #: with ``pad_to``: the padding is a ``"padding"`` string field of the JSON object (so the
+    #: JSON ends only with the body); False: trailing whitespace (the JSON ends at once)
+    pad_in_field: bool = True
+    #: answer an error whose text echoes the request's client secret (decoded from Basic), its
+    #: raw Authorization value and a token (``text/html`` when ``content_type`` says so)
+    echo_request: bool = False
+    #: with ``echo_request``: embed raw ESC sequences, CR and LF in the echoed text
+    control_chars: bool = False
+    #: with ``echo_request``: the token to echo; None: the last token issued to that client
+    echo_token: str | None = None
+    #: never answer: hold the request (recorded on arrival) until the server stops or the client
+    #: closes its side
+    never_answer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.encoding not in _ENCODINGS:
+            raise ValueError(f"encoding must be one of {sorted(_ENCODINGS)}: {self.encoding!r}")
+        if self.chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        if min(self.trickle_interval, self.delay, self.bomb_bytes, self.pad_to) < 0:
+            raise ValueError("trickle_interval, delay, bomb_bytes and pad_to must be >= 0")
 
     @classmethod
     def http_status(cls, status: int, retry_after: str | None = None) -> Fault:
@@ -95,6 +165,73 @@ class Fault:
     def drop(cls, delay: float = 0.0) -> Fault:
         """Close the connection without an answer (after ``delay``)."""
         return cls(drop_connection=True, delay=delay)
+
+    @classmethod
+    def trickle(
+        cls,
+        interval: float = 1.0,
+        headers: bool = False,
+        status: int = 200,
+        body: bytes | None = None,
+    ) -> Fault:
+        """Send the answer one byte per ``interval`` seconds; with ``headers`` the status line
+        and headers too. By default the request is handled normally (a patient client gets a
+        real token); else the answer is ``status`` with ``body`` (or its default body)."""
+        passthrough = status == 200 and body is None
+        return cls(
+            status=status,
+            body=body,
+            trickle_interval=interval,
+            trickle_headers=headers,
+            passthrough=passthrough,
+        )
+
+    @classmethod
+    def endless(cls, chunk_size: int = 64 * 1024) -> Fault:
+        """A 200 ``application/json``, chunked, ``{"access_token": "`` then ``a`` forever."""
+        return cls(status=200, endless_body=True, chunk_size=chunk_size)
+
+    @classmethod
+    def compression_bomb(cls, decoded_bytes: int = 1 << 30, encoding: str = "gzip") -> Fault:
+        """The normal answer behind ``decoded_bytes`` of spaces, compressed with ``encoding``
+        (``gzip`` or ``deflate``): about 1 MB on the wire per GiB, with a Content-Length.
+
+        The padding is compressed once per size and encoding (about 2 s per GiB, when the fault
+        is queued) and kept by the server; the decoded body is never in memory. It inflates to
+        ``decoded_bytes`` (at least 1 KiB, more if the answer is longer than 1 KiB)."""
+        return cls(passthrough=True, bomb_bytes=decoded_bytes, encoding=encoding)
+
+    @classmethod
+    def oversized(cls, total_bytes: int = 100 * 1024 * 1024, in_field: bool = True) -> Fault:
+        """The normal answer (a valid token answer, its token recorded as issued) padded to
+        ``total_bytes``: by a ``"padding"`` field of ``a`` (``in_field``) or by trailing spaces.
+        Streamed, with a Content-Length."""
+        return cls(passthrough=True, pad_to=total_bytes, pad_in_field=in_field)
+
+    @classmethod
+    def echo(
+        cls,
+        status: int = 401,
+        control_chars: bool = True,
+        token: str | None = None,
+        html: bool = False,
+    ) -> Fault:
+        """An error whose ``error_description`` (or HTML page, with ``html``) echoes the
+        request's client secret, its raw Authorization value and ``token`` (by default the last
+        token issued to the client), with raw ESC, CR and LF when ``control_chars``."""
+        return cls(
+            status=status,
+            echo_request=True,
+            control_chars=control_chars,
+            echo_token=token,
+            content_type="text/html" if html else None,
+        )
+
+    @classmethod
+    def hang(cls) -> Fault:
+        """Never answer: the request is recorded on arrival (status 0) and held until the server
+        stops or the client closes its side."""
+        return cls(never_answer=True)
 
 
 @dataclass(frozen=True)
@@ -186,12 +323,17 @@ class TokenServer:
         self._lock = threading.Condition(threading.Lock())
         self._clients: dict[str, _Client] = {}
         self._faults: list[Fault] = []
+        self._client_faults: dict[str, list[Fault]] = {}
         self._requests: list[RecordedRequest] = []
         self._issued: dict[str, IssuedToken] = {}
         self._current: dict[tuple[str, str], IssuedToken] = {}
         self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        #: compressed bomb padding by (decoded size, encoding): the bytes so far and the
+        #: compressor's state after them (copied for each answer)
+        self._bombs: dict[tuple[int, str], tuple[bytes, zlib._Compress]] = {}
+        self._bomb_lock = threading.Lock()
         self._httpd: _HTTPServer | None = self._bind(port)
         self._port: int = self._httpd.server_address[1]
         for client_id, secret in (clients or {}).items():
@@ -234,7 +376,10 @@ class TokenServer:
         return self
 
     def stop(self) -> None:
-        """Stop listening, close open keep-alive connections, abandon delayed answers."""
+        """Stop listening, close open keep-alive connections, abandon delayed answers.
+
+        Answers still being sent (trickled, endless, hanging) end within a moment; this does not
+        wait for them."""
         with self._lock:
             httpd, thread = self._httpd, self._thread
             self._httpd, self._thread = None, None
@@ -287,35 +432,47 @@ class TokenServer:
 
     # -- faults and records ------------------------------------------------------------------
 
-    def enqueue(self, *faults: Fault) -> None:
+    def enqueue(self, *faults: Fault, client_id: str | None = None) -> None:
+        """Queue faults for every client, or (``client_id``) for requests of that client only,
+        whose own queue is consumed before the global one. A bomb is compressed here."""
+        for fault in faults:
+            if fault.bomb_bytes and not fault.endless_body:
+                self._bomb_state(fault.bomb_bytes, fault.encoding)
         with self._lock:
-            self._faults.extend(faults)
+            if client_id is None:
+                self._faults.extend(faults)
+            else:
+                self._client_faults.setdefault(client_id, []).extend(faults)
 
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
             return list(self._requests)
 
-    def token_requests(self) -> list[RecordedRequest]:
-        """Only the POSTs to the token path."""
+    def token_requests(self, client_id: str | None = None) -> list[RecordedRequest]:
+        """Only the POSTs to the token path (of ``client_id``'s Basic credentials, if given)."""
         with self._lock:
-            return [r for r in self._requests if _is_token_request(r)]
+            return [r for r in self._requests if _is_token_request(r, client_id)]
 
     def clear(self) -> None:
-        """Forget recorded requests and queued faults (issued tokens and clients stay)."""
+        """Forget recorded requests and every queued fault (issued tokens and clients stay)."""
         with self._lock:
             self._requests.clear()
             self._faults.clear()
+            self._client_faults.clear()
 
     def issued(self) -> dict[str, IssuedToken]:
         """Every token minted, by access_token."""
         with self._lock:
             return dict(self._issued)
 
-    def wait_for_requests(self, n: int, timeout: float = 10.0) -> bool:
-        """Wait until at least ``n`` token requests are recorded; False on timeout."""
+    def wait_for_requests(
+        self, n: int, timeout: float = 10.0, *, client_id: str | None = None
+    ) -> bool:
+        """Wait until at least ``n`` token requests (of ``client_id``, if given) are recorded;
+        False on timeout."""
         with self._lock:
             return self._lock.wait_for(
-                lambda: sum(1 for r in self._requests if _is_token_request(r)) >= n,
+                lambda: sum(1 for r in self._requests if _is_token_request(r, client_id)) >= n,
                 timeout=timeout,
             )
 
@@ -328,9 +485,76 @@ class TokenServer:
             else:
                 self._connections.discard(conn)
 
-    def _next_fault(self) -> Fault | None:
+    def _next_fault(self, client_id: str | None) -> Fault | None:
         with self._lock:
+            own = self._client_faults.get(client_id) if client_id is not None else None
+            if own:
+                return own.pop(0)
             return self._faults.pop(0) if self._faults else None
+
+    def _last_token(self, client_id: str | None) -> str | None:
+        with self._lock:
+            for token in reversed(self._issued.values()):
+                if token.client_id == client_id:
+                    return token.access_token
+            return None
+
+    def _bomb_state(self, decoded_bytes: int, encoding: str) -> tuple[bytes, zlib._Compress]:
+        """The compressed padding of a bomb and a copy of the compressor's state after it."""
+        key = (decoded_bytes, encoding)
+        with self._bomb_lock:
+            cached = self._bombs.get(key)
+            if cached is None:
+                cached = _compress_padding(max(0, decoded_bytes - _BOMB_TAIL), encoding)
+                self._bombs[key] = cached
+            return cached[0], cached[1].copy()
+
+    def _echo_reply(
+        self, fault: Fault, headers: Mapping[str, str], creds: tuple[str, str] | None
+    ) -> _Reply:
+        """An error answer that shows what it must never be shown (see :meth:`Fault.echo`)."""
+        default = _default_reply(fault.status)
+        secret = creds[1] if creds else ""
+        authorization = headers.get("authorization", "")
+        token = fault.echo_token
+        if token is None:
+            token = self._last_token(creds[0] if creds else None) or ""
+        if fault.control_chars:
+            text = (
+                f"\x1b[2J\x1b[31mBad client credentials\x1b[0m\r\n"
+                f"client_secret: {secret}\r\n"
+                f"Authorization: {authorization}\r"
+                f"token: {token}\n\x1b]0;owned\x07\x1b[1A\x1b[K"
+            )
+        else:
+            text = (
+                f"Bad client credentials: client_secret {secret}, "
+                f"Authorization {authorization}, token {token}"
+            )
+        response_headers = dict(default.headers)
+        if fault.content_type is not None and fault.content_type.startswith("text/html"):
+            title = f"{fault.status} {_phrase(fault.status)}"
+            body = (
+                f"<html><head><title>{title}</title></head><body>"
+                f"<h1>{title}</h1><pre>{text}</pre></body></html>"
+            ).encode()
+        else:
+            error: Any = None
+            with contextlib.suppress(ValueError):
+                error = json.loads(default.body).get("error")
+            if not isinstance(error, str):
+                error = "invalid_client" if fault.status == 401 else "server_error"
+            body = json.dumps({"error": error, "error_description": text}).encode()
+            response_headers["Content-Type"] = _JSON_TYPE
+        if fault.content_type is not None:
+            response_headers["Content-Type"] = fault.content_type
+        response_headers.update(fault.headers)
+        return _Reply(
+            fault.status,
+            response_headers,
+            body,
+            event=f"fault: answered {fault.status} echoing the request's credentials",
+        )
 
     def _record(self, request: RecordedRequest, replaces: RecordedRequest | None = None) -> None:
         """Append a record, or put it in the place of ``replaces`` (unless cleared meanwhile)."""
@@ -465,7 +689,9 @@ class TokenServer:
         )
 
 
-def _is_token_request(request: RecordedRequest) -> bool:
+def _is_token_request(request: RecordedRequest, client_id: str | None = None) -> bool:
+    if client_id is not None and request.client_id != client_id:
+        return False
     return request.method == "POST" and request.path == TOKEN_PATH
 
 
@@ -539,6 +765,80 @@ def _fault_reply(fault: Fault) -> _Reply:
             if isinstance(payload, dict) and isinstance(payload.get("access_token"), str):
                 token = payload["access_token"]
     return _Reply(fault.status, headers, body, token, f"fault: answered {fault.status}")
+
+
+def _shape_event(fault: Fault) -> str | None:
+    """What :meth:`_Handler._send_shaped` does with the answer; None: it is sent as usual."""
+    if fault.endless_body:
+        shape = "an endless chunked body"
+    elif fault.bomb_bytes:
+        shape = f"a {fault.encoding} bomb of {fault.bomb_bytes} bytes decoded"
+    elif fault.pad_to:
+        shape = f"the body padded to {fault.pad_to} bytes"
+    elif fault.trickle_interval <= 0:
+        return None
+    else:
+        shape = "the answer"
+    if fault.trickle_interval > 0:
+        what = "with its headers" if fault.trickle_headers else "after its headers"
+        shape += f", one byte per {fault.trickle_interval:g}s {what}"
+    return f"fault: sending {shape}"
+
+
+def _compress_padding(spaces: int, encoding: str) -> tuple[bytes, zlib._Compress]:
+    """``spaces`` spaces compressed, fed in pieces (the input is never in memory whole)."""
+    # Z_RLE finds the same ~1030:1 as level 9's default strategy, twice as fast
+    compressor = zlib.compressobj(9, zlib.DEFLATED, _ENCODINGS[encoding], 9, zlib.Z_RLE)
+    piece = b" " * (1 << 20)
+    out: list[bytes] = []
+    left = spaces
+    while left > 0:
+        take = min(left, len(piece))
+        out.append(compressor.compress(piece if take == len(piece) else piece[:take]))
+        left -= take
+    return b"".join(out), compressor
+
+
+def _filler(byte: bytes, count: int) -> Iterator[bytes]:
+    """``count`` copies of ``byte`` in pieces of at most ``_PIECE``."""
+    piece = byte * min(count, _PIECE)
+    while count > 0:
+        take = min(count, len(piece))
+        yield piece if take == len(piece) else piece[:take]
+        count -= take
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), _PIECE):
+        yield bytes(view[start : start + _PIECE])
+
+
+def _padded(body: bytes, total: int, in_field: bool) -> tuple[int, Iterator[bytes]]:
+    """The body padded to ``total`` bytes (its length, its pieces), as :meth:`Fault.oversized`."""
+    stripped = body.rstrip()
+    if in_field and stripped.startswith(b"{") and stripped.endswith(b"}"):
+        inner = stripped[:-1].rstrip()
+        head = inner + (b'"padding": "' if inner == b"{" else b', "padding": "')
+        tail = b'"}'
+        count = max(0, total - len(head) - len(tail))
+        return len(head) + count + len(tail), _chain([head], _filler(b"a", count), [tail])
+    count = max(0, total - len(body))
+    return len(body) + count, _chain([body], _filler(b" ", count))
+
+
+def _chain(*parts: Iterable[bytes]) -> Iterator[bytes]:
+    for part in parts:
+        yield from part
+
+
+def _endless(chunk_size: int) -> Iterator[bytes]:
+    """The chunks of an endless chunked body (chunk framing included)."""
+    start = b'{"access_token": "'
+    yield b"%x\r\n%s\r\n" % (len(start), start)
+    chunk = b"%x\r\n%s\r\n" % (chunk_size, b"a" * chunk_size)
+    while True:
+        yield chunk
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -643,12 +943,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(reply)
             return
 
-        fault = owner._next_fault()
-        if fault is not None and fault.delay > 0:
+        fault = owner._next_fault(creds[0] if creds else None)
+        if fault is not None and (fault.delay > 0 or fault.never_answer):
             # recorded (status 0) on arrival, so that a client timing out still sees it counted
             placeholder = record(0, None)
-            owner._emit(f"fault: delaying the answer by {fault.delay:g}s")
-            if stopping.wait(fault.delay):
+            if fault.delay > 0:
+                owner._emit(f"fault: delaying the answer by {fault.delay:g}s")
+                if stopping.wait(fault.delay):
+                    self.close_connection = True
+                    return
+            if fault.never_answer:
+                owner._emit("fault: holding the request without an answer")
+                self._hang(stopping)
                 self.close_connection = True
                 return
         if fault is not None and not fault.passthrough:
@@ -657,12 +963,94 @@ class _Handler(BaseHTTPRequestHandler):
                 owner._emit("fault: dropped the connection without an answer")
                 self.close_connection = True
                 return
-            reply = _fault_reply(fault)
+            echo = fault.echo_request
+            reply = owner._echo_reply(fault, headers, creds) if echo else _fault_reply(fault)
         else:
             reply = owner._handle_token(self.command, query, headers, body, creds)
         record(reply.status, reply.access_token)
         owner._emit(reply.event)
-        self._send(reply)
+        shaped = _shape_event(fault) if fault is not None else None
+        if fault is None or shaped is None:
+            self._send(reply)
+        else:
+            owner._emit(shaped)
+            self._send_shaped(reply, fault, stopping)
+
+    def _hang(self, stopping: threading.Event) -> None:
+        """Wait for the server's stop, or the client's close (not seen through TLS)."""
+        conn = self.connection
+        watch = not isinstance(conn, ssl.SSLSocket)
+        while not stopping.is_set():
+            if not watch:
+                stopping.wait(_POLL_SECONDS)
+                continue
+            try:
+                readable, _, _ = select.select([conn], [], [], _POLL_SECONDS)
+                if readable and not conn.recv(1, socket.MSG_PEEK):
+                    return  # the client closed its side (or stop shut the socket down)
+            except (OSError, ValueError):
+                return
+            if readable:
+                watch = False  # it sent more (pipelining): from now on only wait for the stop
+
+    def _shape(self, reply: _Reply, fault: Fault) -> tuple[dict[str, str], Iterator[bytes]]:
+        """The headers (with the framing) and body pieces of ``reply`` as ``fault`` shapes it."""
+        headers = dict(reply.headers)
+        if fault.endless_body:
+            headers.setdefault("Content-Type", _JSON_TYPE)
+            headers.setdefault("Cache-Control", "no-store")
+            headers["Transfer-Encoding"] = "chunked"
+            return headers, _endless(fault.chunk_size)
+        if fault.bomb_bytes:
+            prefix, compressor = self.server.owner._bomb_state(fault.bomb_bytes, fault.encoding)
+            tail = compressor.compress(reply.body.ljust(_BOMB_TAIL)) + compressor.flush()
+            headers["Content-Encoding"] = fault.encoding
+            headers["Content-Length"] = str(len(prefix) + len(tail))
+            return headers, _chain(_pieces(prefix), [tail])
+        if fault.pad_to:
+            length, pieces = _padded(reply.body, fault.pad_to, fault.pad_in_field)
+            headers["Content-Length"] = str(length)
+            return headers, pieces
+        headers["Content-Length"] = str(len(reply.body))
+        return headers, iter([reply.body])
+
+    def _head(self, status: int, headers: Mapping[str, str]) -> bytes:
+        lines = [
+            f"{self.protocol_version} {status} {_phrase(status)}",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+            *(f"{name}: {value}" for name, value in headers.items()),
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _send_shaped(self, reply: _Reply, fault: Fault, stopping: threading.Event) -> None:
+        """Send a fault's answer in pieces, trickled if asked; stop or a closed client ends it."""
+        headers, pieces = self._shape(reply, fault)
+        if fault.trickle_interval > 0:
+            with contextlib.suppress(OSError):  # one byte per segment, not held back by Nagle
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = self._head(reply.status, headers)
+        interval = fault.trickle_interval
+        done = False
+        with contextlib.suppress(OSError):  # the client went away (or made no progress for 30 s)
+            done = self._write(head, interval if fault.trickle_headers else 0.0, stopping) and (
+                self.command == "HEAD" or all(self._write(p, interval, stopping) for p in pieces)
+            )
+        if not done or fault.endless_body:
+            self.close_connection = True
+
+    def _write(self, data: bytes, interval: float, stopping: threading.Event) -> bool:
+        """Write ``data`` (one byte per ``interval`` s if > 0); False once the server stops."""
+        if stopping.is_set():
+            return False
+        if interval <= 0:
+            self.wfile.write(data)
+            return True
+        for index in range(len(data)):
+            if stopping.wait(interval):
+                return False
+            self.wfile.write(data[index : index + 1])
+        return True
 
     def _send(self, reply: _Reply) -> None:
         try:
