@@ -30,6 +30,7 @@ import msgspec
 import pytest
 
 from agent.errors import SinkError
+from agent.masking import MASK
 from agent.models import Secret, Token
 from agent.sinks.base import TokenSink
 from agent.sinks.file import FileSink, render
@@ -516,6 +517,12 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def write_and_wait(sink: FileSink, token: Token) -> None:
+    """on_change runs beside write(): wait for its run to be reported."""
+    sink.write(token)
+    assert sink.settle(30)
+
+
 def test_on_change_runs_after_write_with_token_file_set(
     tmp_path: Path, token: Token, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -535,7 +542,7 @@ def test_on_change_runs_after_write_with_token_file_set(
     )
     sink = FileSink(path, fmt="json", on_change=hook)
     sink.check()
-    sink.write(token)
+    write_and_wait(sink, token)
     name, seen, stdin_empty = marker.read_text().split("|")
     assert name == str(path)
     assert seen.encode() == render(token, "json")  # it ran after the file was in place
@@ -573,7 +580,7 @@ def test_on_change_failure_is_logged_not_raised(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     path = tmp_path / "token"
-    FileSink(path, on_change=argv).write(token)
+    write_and_wait(FileSink(path, on_change=argv), token)
     assert path.read_bytes() == b"tok-1"
     [message] = warnings_of(caplog)
     assert argv[0] in message
@@ -588,7 +595,7 @@ def test_on_change_missing_executable_is_logged_not_raised(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     path = tmp_path / "token"
-    FileSink(path, on_change=["/nonexistent/dvs-reload", "now"]).write(token)
+    write_and_wait(FileSink(path, on_change=["/nonexistent/dvs-reload", "now"]), token)
     assert path.read_bytes() == b"tok-1"
     [message] = warnings_of(caplog)
     assert "/nonexistent/dvs-reload" in message
@@ -602,7 +609,7 @@ def test_on_change_timeout_kills_it_and_returns_quickly(
     path = tmp_path / "token"
     sink = FileSink(path, on_change=["sleep", "10"], on_change_timeout=0.5)
     started = time.monotonic()
-    sink.write(token)
+    write_and_wait(sink, token)
     assert time.monotonic() - started < 3
     [message] = warnings_of(caplog)
     assert "sleep" in message
@@ -618,7 +625,7 @@ def test_on_change_timeout_kills_its_children_too(
     hook = ["sh", "-c", f"sleep 10 & echo $! > {pid_file}; wait"]
     sink = FileSink(tmp_path / "token", on_change=hook, on_change_timeout=0.5)
     started = time.monotonic()
-    sink.write(token)
+    write_and_wait(sink, token)
     assert time.monotonic() - started < 3
     assert "timed out" in warnings_of(caplog)[0]
     stat_file = Path(f"/proc/{int(pid_file.read_text())}/stat")
@@ -639,11 +646,11 @@ def test_on_change_stderr_is_truncated_and_never_shows_the_token(
     secret = "s3cr3t-" + "x" * 40
     hook = ["sh", "-c", 'printf "bad token %s %0300d\\n" "$(cat "$DVS_TOKEN_FILE")" 0 >&2; exit 2']
     path = tmp_path / "token"
-    FileSink(path, on_change=hook).write(make_token(secret))
+    write_and_wait(FileSink(path, on_change=hook), make_token(secret))
     assert path.read_text() == secret
     [message] = warnings_of(caplog)
     assert "exit code 2" in message
-    assert "bad token **********" in message
+    assert f"bad token {MASK}" in message
     tail = message.split(": ", 2)[-1]
     assert len(tail) == 201
     assert tail.endswith("…")
@@ -660,6 +667,6 @@ def test_on_change_uses_the_given_logger(tmp_path: Path, token: Token) -> None:
     logger = logging.getLogger("test.file_sink.custom")
     logger.addHandler(Keep())
     logger.setLevel(logging.DEBUG)
-    FileSink(tmp_path / "token", on_change=["false"], logger=logger).write(token)
+    write_and_wait(FileSink(tmp_path / "token", on_change=["false"], logger=logger), token)
     assert any(r.levelno == logging.WARNING and "false" in r.getMessage() for r in records)
     assert all(TOKEN_VALUE not in r.getMessage() for r in records)

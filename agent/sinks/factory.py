@@ -51,6 +51,7 @@ def _build(
             group=sink.group,
             on_change=sink.on_change,
             on_change_timeout=sink.on_change_timeout.total_seconds(),
+            profile=profile,
             logger=logging.getLogger("agent.sink"),
         )
     if isinstance(sink, VaultSinkConfig):

@@ -6,12 +6,16 @@ path, after which the directory is ``fsync``-ed. A reader therefore sees the old
 one, never a partial file, even when the agent is killed mid-write. Temp files left by a kill -9
 are named ``.<basename>.dvs-agent.<16 hex>.tmp`` and removed by :meth:`FileSink.check`.
 
-The token is read (``Secret.reveal``) only in :func:`render`; no message here ever contains it.
+After a write that changed the file, ``on_change`` is handed to an
+:class:`agent.hooks.HookRunner`: it runs beside the refresh, never in it (DESIGN §10), with the
+allowlisted environment of :func:`agent.hooks.hook_environment`.
+
+The token is read (``Secret.reveal``) only in :func:`render` and to mask it in a hook's stderr;
+no message here ever contains it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import grp
 import logging
@@ -19,9 +23,7 @@ import os
 import pwd
 import re
 import secrets
-import signal
 import stat
-import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ import msgspec
 
 from agent.errors import SinkError
 from agent.fsutil import fsync_dir, unlink_quietly, write_all
+from agent.hooks import HookRunner, hook_environment
 from agent.models import Token, rfc3339
 
 Format = Literal["raw", "json", "env"]
@@ -42,8 +45,6 @@ _TMP_MARK = ".dvs-agent."
 _TMP_SUFFIX = ".tmp"
 _TMP_RANDOM_HEX = 16
 _DIR_MODE = 0o750
-_STDERR_LINE_MAX = 200
-_REDACTED = "**********"
 #: characters that would break a ``KEY=VALUE`` line of an env file
 _ENV_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -77,6 +78,8 @@ def render(token: Token, fmt: Format) -> bytes:
 class FileSink:
     """Writes each new token to one file; satisfies :class:`agent.sinks.base.TokenSink`."""
 
+    readiness = True
+
     def __init__(
         self,
         path: Path,
@@ -87,6 +90,7 @@ class FileSink:
         group: str | None = None,
         on_change: Sequence[str] | None = None,
         on_change_timeout: float = 30.0,
+        profile: str = "",
         logger: logging.Logger | None = None,
     ) -> None:
         #: the file consumers read; never a symlink
@@ -99,10 +103,23 @@ class FileSink:
         self.group = group
         #: argv run (no shell) after each successful write; None or empty runs nothing
         self.on_change: tuple[str, ...] = tuple(on_change or ())
-        #: seconds before a running on_change command is killed
+        #: seconds before a running on_change command's process group is killed
         self.on_change_timeout = on_change_timeout
+        #: the profile this sink belongs to (``DVS_PROFILE`` of on_change)
+        self.profile = profile
         self.name = f"file:{self.path}"
         self._log = logger or _log
+        self._hook: HookRunner | None = None
+        if self.on_change:
+            self._hook = HookRunner(
+                self.on_change,
+                timeout=on_change_timeout,
+                env=hook_environment(
+                    os.environ, profile=profile, token_file=os.fspath(self.path.absolute())
+                ),
+                label=str(self.path),
+                logger=self._log,
+            )
         self._dir = self.path.parent
         self._tmp_pattern = re.compile(
             re.escape("." + self.path.name + _TMP_MARK)
@@ -143,10 +160,12 @@ class FileSink:
             unlink_quietly(tmp)
 
     def write(self, token: Token) -> None:
-        """Replace the file with ``token`` atomically, then run ``on_change``.
+        """Replace the file with ``token`` atomically, then start ``on_change``.
 
-        Raises :class:`SinkError` naming the path and the system error; the temp file is
-        removed on any failure and the previous file is left as it was.
+        Returns once the file is in place: ``on_change`` runs beside (one run at a time; a
+        newer token while it runs → one more run after it). Raises :class:`SinkError` naming
+        the path and the system error; the temp file is removed on any failure and the previous
+        file is left as it was.
         """
         data = render(token, self.fmt)
         with self._lock:
@@ -181,8 +200,8 @@ class FileSink:
                     f"wrote {self.path} but could not fsync {self._dir}: {self._explain(exc)}"
                 ) from None
             self._log.debug("wrote %s (%s, mode %#o)", self.path, self.fmt, self.mode)
-        if self.on_change:
-            self._run_on_change(token)
+        if self._hook is not None:
+            self._hook.submit((token.access_token.reveal(),))
 
     def _holds(self, data: bytes, uid: int, gid: int) -> bool:
         """True when the file already has exactly these bytes, mode and ownership."""
@@ -199,7 +218,15 @@ class FileSink:
             return False
 
     def close(self) -> None:
-        """Nothing to release; the file stays in place so consumers keep working."""
+        """Kill a running ``on_change`` (its whole process group) and run no more; the file
+        stays in place so consumers keep working."""
+        if self._hook is not None:
+            self._hook.stop()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until no ``on_change`` runs or is pending (e.g. before :meth:`close` in a
+        one-shot run); True when none does."""
+        return self._hook is None or self._hook.wait(timeout)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -335,60 +362,6 @@ class FileSink:
             return f"{text.lower()}: {self._dir} is on a read-only file system"
         return text
 
-    def _run_on_change(self, token: Token) -> None:
-        """Run the on_change argv; every failure is a WARNING, never an exception."""
-        argv = list(self.on_change)
-        env = dict(os.environ)
-        env["DVS_TOKEN_FILE"] = os.fspath(self.path.absolute())
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=env,
-                close_fds=True,
-                start_new_session=True,  # its own process group: a timeout kills it all
-            )
-        except OSError as exc:
-            reason = "not found" if isinstance(exc, FileNotFoundError) else exc.strerror
-            self._log.warning(
-                "on_change for %s: cannot run %s: %s", self.path, argv[0], reason or exc
-            )
-            return
-        timed_out = False
-        try:
-            _, err = proc.communicate(timeout=self.on_change_timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc.pid)
-            try:
-                _, err = proc.communicate(timeout=5)
-            except subprocess.TimeoutExpired:  # something escaped the process group
-                proc.kill()
-                proc.wait()
-                err = b""
-        last = _last_line(err, token.access_token.reveal())
-        if timed_out:
-            self._log.warning(
-                "on_change for %s: %s timed out after %gs and was killed (exit code %s): %s",
-                self.path,
-                argv[0],
-                self.on_change_timeout,
-                proc.returncode,
-                last,
-            )
-        elif proc.returncode != 0:
-            self._log.warning(
-                "on_change for %s: %s failed with exit code %s: %s",
-                self.path,
-                argv[0],
-                proc.returncode,
-                last,
-            )
-        else:
-            self._log.info("on_change for %s: %s succeeded", self.path, argv[0])
-
 
 def _resolve(key: str, value: str | None, lookup: Callable[[str], int]) -> int:
     if value is None or value == "":
@@ -411,21 +384,3 @@ def _uid_of(name: str) -> int:
 
 def _gid_of(name: str) -> int:
     return grp.getgrnam(name).gr_gid
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _last_line(stderr: bytes | None, token: str) -> str:
-    """The last non-empty stderr line, at most 200 characters, with the token blanked out."""
-    lines = [line for line in (stderr or b"").decode(errors="replace").splitlines() if line]
-    if not lines:
-        return "(no stderr)"
-    line = lines[-1]
-    if token:
-        line = line.replace(token, _REDACTED)
-    if len(line) > _STDERR_LINE_MAX:
-        line = line[:_STDERR_LINE_MAX] + "…"
-    return line
