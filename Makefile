@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale
+.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "dvs-agent needs Python 3.11 or newer" or 0)'
@@ -26,6 +26,18 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+# Debian packages the tests need: faketime (libfaketime steps the running daemon's wall clock).
+# Installed when missing and running as root (CI); otherwise those tests say what is missing.
+system-deps:
+	@if ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q faketime >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null; }; \
+	  else echo "note: the Debian package faketime is not installed: clock-step tests skip"; fi; \
+	fi
+
+unit: system-deps
 
 test: lint typecheck unit
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
+from agent.clock import Clock, ElapsedClock, to_wall
 from agent.config import Config, ProfileConfig, load_config
 from agent.errors import (
     EX_OK,
@@ -30,7 +31,8 @@ from agent.logs import Redactor, set_level
 from agent.manager import Outcome, Profile, Reason, State, Timing
 from agent.models import rfc3339
 from agent.notify import sd_notify
-from agent.oauth import Clock, TlsContexts, TokenClient, utc_now
+from agent.oauth import TlsContexts, TokenClient
+from agent.process import release_sighup
 from agent.signals import SIGNALS, signals_to_main_thread
 from agent.sinks.factory import build_sinks
 from agent.sources.chain import SourceChain
@@ -46,8 +48,8 @@ if TYPE_CHECKING:
 STOP_DEADLINE_SECONDS = 4.0
 #: `dvs-agent refresh`: at most one accepted request per profile in this many seconds
 REFRESH_INTERVAL = 10.0
-#: threads for the profiles' first attempts at start (they end when every profile had one)
-FIRST_WORKERS = 4
+#: READY=1 and the schedule wait for first attempts at most request_timeout + this (DESIGN §7)
+FIRST_ATTEMPT_GRACE_SECONDS = 5.0
 
 
 class ListenError(SourceUnavailable):
@@ -78,7 +80,7 @@ class Agent:
         *,
         config_path: Path | None = None,
         environ: Mapping[str, str] | None = None,
-        clock: Clock = utc_now,
+        clock: Clock | None = None,
         redactor: Redactor | None = None,
         logger: logging.Logger | None = None,
         metrics: Metrics | None = None,
@@ -87,7 +89,8 @@ class Agent:
         self.metrics = metrics
         self._config_path = config_path
         self._environ = os.environ if environ is None else environ
-        self._clock = clock
+        #: the agent's time: real elapsed time, immune to wall-clock steps (agent.clock)
+        self._clock: Clock = clock if clock is not None else ElapsedClock()
         self._redactor = redactor
         self._log = logger or logging.getLogger("agent")
         self._stopping = threading.Event()
@@ -107,6 +110,9 @@ class Agent:
         #: when each profile runs next after its first attempt (see _start_first_attempts)
         self._first_runs: dict[str, datetime] = {}
         self._first_threads: list[threading.Thread] = []
+        #: guards the hand-over of first attempts still running when the scheduler starts
+        self._first_lock = threading.Lock()
+        self._handed_over: set[str] = set()
         self._expiry_lock = threading.Lock()
 
     # ------------------------------------------------------------------ building
@@ -168,6 +174,8 @@ class Agent:
             if only is not None and name != only:
                 continue
             codes.append(self._once(profile, force=force))
+        for profile in self.profiles.values():
+            profile.settle()  # on_change hooks finish (each bounded by its timeout)
         return most_severe(codes)
 
     def _once(self, profile: Profile, *, force: bool) -> int:
@@ -197,15 +205,25 @@ class Agent:
         reload_pending = False
         try:
             self._begin()
+            # the schedule starts when every first attempt ended, or at this deadline anyway:
+            # one hanging tenant must not hold the others (DESIGN §7, §10)
+            start_by = time.monotonic() + self._first_attempt_grace()
             while True:
-                event = self._events.get()
+                timeout = None
+                if self._scheduler is None:
+                    timeout = max(0.0, start_by - time.monotonic())
+                try:
+                    event = self._events.get(timeout=timeout)
+                except queue.Empty:
+                    event = "started"
                 if event == "stop":
                     break
                 if event == "reload" and self._scheduler is None:
                     reload_pending = True  # after the first attempts
                 elif event == "reload":
+                    self._drain("reload")  # a burst of SIGHUPs is one reload
                     self.reload()
-                elif event == "started":
+                elif event == "started" and self._scheduler is None:
                     self._start_scheduler()
                     if reload_pending:
                         self.reload()
@@ -213,6 +231,23 @@ class Agent:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self._shutdown()
+
+    def _drain(self, kind: str) -> None:
+        """Take further queued ``kind`` events (a "stop" among them is kept for the loop)."""
+        keep = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if event != kind:
+                keep.append(event)
+        for event in keep:
+            self._events.put(event)
+
+    def _first_attempt_grace(self) -> float:
+        timeouts = [pc.request_timeout.total_seconds() for pc in self.config.profiles.values()]
+        return max(timeouts, default=0.0) + FIRST_ATTEMPT_GRACE_SECONDS
 
     def _begin(self) -> None:
         """Check the sinks, open the health listener, start each profile's first attempt."""
@@ -222,38 +257,44 @@ class Agent:
             self._start_first_attempts()
 
     def _start_first_attempts(self) -> None:
-        """Each profile's recorded or first token, on at most FIRST_WORKERS short-lived threads.
+        """Each profile's recorded or first token, each on a short-lived thread of its own (no
+        shared workers that a hanging profile could hold).
 
-        The last one to finish posts "started"; APScheduler is imported only then, so that
-        exec -> first token file does not wait for it (bench/compare.py measures that path).
-        """
+        The last one to finish posts "started"; APScheduler is imported only then (or at the
+        start deadline), so that exec -> first token file does not wait for it
+        (bench/compare.py measures that path)."""
         todo = list(self.profiles.values())
         if not todo:
             self._events.put("started")
             return
-        lock = threading.Lock()
         left = len(todo)
 
-        def work() -> None:
+        def work(profile: Profile) -> None:
             nonlocal left
-            while True:
-                with lock:
-                    if not todo or self._stopping.is_set():
-                        return
-                    profile = todo.pop(0)
-                try:
-                    when = self._first_attempt(profile)
-                except Exception:  # a bug must not keep the scheduler from starting
-                    self._log.exception("first attempt failed", extra={"profile": profile.name})
-                    when = self._clock()
+            if self._stopping.is_set():
+                return
+            try:
+                when = self._first_attempt(profile)
+            except Exception:  # a bug must not keep the scheduler from starting
+                self._log.exception("first attempt failed", extra={"profile": profile.name})
+                when = self._clock()
+            with self._first_lock:
                 self._first_runs[profile.name] = when
-                with lock:
-                    left -= 1
-                    if left == 0:
-                        self._events.put("started")
+                left -= 1
+                if left == 0:
+                    self._events.put("started")
+                handed_over = profile.name in self._handed_over
+            if handed_over and self._scheduler is not None:
+                # the schedule started while this attempt still ran: it takes over now
+                self._first_done.add(profile.name)
+                self._scheduler.release(profile.name, when)
+                self._check_ready()
+                self._arm_expiry()
 
-        for i in range(min(FIRST_WORKERS, len(todo))):
-            thread = threading.Thread(target=work, name=f"dvs-first-{i}", daemon=True)
+        for profile in todo:
+            thread = threading.Thread(
+                target=work, args=(profile,), name=f"dvs-first-{profile.name}"[:15], daemon=True
+            )
             thread.start()
             self._first_threads.append(thread)
 
@@ -277,16 +318,30 @@ class Agent:
     def _start_scheduler(self) -> None:
         from agent.schedule import RefreshScheduler  # APScheduler: only the daemon needs it
 
-        scheduler = RefreshScheduler(clock=self._clock, on_outcome=self._on_outcome)
+        scheduler = RefreshScheduler(
+            clock=self._clock, on_outcome=self._on_outcome, on_tick=self._check_expiry
+        )
         self._scheduler = scheduler
         self._start_watchdog(scheduler)
-        for profile in self.profiles.values():
-            first_run = self._first_runs.get(profile.name, self._clock())
-            self._schedule(profile, first_run=first_run)
+        with self._first_lock:
+            for profile in self.profiles.values():
+                first_run = self._first_runs.get(profile.name)
+                if first_run is None:
+                    self._handed_over.add(profile.name)
+                    self._log.warning(
+                        "the first attempt is still running after %gs; starting the schedule "
+                        "for the other profiles",
+                        self._first_attempt_grace(),
+                        extra={"profile": profile.name, "event": "first_attempt_slow"},
+                    )
+                    self._schedule(profile, first_run=self._clock(), running=True)
+                else:
+                    self._schedule(profile, first_run=first_run)
+            # READY=1 now at the latest: one hanging profile must not hold the unit
+            self._first_done.update(self.profiles)
         with signals_to_main_thread():
             scheduler.start()
             self._start_listeners()
-        self._first_done.update(self._first_runs)
         self._arm_expiry()
         self._log.info(
             "dvs-agent running with %d profile(s): %s",
@@ -313,10 +368,16 @@ class Agent:
 
         for signum in SIGNALS:
             previous[signum] = signal.signal(signum, on_signal)
+        release_sighup()  # one that arrived while starting is delivered to the handler now
         return previous
 
     def _schedule(
-        self, profile: Profile, *, first_run: datetime, reason: Reason | None = None
+        self,
+        profile: Profile,
+        *,
+        first_run: datetime,
+        reason: Reason | None = None,
+        running: bool = False,
     ) -> None:
         assert self._scheduler is not None
         poll: timedelta = self.config.profiles[profile.name].rotation.poll_interval
@@ -328,7 +389,7 @@ class Agent:
                 extra={"profile": profile.name, "event": "polling_off"},
             )
             poll = timedelta(0)
-        self._scheduler.add(profile, first_run=first_run, poll_interval=poll)
+        self._scheduler.add(profile, first_run=first_run, poll_interval=poll, running=running)
         if reason is not None:
             self._scheduler.trigger(profile.name, reason)
 
@@ -447,7 +508,7 @@ class Agent:
                 snapshot=self.snapshot,
                 metrics=self.metrics,
                 refresh=self.refresh_request,
-                clock=self._clock,
+                clock=self._wall_now,
                 logger=logging.getLogger("agent.health"),
             )
         except OSError as exc:
@@ -457,8 +518,18 @@ class Agent:
             ) from None
         self._health.start()
 
+    def _wall_now(self) -> datetime:
+        """Now as the wall clock shows it (what /readyz compares the shown times with)."""
+        return to_wall(self._clock, self._clock())
+
+    def _shown(self, moment: datetime | None) -> datetime | None:
+        return None if moment is None else to_wall(self._clock, moment)
+
     def snapshot(self) -> list[ProfileStatus]:
-        """Each profile's state for /readyz (never a secret)."""
+        """Each profile's state for /readyz (never a secret), times on the wall clock.
+
+        ``expires_at`` is what consumers find: the held token's expiry, or an older one that a
+        file sink could not replace (None while a file sink was never written)."""
         from agent.health import ProfileStatus
 
         self._check_expiry()  # the state says "expired" from the moment the token has
@@ -466,9 +537,9 @@ class Agent:
             ProfileStatus(
                 name=p.name,
                 state=p.state.value,
-                expires_at=p.token.expires_at if p.token else None,
+                expires_at=self._shown(p.seen_until()),
                 provider_slug=p.token.provider_slug if p.token else None,
-                last_refresh=p.last_refresh,
+                last_refresh=self._shown(p.last_refresh),
                 last_error=p.last_error,
                 source=p.chain.current,
             )
@@ -515,6 +586,9 @@ class Agent:
         clean = not self._busy()
         if clean:  # closing a client that a stuck thread still uses could block
             self.close()
+        else:  # but running hooks are killed in any case (DESIGN §10)
+            for profile in self.profiles.values():
+                profile.stop_local()
         return RunResult(EX_OK, clean)
 
     def _busy(self) -> bool:
@@ -589,7 +663,7 @@ class Agent:
                 self.profiles.pop(name).close()
             self.profiles[name] = profile
             first_run = self._restore(profile) or self._clock()
-            self._schedule(profile, first_run=first_run, reason=Reason.SIGHUP)
+            self._schedule(profile, first_run=first_run, reason=Reason.RELOAD)
             applied[name] = pc
             self._log.info("profile (re)configured", extra={"profile": name, "event": "reload"})
         # what runs now: the new settings where they applied, the old ones where they failed

@@ -23,6 +23,7 @@ from agent.config import (
 )
 from agent.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE, AgentError, most_severe
 from agent.logs import setup_logging
+from agent.process import release_sighup
 
 DESCRIPTION = """\
 Keeps a valid OSIGU/DVS access token on a local path for the services next to it.
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command: str = args.command
+    if command != "run" and not (command == "dev" and not args.issuer_only):
+        release_sighup()  # only the daemon serves SIGHUP (it unblocks it with its handler)
     try:
         if command == "dev":
             from agent.dev import run_dev

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from agent.clock import Clock, to_wall, token_from_wall, token_to_wall
 from agent.errors import (
     AgentError,
     AuthServerUnavailable,
@@ -25,9 +26,9 @@ from agent.errors import (
     SinkError,
     SourceUnavailable,
 )
-from agent.logs import Redactor
+from agent.masking import Masker
 from agent.models import Credentials, Token, rfc3339
-from agent.oauth import Clock, TokenClient
+from agent.oauth import TokenClient
 from agent.sinks.base import TokenSink
 from agent.sources.chain import SourceChain
 from agent.state import StateStore
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from agent.metrics import Metrics
 
 ONE_SECOND = timedelta(seconds=1)
+#: SIGHUP bursts: a re-auth only when the token held is at least this old (or the credentials
+#: changed); DESIGN §10 "SIGHUP coalesces"
+SIGHUP_MIN_AGE = timedelta(seconds=10)
 
 
 class State(StrEnum):
@@ -54,6 +58,7 @@ class Reason(StrEnum):
     RETRY = "retry"
     ROTATION = "rotation"
     SIGHUP = "sighup"
+    RELOAD = "reload"  # SIGHUP changed the profile's settings: always a new token
     EVENT = "event"  # an AWS rotation event (EventBridge → SQS)
     REFRESH = "refresh"  # `dvs-agent refresh` (a consumer got a 401 with the current token)
     FORCE = "force"
@@ -63,6 +68,7 @@ class Reason(StrEnum):
 ROTATION_TRIGGERS = {
     Reason.ROTATION: "poll",
     Reason.SIGHUP: "sighup",
+    Reason.RELOAD: "sighup",
     Reason.EVENT: "event",
     Reason.REFRESH: "refresh",
 }
@@ -119,7 +125,7 @@ class Profile:
         store: StateStore,
         timing: Timing,
         clock: Clock,
-        redactor: Redactor | None = None,
+        redactor: Masker | None = None,
         rng: random.Random | None = None,
         logger: logging.Logger | None = None,
         metrics: Metrics | None = None,
@@ -131,7 +137,9 @@ class Profile:
         self._store = store
         self._timing = timing
         self._clock = clock
-        self._redactor = redactor
+        #: every secret and token this profile held, masked in last_error (and, when it is
+        #: the log filter, in every log line)
+        self._masker = redactor if redactor is not None else Masker()
         self._rng = rng or random.Random()  # noqa: S311 - jitter
         self._log = logger or logging.getLogger("agent")
         self._lock = threading.RLock()
@@ -148,6 +156,11 @@ class Profile:
         self._just_read = False
         #: sinks that missed the current token (retried until written or superseded)
         self._unwritten: list[TokenSink] = []
+        #: what each sink consumers read directly (file sinks) holds: the expiry of its token,
+        #: None until written; readiness follows it (DESIGN §10 "Readiness is what consumers see")
+        self._seen_until: dict[str, datetime | None] = {
+            sink.name: None for sink in self.sinks if sink.readiness
+        }
 
     # ---------------------------------------------------------------- helpers
     def _extra(self, event: str, **fields: object) -> dict[str, object]:
@@ -159,13 +172,28 @@ class Profile:
             if self._metrics is not None:
                 self._metrics.state(self.name, state.value)
 
+    def seen_until(self) -> datetime | None:
+        """Until when consumers find a valid token: the held token's expiry, or earlier when a
+        file sink still holds an older one (a full disk, an unwritable dir); None: none."""
+        token = self.token
+        if token is None:
+            return None
+        until: datetime | None = token.expires_at
+        for held in list(self._seen_until.values()):
+            if held is None:
+                return None
+            until = min(until, held) if until is not None else held
+        return until
+
     def check_expiry(self) -> bool:
-        """Mark the profile expired once its token has run out (True when that happened now).
+        """Mark the profile expired once what consumers see has run out (True when that
+        happened now): the held token, or the older one a file sink could not replace.
 
         Runs beside a refresh in progress: a refresh that holds a new token wins.
         """
         token = self.token
-        if token is None or token.is_valid(self._clock()):
+        until = self.seen_until()
+        if token is None or (until is not None and self._clock() < until):
             return False
         with self._state_lock:
             if self.token is not token or self.state not in (State.OK, State.DEGRADED):
@@ -173,29 +201,48 @@ class Profile:
             self.state = State.EXPIRED
             if self._metrics is not None:
                 self._metrics.state(self.name, State.EXPIRED.value)
+        if token.is_valid(self._clock()):
+            self._log.error(
+                "a token file still holds a token that has expired (%s): consumers cannot "
+                "use it; the agent holds a valid one but cannot write it there",
+                self.last_error or "not written",
+                extra=self._extra("token_expired", expires_at=self._when(token.expires_at)),
+            )
+            return True
         self._log.error(
             "the token expired at %s and no new one could be obtained yet",
-            rfc3339(token.expires_at),
-            extra=self._extra("token_expired", expires_at=rfc3339(token.expires_at)),
+            self._when(token.expires_at),
+            extra=self._extra("token_expired", expires_at=self._when(token.expires_at)),
         )
         return True
 
     def _succeeded(self, token: Token) -> None:
         if self._metrics is not None:
-            self._metrics.token(self.name, token.provider_slug, token.expires_at.timestamp())
+            expires = to_wall(self._clock, token.expires_at).timestamp()
+            self._metrics.token(self.name, token.provider_slug, expires)
             self._metrics.last_success(self.name, time.time())
 
     def _remember(self, credentials: Credentials) -> None:
         if self._metrics is not None:
             self._metrics.source_in_use(self.name, credentials.source, self.chain.names)
         self.credentials = credentials
-        if self._redactor is not None:
-            self._redactor.add(credentials.client_secret.reveal())
+        self._masker.add(credentials.client_secret.reveal())
 
     def _hold(self, token: Token) -> None:
         self.token = token
-        if self._redactor is not None:
-            self._redactor.add(token.access_token.reveal())
+        self._masker.add(token.access_token.reveal())
+
+    def _when(self, moment: datetime) -> str:
+        """A time of the agent's clock as logs show it (the wall clock, RFC 3339)."""
+        return rfc3339(to_wall(self._clock, moment))
+
+    def _error_text(self, exc: BaseException) -> str:
+        """An error as /readyz, status and metrics show it: secrets masked, controls escaped."""
+        return self._masker.shown(exc)
+
+    def _load(self, fingerprint: str | None) -> Token | None:
+        token = self._store.load(self.name, fingerprint)
+        return None if token is None else token_from_wall(self._clock, token)
 
     def _keyed_hash(self, credentials: Credentials) -> str:
         return credentials.fingerprint(self._store.key)
@@ -222,7 +269,7 @@ class Profile:
                 raise
             self._remember(credentials)
             self._just_read = True
-            token = self._store.load(self.name, self._keyed_hash(credentials))
+            token = self._load(self._keyed_hash(credentials))
             now = self._clock()
             if token is None or not token.is_valid(now):
                 return False
@@ -231,26 +278,26 @@ class Profile:
             self._log.info(
                 "reusing the recorded token (provider %s), valid until %s",
                 token.provider_slug or "?",
-                rfc3339(token.expires_at),
+                self._when(token.expires_at),
                 extra=self._extra(
                     "token_restored",
                     provider_slug=token.provider_slug,
-                    expires_at=rfc3339(token.expires_at),
+                    expires_at=self._when(token.expires_at),
                 ),
             )
             return True
 
     def _restore_without_sources(self, exc: SourceUnavailable) -> None:
-        token = self._store.load(self.name, None)
+        token = self._load(None)
         if token is None or not token.is_valid(self._clock()):
             return
         self._adopt_recorded(token, State.DEGRADED)
-        self.last_error = str(exc)
+        self.last_error = self._error_text(exc)
         self._log.warning(
             "no credential source answers (%s); keeping the recorded token, valid until %s",
             exc,
-            rfc3339(token.expires_at),
-            extra=self._extra("token_restored", expires_at=rfc3339(token.expires_at)),
+            self._when(token.expires_at),
+            extra=self._extra("token_restored", expires_at=self._when(token.expires_at)),
         )
 
     def _adopt_recorded(self, token: Token, state: State) -> None:
@@ -285,7 +332,15 @@ class Profile:
                 self._log.exception(
                     "unexpected error while refreshing", extra=self._extra("internal_error")
                 )
-                return self._failed(AgentError(f"internal error: {type(exc).__name__}"))
+                try:
+                    return self._failed(AgentError(f"internal error: {type(exc).__name__}"))
+                except Exception:  # nothing may escape a refresh, or the profile would freeze
+                    self._log.exception("unexpected error", extra=self._extra("internal_error"))
+                    return Outcome(
+                        ok=False,
+                        next_at=self._clock() + self._timing.retry_cap_expired,
+                        error=AgentError("internal error"),
+                    )
 
     def _refresh(self, reason: Reason) -> Outcome:
         now = self._clock()
@@ -307,6 +362,16 @@ class Profile:
         )
         credentials = self.chain.read() if reread else self.credentials
         assert credentials is not None
+        if reason is Reason.SIGHUP and self._recent(credentials, held, now):
+            assert held is not None
+            self._log.info(
+                "SIGHUP: the credentials are unchanged and the token was obtained %ds ago: "
+                "no new request (at most one per %ds)",
+                (now - held.obtained_at).total_seconds(),
+                SIGHUP_MIN_AGE.total_seconds(),
+                extra=self._extra("sighup_coalesced"),
+            )
+            return Outcome(ok=True, next_at=self._refresh_at(held))
         if self.credentials is not None and not credentials.same_as(self.credentials):
             self._log.info(
                 "new credentials from source %s (client_id %r)",
@@ -352,8 +417,10 @@ class Profile:
             next_at = max(fetched.token.expires_at, now + self._timing.reuse_poll)
             self._log.info(
                 "the auth server returned the token already held; asking again at its expiry %s",
-                rfc3339(fetched.token.expires_at),
-                extra=self._extra("token_unchanged", expires_at=rfc3339(fetched.token.expires_at)),
+                self._when(fetched.token.expires_at),
+                extra=self._extra(
+                    "token_unchanged", expires_at=self._when(fetched.token.expires_at)
+                ),
             )
             return Outcome(ok=True, next_at=next_at)
 
@@ -361,22 +428,35 @@ class Profile:
         self._failures, self.last_error = 0, None
         self._hold(token)
         self.last_refresh = now
-        self._store.save(self.name, self._keyed_hash(fetched.credentials), token)
+        self._store.save(
+            self.name, self._keyed_hash(fetched.credentials), token_to_wall(self._clock, token)
+        )
         self._log.info(
             "new token for provider %s, expires %s (%s)",
             token.provider_slug or "?",
-            rfc3339(token.expires_at),
+            self._when(token.expires_at),
             reason.value,
             extra=self._extra(
                 "token_refreshed",
                 provider_slug=token.provider_slug,
-                expires_at=rfc3339(token.expires_at),
+                expires_at=self._when(token.expires_at),
                 reason=reason.value,
                 source=fetched.credentials.source,
             ),
         )
         self._unwritten = list(self.sinks)
         return self._retry_sinks(token, new=True)
+
+    def _recent(self, credentials: Credentials, held: Token | None, now: datetime) -> bool:
+        """The held token is younger than SIGHUP_MIN_AGE, minted with these credentials and
+        in every sink: another SIGHUP of a burst has nothing to add."""
+        return (
+            held is not None
+            and not self._unwritten
+            and self.state is State.OK
+            and credentials.same_as(self.credentials)
+            and timedelta(0) <= now - held.obtained_at < SIGHUP_MIN_AGE
+        )
 
     def _retry_sinks(self, token: Token, *, new: bool = False) -> Outcome:
         self._unwritten = self._write_sinks(token, only=self._unwritten)
@@ -389,7 +469,7 @@ class Profile:
         self._failures += 1
         names = ", ".join(sink.name for sink in self._unwritten)
         error = SinkError(f"not written: {names}")
-        self.last_error = str(error)
+        self.last_error = self._error_text(error)
         self._set_state(State.DEGRADED)
         retry_at = self._clock() + self._backoff(self._timing.retry_first, self._timing.retry_cap)
         return Outcome(ok=False, next_at=min(next_at, retry_at), new_token=new, error=error)
@@ -399,9 +479,10 @@ class Profile:
     ) -> list[TokenSink]:
         """Write every sink (one failing never blocks the others); returns those that failed."""
         failed = []
+        shown = token_to_wall(self._clock, token)
         for sink in self.sinks if only is None else only:
             try:
-                sink.write(token)
+                sink.write(shown)
             except SinkError as exc:
                 failed.append(sink)
                 if self._metrics is not None:
@@ -413,6 +494,8 @@ class Profile:
                     extra=self._extra("sink_error", sink=sink.name),
                 )
             else:
+                if sink.name in self._seen_until:
+                    self._seen_until[sink.name] = token.expires_at
                 if self._metrics is not None:
                     self._metrics.sink_write(self.name, sink.name, "ok")
         return failed
@@ -454,7 +537,9 @@ class Profile:
             cap = timing.retry_cap if valid else timing.retry_cap_expired
             delay = self._backoff(timing.retry_first, cap)
             if isinstance(exc, AuthServerUnavailable) and exc.retry_after is not None:
-                delay = max(delay, timedelta(seconds=exc.retry_after))
+                # Retry-After is obeyed up to the cap, never beyond (DESIGN §10)
+                asked = timedelta(seconds=min(max(exc.retry_after, 0.0), cap.total_seconds()))
+                delay = max(delay, asked)
         if not valid and isinstance(exc, CredentialsRejected | RequestRejected):
             delay = min(delay, max(timing.retry_cap_expired, timing.rejected_first))
         if valid and self.token is not None and not isinstance(exc, RequestRejected):
@@ -463,9 +548,9 @@ class Profile:
             if until_expiry > ONE_SECOND:
                 delay = min(delay, until_expiry)
         delay = max(delay, ONE_SECOND)
-        self.last_error = str(exc)
+        self.last_error = self._error_text(exc)
         kept = (
-            f"; keeping the current token (valid until {rfc3339(self.token.expires_at)})"
+            f"; keeping the current token (valid until {self._when(self.token.expires_at)})"
             if valid and self.token is not None
             else "; no valid token is held"
         )
@@ -502,6 +587,17 @@ class Profile:
                 "rotation detected: %s", result.detail, extra=self._extra("rotation_detected")
             )
         return result.changed
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait for the sinks' background work (``on_change``) to end; True when none runs."""
+        return all([sink.settle(timeout) for sink in self.sinks])
+
+    def stop_local(self) -> None:
+        """Close the sinks whose close never blocks (file sinks: their hooks are killed), for
+        a stop while a refresh still runs and the rest cannot be closed safely."""
+        for sink in self.sinks:
+            if sink.readiness:
+                sink.close()
 
     def close(self) -> None:
         self.client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -136,3 +137,22 @@ def _document_expiry(document: Mapping[str, Any]) -> datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+#: the most an access token may take, UTF-8 encoded (DESIGN §10: validated like a server answer)
+MAX_TOKEN_BYTES = 64 * 1024
+#: the most the agent reads of a token answer, a store answer it parses or a state file (1 MiB)
+MAX_ANSWER_BYTES = 1024 * 1024
+
+#: RFC 6750 §2.1 b64token: what an access token may consist of
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def is_access_token(value: str) -> bool:
+    """True when ``value`` is an RFC 6750 b64token of at most :data:`MAX_TOKEN_BYTES` bytes.
+
+    Such a token has no whitespace, newline, quote or control character: it is safe in a raw
+    file, an ``env`` line and an ``Authorization: Bearer`` header.
+    """
+    # a match is ASCII, so its length in characters is its length in bytes
+    return len(value) <= MAX_TOKEN_BYTES and _B64TOKEN.fullmatch(value) is not None

@@ -34,6 +34,7 @@ from urllib.parse import quote_plus, urljoin, urlsplit
 import httpx
 import msgspec
 
+from agent.clock import Clock, utc_now
 from agent.errors import (
     AgentError,
     AuthServerUnavailable,
@@ -54,11 +55,6 @@ ACCEPT_ENCODING = "gzip, deflate"
 _ERROR_BODY_BYTES = 64 * 1024
 
 GrantLocation = Literal["query", "body"]
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,13 +114,44 @@ def test_retry_never_sleeps_past_the_held_tokens_expiry(
     assert outcome.next_at <= profile.token.expires_at
 
 
-def test_429_retry_after_is_honoured_by_the_schedule(
+def test_429_retry_after_is_honoured_by_the_schedule_up_to_its_cap(
     profile: Profile, server: TokenServer, clock: Clock
 ) -> None:
+    # no token held: the wait is capped at 30 s (DESIGN §10)
     server.enqueue(Fault.http_status(429, retry_after="120"))
     outcome = profile.refresh(Reason.START)
     assert not outcome.ok
+    assert (outcome.next_at - clock.now).total_seconds() == 30
+    # a valid token held: obeyed up to 5 minutes
+    assert profile.refresh(Reason.START).ok
+    server.enqueue(Fault.http_status(429, retry_after="120"))
+    outcome = profile.refresh(Reason.REFRESH)
+    assert not outcome.ok and profile.state is State.DEGRADED
     assert (outcome.next_at - clock.now).total_seconds() >= 120
+    server.enqueue(Fault.http_status(429, retry_after="86400000"))
+    outcome = profile.refresh(Reason.REFRESH)
+    assert not outcome.ok
+    assert 120 <= (outcome.next_at - clock.now).total_seconds() <= 300
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [
+        "1000000000000000",
+        "9" * 400,
+        "Fri, 31 Dec 9999 23:59:59 GMT",
+        "Sat, 01 Jan 10000 0:0:0 GMT",
+    ],
+)
+def test_a_huge_retry_after_never_escapes_or_freezes_the_profile(
+    profile: Profile, server: TokenServer, clock: Clock, retry_after: str
+) -> None:
+    server.enqueue(Fault.http_status(429, retry_after=retry_after))
+    outcome = profile.refresh(Reason.START)
+    assert not outcome.ok and isinstance(outcome.error, AuthServerUnavailable)
+    assert 1 <= (outcome.next_at - clock.now).total_seconds() <= 30
+    clock.now = outcome.next_at
+    assert profile.refresh(Reason.RETRY).ok  # the profile goes on
 
 
 def test_401_backs_off_slowly(
@@ -171,3 +202,20 @@ def test_same_token_after_expiry_stops_fast_polling(
     server.enqueue(Fault.json_body(same))
     outcome = profile.refresh(Reason.SCHEDULE)
     assert not outcome.ok and (outcome.next_at - clock.now).total_seconds() >= 1
+
+
+def test_a_sighup_burst_makes_one_request_unless_the_credentials_change(
+    profile: Profile, server: TokenServer, clock: Clock, env: dict[str, str]
+) -> None:
+    assert profile.refresh(Reason.START).ok
+    for _ in range(50):
+        assert profile.refresh(Reason.SIGHUP).ok
+    assert len(server.token_requests()) == 1  # the token is < 10 s old: nothing to add
+    clock.advance(11)
+    assert profile.refresh(Reason.SIGHUP).ok
+    assert len(server.token_requests()) == 2  # older than 10 s: the runbook's re-auth
+    server.set_secret(CLIENT_ID, "rotated-secret-value")
+    env["DVS_CLIENT_SECRET"] = "rotated-secret-value"
+    assert profile.refresh(Reason.SIGHUP).new_token  # new credentials: at once
+    assert len(server.token_requests()) == 3
+    assert profile.refresh(Reason.RELOAD).new_token  # new settings: always

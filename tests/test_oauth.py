@@ -1102,3 +1102,139 @@ def test_200_with_a_broken_content_encoding_is_retried(
 
     assert len(server.token_requests()) == 4
     assert "token request failed" in str(exc)
+
+
+# -- hostile servers (DESIGN §10) ----------------------------------------------------------------
+
+ONE = RetryPolicy(max_retries=0)
+
+
+def _traced_peak(call: Callable[[], object]) -> int:
+    """Peak bytes Python allocated (tracemalloc) while ``call`` ran, the server's included."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+    except AgentError:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
+def test_a_trickling_server_is_cut_off_at_request_timeout(
+    make_client: Callable[..., TokenClient], server: TokenServer, guard: Guard, headers: bool
+) -> None:
+    server.enqueue(Fault.trickle(interval=0.2, headers=headers))
+    client = make_client(server.url, policy=ONE, timeout=timedelta(seconds=1))
+    started = time.monotonic()
+    exc = guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
+    took = time.monotonic() - started
+    assert took < 4  # one deadline for the exchange (the trickle alone would take ~60 s)
+    assert "within 1s" in str(exc) and "request_timeout" in str(exc)
+
+
+def test_a_server_that_never_answers_is_cut_off_at_request_timeout(
+    make_client: Callable[..., TokenClient], server: TokenServer, guard: Guard
+) -> None:
+    server.enqueue(Fault.hang(), Fault.hang())
+    client = make_client(
+        server.url, policy=RetryPolicy(max_retries=1, initial_seconds=0.01, max_seconds=0.02)
+    )
+    started = time.monotonic()
+    guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
+    assert time.monotonic() - started < 4
+    assert len(server.token_requests()) == 2
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.endless(),
+        Fault.compression_bomb(decoded_bytes=1 << 30, encoding="gzip"),
+        Fault.compression_bomb(decoded_bytes=256 << 20, encoding="deflate"),
+        Fault.oversized(total_bytes=100 * 1024 * 1024),
+    ],
+    ids=["endless", "gzip-bomb", "deflate-bomb", "oversized"],
+)
+def test_a_flooding_body_is_a_protocol_error_and_memory_stays_flat(
+    make_client: Callable[..., TokenClient], server: TokenServer, guard: Guard, fault: Fault
+) -> None:
+    server.enqueue(fault)
+    client = make_client(server.url, policy=ONE, timeout=timedelta(seconds=20))
+    errors: list[AgentError] = []
+
+    def fetch() -> None:
+        try:
+            client.fetch(creds())
+        except AgentError as exc:
+            errors.append(exc)
+            raise
+
+    peak = _traced_peak(fetch)
+    assert len(errors) == 1 and isinstance(errors[0], AuthServerUnavailable)
+    assert errors[0].outcome == "protocol_error"
+    assert "larger than 1024 KiB" in str(errors[0])
+    # 1 MiB kept at most, plus the server's own 64 KiB pieces and its ~1 MB cached bomb
+    assert peak < 16 * 1024 * 1024, peak
+    guard.assert_clean(errors[0])
+
+
+def test_a_body_of_exactly_the_bound_is_read(
+    make_client: Callable[..., TokenClient], server: TokenServer
+) -> None:
+    server.enqueue(Fault.oversized(total_bytes=1024 * 1024, in_field=False))
+    assert make_client(server.url, policy=ONE).fetch(creds()).token.access_token
+
+
+@pytest.mark.parametrize("status", [400, 401, 500])
+def test_an_error_text_echoing_secrets_is_masked_cut_and_escaped(
+    client: TokenClient, server: TokenServer, guard: Guard, status: int
+) -> None:
+    held = client.fetch(creds()).token
+    server.enqueue(*[Fault.echo(status=status, token=held.access_token.reveal()) for _ in range(4)])
+    error = {400: RequestRejected, 401: CredentialsRejected, 500: AuthServerUnavailable}[status]
+    code = {400: 78, 401: 77, 500: 69}[status]
+    exc = guard.raises(error, code, lambda: client.fetch(creds(), previous=held))
+    text = str(exc)
+    assert held.access_token.reveal() not in text
+    assert "[REDACTED]" in text
+    assert not any(ord(char) < 32 or ord(char) == 0x7F for char in text), repr(text)
+    assert "\\x1b" in text  # shown escaped, not raw
+
+
+def test_an_unasked_content_encoding_is_a_protocol_error(
+    make_client: Callable[..., TokenClient], server: TokenServer, guard: Guard
+) -> None:
+    server.enqueue(Fault(status=200, body=b"\x1b\x00", headers={"Content-Encoding": "br"}))
+    client = make_client(server.url, policy=ONE)
+    exc = guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
+    assert "Content-Encoding 'br'" in str(exc)
+    assert server.token_requests()[-1].headers["accept-encoding"] == "gzip, deflate"
+
+
+@pytest.mark.parametrize("expires_in", [10**20, 11 * 366 * 24 * 3600])
+def test_an_absurd_expires_in_is_a_protocol_error(
+    make_client: Callable[..., TokenClient], server: TokenServer, guard: Guard, expires_in: int
+) -> None:
+    server.enqueue(Fault.json_body(token_body(guard.plant(), expires_in=expires_in)))
+    client = make_client(server.url, policy=ONE)
+    exc = guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
+    assert "at most ten years" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1000000000000000", 300.0), ("9" * 400, 300.0), ("Fri, 31 Dec 9999 23:59:59 GMT", 300.0)],
+)
+def test_a_huge_retry_after_is_clamped(
+    client: TokenClient, server: TokenServer, guard: Guard, value: str, expected: float
+) -> None:
+    server.enqueue(Fault.http_status(429, retry_after=value))
+    exc = guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
+    assert isinstance(exc, AuthServerUnavailable)
+    assert exc.retry_after == expected
+

@@ -418,7 +418,7 @@ def test_wheel_holds_the_package_and_nothing_else(installed: Installed) -> None:
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "agent").rglob("*.py")}
     assert modules <= set(names), f"modules missing from the wheel: {sorted(modules - set(names))}"
     entry_points = zipfile.ZipFile(installed.wheel).read(f"{dist_info}/entry_points.txt").decode()
-    assert re.search(r"^dvs-agent\s*=\s*agent\.cli:main$", entry_points, re.MULTILINE)
+    assert re.search(r"^dvs-agent\s*=\s*agent\.__main__:main$", entry_points, re.MULTILINE)
 
 
 def test_wheel_metadata_declares_the_runtime_dependencies(installed: Installed) -> None:

@@ -61,6 +61,8 @@ class AwsSinkSettings:
 class AwsSink:
     """Puts each new token's document into a secret; a :class:`TokenSink`."""
 
+    readiness = False
+
     def __init__(
         self,
         settings: AwsSinkSettings,
@@ -107,6 +109,9 @@ class AwsSink:
         self._log.debug(
             "wrote %s in %s (expires %s)", self.name, self._where(), document["expires_at"]
         )
+
+    def settle(self, timeout: float | None = None) -> bool:
+        return True  # nothing runs in the background
 
     def close(self) -> None:
         if self._owns_client and self._client is not None:

@@ -18,10 +18,18 @@ class TokenSink(Protocol):
 
     #: a short label for logs and metrics, e.g. ``file:/run/dvs-agent/token``
     name: str
+    #: consumers read this sink's target directly (a file): /readyz follows what it holds, and
+    #: its close() never blocks (DESIGN §10 "Readiness is what consumers see")
+    readiness: bool
 
     def check(self) -> None: ...
 
     def write(self, token: Token) -> None: ...
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until work a write started in the background (``on_change``) has ended; True
+        when none runs."""
+        ...
 
     def close(self) -> None: ...
 

@@ -95,6 +95,8 @@ class _Target:
 class RedisSink:
     """Writes each new token's document to one Redis key; a :class:`TokenSink`."""
 
+    readiness = False
+
     def __init__(
         self,
         settings: RedisSinkSettings,
@@ -163,6 +165,9 @@ class RedisSink:
             self._log.debug(
                 "wrote %s (expires %s, ttl %d ms)", self.name, document["expires_at"], ttl_ms
             )
+
+    def settle(self, timeout: float | None = None) -> bool:
+        return True  # nothing runs in the background
 
     def close(self) -> None:
         self._drop_client()

@@ -53,6 +53,8 @@ class VaultSink:
     after a 403, no hidden retries); its errors become :class:`SinkError`.
     """
 
+    readiness = False
+
     def __init__(
         self,
         connection: VaultConnection,
@@ -107,6 +109,9 @@ class VaultSink:
             f"{self._conn.address} changed during each of {CAS_ATTEMPTS} check-and-set writes: "
             "another writer is busy on it; the next attempt will try again"
         )
+
+    def settle(self, timeout: float | None = None) -> bool:
+        return True  # nothing runs in the background
 
     def close(self) -> None:
         """Drop the connection's client (the token is not revoked; a later call logs in)."""
