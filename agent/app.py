@@ -205,28 +205,31 @@ class Agent:
         reload_pending = False
         try:
             self._begin()
-            # the schedule starts when every first attempt ended, or at this deadline anyway:
-            # one hanging tenant must not hold the others (DESIGN §7, §10)
-            start_by = time.monotonic() + self._first_attempt_grace()
+            # READY=1 when every first attempt ended, or at this deadline anyway: one hanging
+            # tenant must not hold the unit, nor the others' schedule (DESIGN §7, §10)
+            ready_by = time.monotonic() + self._first_attempt_grace()
             while True:
-                timeout = None
-                if self._scheduler is None:
-                    timeout = max(0.0, start_by - time.monotonic())
                 try:
-                    event = self._events.get(timeout=timeout)
+                    event = self._events.get(timeout=self._wait(ready_by))
                 except queue.Empty:
-                    event = "started"
+                    event = "deadline"
                 if event == "stop":
                     break
-                if event == "reload" and self._scheduler is None:
+                if event in ("deadline", "started") and self._scheduler is None:
+                    # every first attempt ended, a profile's next run is due, or the deadline
+                    self._start_scheduler()
+                    if reload_pending:
+                        reload_pending = False
+                        self.reload()
+                if event == "deadline":
+                    if time.monotonic() >= ready_by and not self._ready_sent:
+                        self._first_done.update(self.profiles)
+                        self._check_ready()
+                elif event == "reload" and self._scheduler is None:
                     reload_pending = True  # after the first attempts
                 elif event == "reload":
                     self._drain("reload")  # a burst of SIGHUPs is one reload
                     self.reload()
-                elif event == "started" and self._scheduler is None:
-                    self._start_scheduler()
-                    if reload_pending:
-                        self.reload()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -244,6 +247,24 @@ class Agent:
                 keep.append(event)
         for event in keep:
             self._events.put(event)
+
+    def _wait(self, ready_by: float) -> float | None:
+        """How long the main loop may wait for an event while starting (None: no limit).
+
+        Until the schedule runs: until the earliest next run of a profile whose first attempt
+        ended (a short token must not wait for a tenant that hangs), at most until
+        ``ready_by``; then until ``ready_by`` for READY=1."""
+        if self._ready_sent:
+            return None
+        now = time.monotonic()
+        until = ready_by
+        if self._scheduler is None:
+            with self._first_lock:
+                runs = list(self._first_runs.values())
+            if runs:
+                due = (min(runs) - self._clock()).total_seconds()
+                until = min(until, now + max(0.0, due))
+        return max(0.0, until - now)
 
     def _first_attempt_grace(self) -> float:
         timeouts = [pc.request_timeout.total_seconds() for pc in self.config.profiles.values()]
@@ -281,8 +302,7 @@ class Agent:
             with self._first_lock:
                 self._first_runs[profile.name] = when
                 left -= 1
-                if left == 0:
-                    self._events.put("started")
+                self._events.put("started" if left == 0 else "first")
                 handed_over = profile.name in self._handed_over
             if handed_over and self._scheduler is not None:
                 # the schedule started while this attempt still ran: it takes over now
@@ -329,16 +349,14 @@ class Agent:
                 if first_run is None:
                     self._handed_over.add(profile.name)
                     self._log.warning(
-                        "the first attempt is still running after %gs; starting the schedule "
-                        "for the other profiles",
-                        self._first_attempt_grace(),
+                        "the first attempt is still running; starting the schedule for the "
+                        "other profiles (it joins when its attempt ends)",
                         extra={"profile": profile.name, "event": "first_attempt_slow"},
                     )
                     self._schedule(profile, first_run=self._clock(), running=True)
                 else:
                     self._schedule(profile, first_run=first_run)
-            # READY=1 now at the latest: one hanging profile must not hold the unit
-            self._first_done.update(self.profiles)
+            self._first_done.update(self._first_runs)
         with signals_to_main_thread():
             scheduler.start()
             self._start_listeners()

@@ -4,7 +4,8 @@ A write goes to a temp file in the same directory (``O_CREAT|O_EXCL|O_NOFOLLOW``
 its ``mode`` and ``owner``/``group``, is filled and ``fsync``-ed, and is then renamed onto the
 path, after which the directory is ``fsync``-ed. A reader therefore sees the old token or the new
 one, never a partial file, even when the agent is killed mid-write. Temp files left by a kill -9
-are named ``.<basename>.dvs-agent.<16 hex>.tmp`` and removed by :meth:`FileSink.check`.
+are named ``.<basename>.dvs-agent.<16 hex>.tmp`` (the writer's pid, then random) and removed by
+:meth:`FileSink.check`, except this process's own (a write in flight).
 
 After a write that changed the file, ``on_change`` is handed to an
 :class:`agent.hooks.HookRunner`: it runs beside the refresh, never in it (DESIGN §10), with the
@@ -288,8 +289,13 @@ class FileSink:
             raise SinkError(
                 f"cannot list {self._dir} (for {self.path}): {self._explain(exc)}"
             ) from None
+        ours = _own_temp_prefix()
         for name in names:
-            if self._tmp_pattern.fullmatch(name):
+            # a temp of this process is a write in flight (a reload checks a rebuilt sink while
+            # another profile's refresh may be writing): never removed
+            if self._tmp_pattern.fullmatch(name) and not name.removeprefix(
+                "." + self.path.name + _TMP_MARK
+            ).startswith(ours):
                 stale = self._dir / name
                 try:
                     os.unlink(stale)
@@ -323,9 +329,9 @@ class FileSink:
     def _create_temp(self) -> tuple[Path, int]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         while True:
+            random_part = secrets.token_hex((_TMP_RANDOM_HEX - len(_own_temp_prefix())) // 2)
             tmp = self._dir / (
-                f".{self.path.name}{_TMP_MARK}{secrets.token_hex(_TMP_RANDOM_HEX // 2)}"
-                f"{_TMP_SUFFIX}"
+                f".{self.path.name}{_TMP_MARK}{_own_temp_prefix()}{random_part}{_TMP_SUFFIX}"
             )
             try:
                 return tmp, os.open(tmp, flags, 0o600)
@@ -361,6 +367,11 @@ class FileSink:
         if exc.errno == errno.EROFS:
             return f"{text.lower()}: {self._dir} is on a read-only file system"
         return text
+
+
+def _own_temp_prefix() -> str:
+    """The start of this process's temp names: its pid in 8 hex digits (of the 16)."""
+    return f"{os.getpid() & 0xFFFFFFFF:08x}"
 
 
 def _resolve(key: str, value: str | None, lookup: Callable[[str], int]) -> int:
