@@ -19,6 +19,7 @@ from agent.config import (
     FileSinkConfig,
     SinkConfig,
     VaultSinkConfig,
+    config_file_warnings,
     load_config,
 )
 from agent.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE, AgentError, most_severe
@@ -152,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "refresh":
             return _refresh(config, args.profile)
         redactor = setup_logging(config.agent.log_level, config.agent.log_format)
+        for warning in config_file_warnings(path, config):  # at every start (DESIGN §10)
+            logging.getLogger("agent").warning("%s", warning, extra={"event": "config_trust"})
         from agent.app import Agent
 
         metrics = None

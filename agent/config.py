@@ -31,6 +31,7 @@ import ipaddress
 import json
 import math
 import os
+import pwd
 import re
 import stat
 import tomllib
@@ -75,6 +76,10 @@ VAULT_TOKEN_ENV = "VAULT_TOKEN"  # noqa: S105 - a variable name
 DEFAULT_VAULT_TOKEN_FILE = "/run/vault/token"  # noqa: S105 - a path
 
 _PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: a profile name names state files (``NAME.json``), metric labels and Redis keys (DESIGN §10)
+MAX_PROFILE_NAME = 64
+#: the longest an ``on_change`` command may run before it is killed (DESIGN §10)
+MAX_ON_CHANGE_TIMEOUT = timedelta(minutes=5)
 _ENV_VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _HOSTNAME_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -637,6 +642,98 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
     return config
 
 
+def config_file_warnings(path: Path, config: Config) -> list[str]:
+    """What makes the config file at ``path`` editable by others than root and the agent.
+
+    DESIGN §10: the file (and the directory it is in, which lets its writer replace it) being
+    writable by group or others, or owned by a uid other than root and the agent's (effective)
+    one, is a warning at every start, not an error. Each message names the path, its mode and
+    owner, what to do, and every ``on_change`` argv of ``config``, which run as the agent.
+    Empty when nothing is wrong or the path cannot be examined (loading it reports that).
+    """
+    euid = os.geteuid()
+    hooks = [
+        f"{_key_path(['profiles', name, 'sinks', index, 'on_change'])} = "
+        f"[{_listing(sink.on_change)}]"
+        for name, profile in config.profiles.items()
+        for index, sink in enumerate(profile.sinks)
+        if isinstance(sink, FileSinkConfig) and sink.on_change
+    ]
+    if hooks:
+        stake = (
+            f"whoever can change it chooses the commands the agent runs as uid {euid}: "
+            + "; ".join(hooks)
+        )
+    else:
+        stake = (
+            "whoever can change it decides where tokens are written, and could add an on_change "
+            f"command that the agent would run as uid {euid}"
+        )
+    warnings = []
+    file_problem = _foreign_write_problem(path, euid, directory=False)
+    if file_problem is not None:
+        problem, mode, fix = file_problem
+        warnings.append(f"{path}: the config file ({mode}) {problem}: {stake}; {fix}")
+    directories = [path.parent]
+    try:
+        resolved = path.resolve().parent
+    except (OSError, RuntimeError):  # a symlink loop: loading the file reports it
+        resolved = path.parent
+    if resolved != path.parent:
+        directories.append(resolved)
+    for directory in directories:
+        dir_problem = _foreign_write_problem(directory, euid, directory=True)
+        if dir_problem is not None:
+            problem, mode, fix = dir_problem
+            warnings.append(
+                f"{path}: the config file's directory {directory} ({mode}) {problem}: whoever "
+                f"can write it can replace the file, and {stake}; {fix}"
+            )
+    return warnings
+
+
+def _foreign_write_problem(
+    path: Path, euid: int, *, directory: bool
+) -> tuple[str, str, str] | None:
+    """(what is wrong, its mode and owner, the fix) when users other than root and ``euid`` can
+    write ``path``; None when they cannot, or ``path`` cannot be examined."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(info.st_mode)
+    writers = [who for bit, who in ((0o020, "group"), (0o002, "others")) if mode & bit]
+    if directory and mode & stat.S_ISVTX:
+        writers = []  # sticky (/tmp): others cannot replace a file they do not own
+    problems = []
+    if writers:
+        problems.append(f"is writable by {' and '.join(writers)}")
+    if info.st_uid not in (0, euid):
+        problems.append(f"is owned by uid {info.st_uid}, not by root or the agent (uid {euid})")
+    if not problems:
+        return None
+    described = (
+        f"mode {mode:04o}, owner uid {info.st_uid}{_user_name(info.st_uid)}, gid {info.st_gid}"
+    )
+    fixes = []
+    if info.st_uid not in (0, euid):
+        fixes.append(f"chown root {path}")
+    if writers:
+        fixes.append(f"chmod go-w {path}")
+    kind = "directory" if directory else "file"
+    commands = " && ".join(fixes)
+    fix = f"make the {kind} root's (or the agent's) and not writable by others: {commands}"
+    return " and ".join(problems), described, fix
+
+
+def _user_name(uid: int) -> str:
+    """`` (name)`` of a uid, or nothing when it has no passwd entry."""
+    try:
+        return f" ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return ""
+
+
 def _config_error(source: str, errors: list[str]) -> ConfigError:
     return ConfigError("\n".join(f"{source}: {error}" for error in errors))
 
@@ -869,6 +966,12 @@ def _check(config: Config) -> Iterator[str]:
                 "use letters, digits, '_', '.' and '-', starting with a letter or digit "
                 "(it names files and metric labels)"
             )
+        elif len(name) > MAX_PROFILE_NAME:
+            yield (
+                f"{_key_path(['profiles', name])}: the profile name is {len(name)} characters "
+                f"long, at most {MAX_PROFILE_NAME} are allowed (it names the state file "
+                "NAME.json, metric labels and keys): choose a shorter name"
+            )
         yield from _check_profile(name, profile)
         for index, sink in enumerate(profile.sinks):
             target = _sink_target(name, index, profile, sink)
@@ -1096,6 +1199,11 @@ def _check_file_sink(where: str, sink: FileSinkConfig) -> Iterator[str]:
         )
     if sink.on_change_timeout <= timedelta(0):
         yield f"{where}.on_change_timeout: must be more than 0"
+    elif sink.on_change_timeout > MAX_ON_CHANGE_TIMEOUT:
+        yield (
+            f"{where}.on_change_timeout: must be at most 5 minutes (the command is killed "
+            "then; a longer job should be started by it, not run in it)"
+        )
 
 
 def _check_vault_sink(

@@ -509,7 +509,7 @@ class TokenClient:
     ) -> tuple[Token, bool]:
         try:
             doc: Any = msgspec.json.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             ctype = outside(response.headers.get("content-type", "no content-type"), limit=60)
             raise _ProtocolError(
                 f"a body that is not JSON ({ctype}, {len(body)} bytes): a proxy or "
@@ -622,7 +622,7 @@ def _error_field(body: bytes, secrets: tuple[str, ...]) -> str:
     cut and escaped (a hostile server may echo the secret or send terminal controls)."""
     try:
         doc = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return ""
     if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
         return ""
