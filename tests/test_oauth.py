@@ -1237,4 +1237,3 @@ def test_a_huge_retry_after_is_clamped(
     exc = guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
     assert isinstance(exc, AuthServerUnavailable)
     assert exc.retry_after == expected
-
