@@ -4,15 +4,38 @@
 the metrics, a refresh request); it holds no state of its own beyond a burst limit. The client
 helpers at the end are what ``dvs-agent status`` and ``dvs-agent refresh`` use.
 
+The listener is bounded (DESIGN §10), so that no client can take what token writes need:
+
+* at most :data:`MAX_CONNECTIONS` connections are served at once, one thread each (the thread
+  ends with its connection); one beyond the cap is accepted and closed at once by the serving
+  thread, without a thread or a queue. The cap is lowered further to a quarter of the file
+  descriptors the process has free when the listener is built (:func:`connection_cap`), so the
+  listener never holds more than that share (plus the listening socket and, for an instant, the
+  one being refused) and the rest of the process always finds descriptors;
+* a client has :data:`REQUEST_TIMEOUT_SECONDS` in all (not per read) to send its request line,
+  headers and the small body that is drained, at most :data:`MAX_REQUEST_HEAD` bytes of head
+  (besides http.server's own limits: 64 KiB a line, 100 headers), and
+  :data:`RESPONSE_TIMEOUT_SECONDS` in all to take the answer;
+* the listen backlog is :data:`LISTEN_BACKLOG`, so a burst of probes waits in the kernel rather
+  than being dropped.
+
+When the cap starts refusing connections a warning names the address, once; another says when it
+has refused none for :data:`REFUSAL_QUIET_SECONDS` (never a line per connection).
+
 No answer ever carries a token or a secret: a profile is described by its state, expiry,
 provider_slug, last refresh, last error and source name only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import logging
 import math
+import os
+import resource
 import socket
 import socketserver
 import threading
@@ -20,8 +43,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
@@ -30,6 +54,9 @@ from agent import __version__
 from agent.metrics import Metrics
 from agent.models import rfc3339
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
 Clock = Callable[[], datetime]
 
 #: ``POST /refresh`` burst limit of the listener itself, over all profiles (requests per second)
@@ -37,14 +64,62 @@ REFRESH_RATE = 10.0
 #: request bodies are ignored; up to this many bytes are read and dropped so the client sees
 #: the answer rather than a connection reset
 MAX_DRAINED_BODY = 64 * 1024
-#: a client that sends nothing for this long is dropped (a stuck client must not hold a thread)
+#: a client has this long in all, from when its connection is taken up, to send its request
+#: (line, headers and the drained body), however it spreads the bytes: a stuck or trickling
+#: client is cut off (one request per connection: the handler speaks HTTP/1.0)
 REQUEST_TIMEOUT_SECONDS = 5.0
+#: and this long in all to take the answer (a client that never reads is cut off)
+RESPONSE_TIMEOUT_SECONDS = 5.0
+#: the request line and headers together, in bytes (a probe sends a few hundred); more is 431
+MAX_REQUEST_HEAD = 32 * 1024
+#: connections served at once, a thread each; one more is accepted and closed at once
+MAX_CONNECTIONS = 64
+#: the listener takes at most 1/FD_SHARE of the file descriptors free when it is built
+FD_SHARE = 4
+#: the listen backlog (``request_queue_size``): connections the kernel holds until accepted
+LISTEN_BACKLOG = 128
+#: after the cap refused a connection, this long without a refusal counts as recovered
+REFUSAL_QUIET_SECONDS = 5.0
+#: the pause of the serving thread when accept fails for want of descriptors or memory (the
+#: listening socket stays readable: without it the loop would spin)
+ACCEPT_BACKOFF_SECONDS = 0.1
 
 _JSON = "application/json"
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _fds_in_use() -> int:
+    """The file descriptors this process has open (0 where the system does not list them)."""
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            # listdir holds one descriptor of its own while it reads, and lists it
+            return max(0, len(os.listdir(directory)) - 1)
+        except OSError:
+            continue
+    return 0
+
+
+def connection_cap(
+    wanted: int = MAX_CONNECTIONS, *, soft_limit: int | None = None, in_use: int | None = None
+) -> int:
+    """How many connections the listener may serve at once: ``wanted``, lowered to a quarter
+    of the descriptors free now (``RLIMIT_NOFILE``'s soft limit less those open), at least 1.
+
+    A served connection holds one descriptor; so the listener holds at most this many, plus
+    its listening socket and the one it is refusing, and three quarters of what was free stay
+    for token and state files, HTTP clients and hooks. With the usual limit of 1024 or more
+    the cap is ``wanted``; at 64, with some 15 open, it is 12.
+    """
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_limit == resource.RLIM_INFINITY or soft_limit < 0:
+        return max(1, wanted)
+    if in_use is None:
+        in_use = _fds_in_use()
+    return max(1, min(wanted, (soft_limit - in_use) // FD_SHARE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +226,8 @@ class HealthServer:
 
     ``snapshot`` describes every profile; ``refresh(name)`` (None: every profile) asks for a
     refresh now and raises KeyError for an unknown profile. Both are called on request threads.
+    ``max_connections`` lowers the cap of connections served at once (:data:`MAX_CONNECTIONS`);
+    the descriptor share of :func:`connection_cap` may lower it further, never raise it.
     """
 
     def __init__(
@@ -163,6 +240,7 @@ class HealthServer:
         refresh: Callable[[str | None], RefreshAnswer],
         clock: Clock = _utc_now,
         logger: logging.Logger | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._snapshot = snapshot
         self._metrics = metrics
@@ -174,6 +252,8 @@ class HealthServer:
         self._failures: set[tuple[str, str]] = set()
         self._failures_lock = threading.Lock()
         self._httpd = _HTTPServer(host, port, self)
+        # after the bind, so that the listening socket counts as in use
+        self._httpd.max_connections = connection_cap(max_connections)
         self._thread: threading.Thread | None = None
 
     @property
@@ -181,6 +261,16 @@ class HealthServer:
         """The bound ``(host, port)`` (the real port when 0 was asked for)."""
         host, port = self._httpd.server_address[:2]
         return str(host), int(port)
+
+    @property
+    def max_connections(self) -> int:
+        """Connections served at once; more are closed as soon as they are accepted."""
+        return self._httpd.max_connections
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now."""
+        return self._httpd.open_connections()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -194,8 +284,9 @@ class HealthServer:
         self._thread.start()
         host, port = self.address
         self._log.info(
-            "health listener on %s",
+            "health listener on %s (at most %d connections at once)",
             _authority(host, port),
+            self.max_connections,
             extra={"event": "health_listening"},
         )
 
@@ -206,6 +297,9 @@ class HealthServer:
             self._thread.join(timeout=5)
             self._thread = None
         self._httpd.server_close()
+        # the request threads are daemons that nothing joins: end their connections so that
+        # they end now (a callback running finishes first), not at their deadlines
+        self._httpd.close_connections()
 
     def __enter__(self) -> HealthServer:
         self.start()
@@ -318,13 +412,94 @@ class HealthServer:
         return _json(500, {"error": "internal error; see the agent's log"})
 
 
+class _RequestTooLarge(Exception):
+    """The request head (or the drained body) is more than the listener reads."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The read side of a connection: every read waits at most until one deadline for the whole
+    request, so a client trickling a byte now and then is cut off at it as one that sends
+    nothing is; and at most ``budget`` bytes are read in all (:meth:`allow` raises it)."""
+
+    def __init__(self, sock: socket.socket, deadline: float, budget: int) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+        self._budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def allow(self, more: int) -> None:
+        self._budget += more
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        if self._budget <= 0:
+            raise _RequestTooLarge
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"request not received within {REQUEST_TIMEOUT_SECONDS:g} s")
+        self._sock.settimeout(remaining)
+        with memoryview(buffer) as view, view.cast("B") as octets:
+            received = self._sock.recv_into(octets[: self._budget])
+        self._budget -= received
+        return received
+
+
+class _DeadlineWriter(io.BufferedIOBase):
+    """The write side of a connection, unbuffered: the whole answer must be taken within
+    ``seconds`` of its first write (``sendall``'s timeout is per call; this is per answer)."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._seconds = seconds
+        self._deadline: float | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._seconds
+        remaining = self._deadline - now
+        if remaining <= 0:
+            raise TimeoutError(f"answer not taken within {self._seconds:g} s")
+        self._sock.settimeout(remaining)
+        self._sock.sendall(data)
+        with memoryview(data) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
 class _HTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server of the host's address family, without reverse DNS at bind."""
+    """A threading HTTP server of the host's address family, without reverse DNS at bind, that
+    serves at most ``max_connections`` connections at once.
+
+    socketserver calls :meth:`process_request` on the serving thread for each accepted
+    connection: it is admitted into ``_open`` (and gets a thread) while there is room, or closed
+    at once; :meth:`shutdown_request`, called exactly once per connection when it ends (or when
+    its thread cannot start), takes it out. So the threads and descriptors of the listener are
+    bounded by the cap whatever clients do, and a flood costs the serving thread one
+    accept-and-close per connection.
+    """
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, host: str, port: int, health: HealthServer) -> None:
         self.health = health
+        self.max_connections = MAX_CONNECTIONS
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        self._open_changed = threading.Condition(self._open_lock)
+        # the refusal episode; only the serving thread reads or writes these
+        self._refusing_since: float | None = None
+        self._last_refusal = 0.0
+        self._refused = 0
         # the family of what the host resolves to: "::1" and IPv6-only names need AF_INET6
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
         self.address_family = infos[0][0]
@@ -337,6 +512,84 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_name = str(host)
         self.server_port = int(port)
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # the connection waits in the backlog; socketserver drops this error
+                time.sleep(ACCEPT_BACKOFF_SECONDS)
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            admitted = len(self._open) < self.max_connections
+            if admitted:
+                self._open.add(request)
+        if admitted:
+            # on failure (no thread to be had) socketserver calls shutdown_request
+            super().process_request(request, client_address)
+            return
+        self._refuse()
+        self.shutdown_request(request)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            # before the close, under the lock close_connections takes: it never shuts down a
+            # descriptor number that a close here has freed for reuse
+            self._open.discard(request)
+            self._open_changed.notify_all()
+        super().shutdown_request(request)
+
+    def open_connections(self) -> int:
+        with self._open_lock:
+            return len(self._open)
+
+    def close_connections(self, timeout: float = 1.0) -> None:
+        """Shut down every connection being served and wait (up to ``timeout``) until their
+        threads have let go of them."""
+        with self._open_changed:
+            for request in self._open:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
+            self._open_changed.wait_for(lambda: not self._open, timeout)
+
+    def _refuse(self) -> None:
+        now = time.monotonic()
+        self._refused += 1
+        self._last_refusal = now
+        if self._refusing_since is not None:
+            return
+        self._refusing_since = now
+        self.health._log.warning(
+            "health listener on %s is serving its maximum of %d connections; more are closed "
+            "at once until some end",
+            _authority(*self.health.address),
+            self.max_connections,
+            extra={"event": "health_saturated"},
+        )
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` at every turn (at least every poll interval)."""
+        super().service_actions()
+        since = self._refusing_since
+        if since is None:
+            return
+        now = time.monotonic()
+        if now - self._last_refusal < REFUSAL_QUIET_SECONDS:
+            return
+        if self.open_connections() >= self.max_connections:
+            return
+        self.health._log.warning(
+            "health listener on %s accepts connections again (%d refused in %.0f s)",
+            _authority(*self.health.address),
+            self._refused,
+            self._last_refusal - since,
+            extra={"event": "health_recovered"},
+        )
+        self._refusing_since = None
+        self._refused = 0
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # a client that went away mid-answer; never a traceback on stderr
         self.health._log.debug("health request from %s broke off", client_address, exc_info=True)
@@ -345,7 +598,30 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server_version = f"dvs-agent/{__version__}"
     sys_version = ""
-    timeout = REQUEST_TIMEOUT_SECONDS
+
+    def setup(self) -> None:
+        # StreamRequestHandler.setup with deadlines instead of a timeout per read or write
+        self.connection = self.request
+        self._reader = _DeadlineReader(
+            self.connection, time.monotonic() + REQUEST_TIMEOUT_SECONDS, MAX_REQUEST_HEAD
+        )
+        self.rfile = io.BufferedReader(self._reader)
+        self.wfile = _DeadlineWriter(self.connection, RESPONSE_TIMEOUT_SECONDS)
+
+    def handle_one_request(self) -> None:
+        """One request (HTTP/1.0: one per connection); a head over MAX_REQUEST_HEAD is 414
+        (while in the request line) or 431. A timeout closes the connection without an answer
+        (http.server catches TimeoutError)."""
+        self.raw_requestline = b""
+        try:
+            super().handle_one_request()
+        except _RequestTooLarge:
+            self.close_connection = True
+            if not self.raw_requestline:  # still reading it
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            else:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Request too large")
 
     def _answer(self) -> None:
         self._drain()
@@ -368,6 +644,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return
         if 0 < length <= MAX_DRAINED_BODY:
+            self._reader.allow(length)
             self.rfile.read(length)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _answer

@@ -380,6 +380,12 @@ class Profile:
                 extra=self._extra("credentials_changed", source=credentials.source),
             )
         self._remember(credentials)
+        if self.token is None:
+            # a server may echo the token it gave an earlier run (recorded in state_dir): it
+            # must be masked like the tokens held
+            recorded = self._load(self._keyed_hash(credentials))
+            if recorded is not None:
+                self._masker.add(recorded.access_token.reveal())
 
         started = time.monotonic()
         try:

@@ -45,6 +45,10 @@ def test_once_scenarios_at_debug_level_leak_nothing(server: TokenServer, tmp_pat
             ([Fault.http_status(400)], agent_env(), ["--force"]),
             ([], agent_env(DVS_CLIENT_SECRET="the-wrong-secret"), ["--force"]),
             ([], agent_env(), []),  # reuse from state
+            # servers that echo the secret, the Basic header and a token back (DESIGN §10)
+            ([Fault.echo(status=401)], agent_env(), ["--force"]),
+            ([Fault.echo(status=400, html=True)], agent_env(), ["--force"]),
+            ([Fault.echo(status=503)] * 4, agent_env(), ["--force"]),
         ]
         for faults, env, args in scenarios:
             server.enqueue(*faults)
@@ -60,6 +64,8 @@ def test_once_scenarios_at_debug_level_leak_nothing(server: TokenServer, tmp_pat
         assert "leaky token" not in result.stderr
     joined = "\n".join(outputs)
     assert "debug" in joined.lower()  # the runs did log at debug level
+    assert "[REDACTED]" in joined  # the echoes were there, masked
+    assert "\x1b" not in joined  # and their terminal escapes never reach the output raw
     _assert_clean(joined, _forbidden(server, "the-wrong-secret"))
     assert len(server.issued()) >= 2
 
