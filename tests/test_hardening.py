@@ -378,3 +378,17 @@ def test_readyz_and_status_never_show_an_echoed_secret_or_raw_controls(
     assert "[REDACTED]" in status.stdout
     assert "\\x1b" in status.stdout  # escaped, visible
     assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("retry_after", ["1000000000000000", "86400000"])
+def test_once_with_a_huge_retry_after_exits_69_naming_a_clamped_wait(
+    tmp_path: Path, retry_after: str
+) -> None:
+    from tests.conftest import CLIENT_ID, CLIENT_SECRET, run_cli, write_config
+
+    with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}) as server:
+        server.enqueue(Fault.http_status(429, retry_after=retry_after))
+        result = run_cli("once", "-c", str(write_config(tmp_path, server.url)))
+    assert result.returncode == 69, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "asks to wait 300s" in result.stderr
