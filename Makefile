@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale system-deps
+.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "dvs-agent needs Python 3.11 or newer" or 0)'
@@ -50,6 +50,9 @@ bench-rotation: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/scale.py --secret-files
+
+bench-hostile: $(STAMP)
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -76,6 +76,8 @@ MAX_REQUEST_HEAD = 32 * 1024
 MAX_CONNECTIONS = 64
 #: the listener takes at most 1/FD_SHARE of the file descriptors free when it is built
 FD_SHARE = 4
+#: when full, how long the serving thread waits for a connection shut down to make room (s)
+EVICTION_WAIT = 0.05
 #: the listen backlog (``request_queue_size``): connections the kernel holds until accepted
 LISTEN_BACKLOG = 128
 #: after the cap refused a connection, this long without a refusal counts as recovered
@@ -494,6 +496,10 @@ class _HTTPServer(ThreadingHTTPServer):
         self.health = health
         self.max_connections = MAX_CONNECTIONS
         self._open: set[socket.socket] = set()
+        #: admitted connections still sending their request head, by when they were admitted
+        self._waiting: dict[socket.socket, float] = {}
+        #: the thread serving each connection
+        self._serving: dict[socket.socket, threading.Thread] = {}
         self._open_lock = threading.Lock()
         self._open_changed = threading.Condition(self._open_lock)
         # the refusal episode; only the serving thread reads or writes these
@@ -522,10 +528,31 @@ class _HTTPServer(ThreadingHTTPServer):
             raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Admit ``request`` while there is room. When full, the connection that has waited
+        longest without sending its whole request head (a slowloris) is shut down to make
+        room, so that a probe, which sends its request at once, is still answered during a
+        flood. Otherwise (every connection is past its head, or the one shut down did not let
+        go within EVICTION_WAIT) the new one is closed at once."""
+        now = time.monotonic()
+        victim: socket.socket | None = None
+        ending: threading.Thread | None = None
+        with self._open_lock:
+            admitted = len(self._open) < self.max_connections
+            if not admitted and self._waiting:
+                victim = min(self._waiting, key=self._waiting.__getitem__)
+                del self._waiting[victim]
+                ending = self._serving.get(victim)
+                with contextlib.suppress(OSError):
+                    victim.shutdown(socket.SHUT_RDWR)  # its thread wakes from its read and ends
+        if ending is not None:
+            ending.join(EVICTION_WAIT)  # so that the threads never exceed the cap
         with self._open_lock:
             admitted = len(self._open) < self.max_connections
             if admitted:
                 self._open.add(request)
+                self._waiting[request] = now
+        if victim is not None:
+            self._refuse()
         if admitted:
             # on failure (no thread to be had) socketserver calls shutdown_request
             super().process_request(request, client_address)
@@ -533,11 +560,26 @@ class _HTTPServer(ThreadingHTTPServer):
         self._refuse()
         self.shutdown_request(request)
 
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._serving[request] = threading.current_thread()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._serving.pop(request, None)
+
+    def head_received(self, request: socket.socket) -> None:
+        """The request head of ``request`` is in: it is no longer a candidate to make room."""
+        with self._open_lock:
+            self._waiting.pop(request, None)
+
     def shutdown_request(self, request: Any) -> None:
         with self._open_lock:
             # before the close, under the lock close_connections takes: it never shuts down a
             # descriptor number that a close here has freed for reuse
             self._open.discard(request)
+            self._waiting.pop(request, None)
             self._open_changed.notify_all()
         super().shutdown_request(request)
 
@@ -562,8 +604,8 @@ class _HTTPServer(ThreadingHTTPServer):
             return
         self._refusing_since = now
         self.health._log.warning(
-            "health listener on %s is serving its maximum of %d connections; more are closed "
-            "at once until some end",
+            "health listener on %s is serving its maximum of %d connections (a flood?); the "
+            "oldest still sending its request makes room for a new one, else it is closed",
             _authority(*self.health.address),
             self.max_connections,
             extra={"event": "health_saturated"},
@@ -607,6 +649,11 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self.rfile = io.BufferedReader(self._reader)
         self.wfile = _DeadlineWriter(self.connection, RESPONSE_TIMEOUT_SECONDS)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        cast(_HTTPServer, self.server).head_received(self.connection)
+        return parsed
 
     def handle_one_request(self) -> None:
         """One request (HTTP/1.0: one per connection); a head over MAX_REQUEST_HEAD is 414

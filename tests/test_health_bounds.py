@@ -294,9 +294,14 @@ def test_a_lower_cap_and_another_episode_log_again(caplog: pytest.LogCaptureFixt
         for episode in (1, 2):
             held = [socket.create_connection(server.address, timeout=5) for _ in range(2)]
             assert wait_for(lambda: server.open_connections == 2)
+            # full: a probe still gets its answer, the oldest idle connection makes room ...
+            assert healthz(server.address) == 200
+            assert closed_by_peer(held[0], timeout=REQUEST_TIMEOUT_SECONDS - 1)
+            # ... and so does every probe after it
             for _ in range(10):
                 with socket.create_connection(server.address, timeout=5) as extra:
-                    assert closed_by_peer(extra, timeout=REQUEST_TIMEOUT_SECONDS - 1)
+                    extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                    assert extra.recv(100).startswith(b"HTTP/1.0 200")
             assert events("health_saturated") == episode
             for sock in held:
                 sock.close()  # the client goes: the server's reads end, and its threads
@@ -652,3 +657,24 @@ def test_the_agent_keeps_its_token_fresh_under_a_slowloris_flood(
     assert len(saturated) == 1, saturated  # once, not per connection
     assert f"127.0.0.1:{port}" in saturated[0]
     assert proc.returncode == 0
+
+
+def test_probes_are_answered_while_a_slowloris_holds_every_connection(
+    health: HealthServer,
+) -> None:
+    """When full, the connection that has waited longest without sending its request makes
+    room: a liveness probe is answered during the flood, and the threads stay capped."""
+    baseline = threading.active_count()
+    held = [socket.create_connection(health.address, timeout=5) for _ in range(150)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /he")  # a request that never completes
+        answered = 0
+        for _ in range(20):
+            answered += healthz(health.address) == 200
+            assert threading.active_count() <= baseline + health.max_connections
+            assert health.open_connections <= health.max_connections
+        assert answered == 20
+    finally:
+        for sock in held:
+            sock.close()
