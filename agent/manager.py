@@ -454,13 +454,15 @@ class Profile:
         return self._retry_sinks(token, new=True)
 
     def _recent(self, credentials: Credentials, held: Token | None, now: datetime) -> bool:
-        """The held token is younger than SIGHUP_MIN_AGE, minted with these credentials and
-        in every sink: another SIGHUP of a burst has nothing to add."""
+        """The held token is younger than SIGHUP_MIN_AGE, minted with these credentials from
+        the same source and in every sink: another SIGHUP of a burst has nothing to add."""
         return (
             held is not None
             and not self._unwritten
             and self.state is State.OK
             and credentials.same_as(self.credentials)
+            and self.credentials is not None
+            and credentials.source == self.credentials.source  # a change of source rotates
             and timedelta(0) <= now - held.obtained_at < SIGHUP_MIN_AGE
         )
 
