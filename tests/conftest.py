@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -186,6 +188,20 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     for proc in started:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory an unprivileged user (uid 65534) can reach: pytest's tmp_path is root-only,
+    and the permission tests drop to that user (they test nothing as root)."""
+    base = Path(tempfile.mkdtemp(prefix="dvs-agent-test-"))
+    os.chmod(base, 0o755)  # noqa: S103 - uid 65534 must reach it
+    try:
+        yield base
+    finally:
+        for directory, _, _ in os.walk(base):
+            os.chmod(directory, 0o755)  # noqa: S103 - so that rmtree works as root or not
+        shutil.rmtree(base)
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -221,17 +219,6 @@ UNPRIVILEGED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory uid 65534 can reach (pytest's tmp_path is root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="dvs-config-trust-"))
-    os.chmod(base, 0o755)  # noqa: S103 - uid 65534 must reach it
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base)
-
-
 @as_root
 def test_as_an_unprivileged_agent_root_and_own_files_are_fine(shared_dir: Path) -> None:
     setpriv = shutil.which("setpriv")
@@ -268,7 +255,7 @@ def test_run_and_once_warn_about_a_world_writable_config_at_start(tmp_path: Path
 
     with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}) as server:
         config = write_config(tmp_path, server.url)
-        config.chmod(0o666)  # noqa: S103 - the defect under test
+        config.chmod(0o666)
         result = run_cli("once", "-c", str(config))
     assert result.returncode == 0, result.stderr
     assert "config_trust" in result.stderr and "chmod go-w" in result.stderr

@@ -18,11 +18,9 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -349,19 +347,6 @@ def run_unprivileged(path: Path, action: str, owner: str = "") -> tuple[int, str
     result = msgspec.json.decode(done.stdout.strip().splitlines()[-1])
     assert result["uid"] != 0
     return result["uid"], result["error"]
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the unprivileged user can reach (pytest's tmp_path is root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="dvs-file-sink-"))
-    os.chmod(base, 0o755)  # noqa: S103 (nobody must reach it)
-    try:
-        yield base
-    finally:
-        for directory, _, _ in os.walk(base):
-            os.chmod(directory, 0o755)  # noqa: S103 (so rmtree works as non-root)
-        shutil.rmtree(base)
 
 
 def unprivileged_dir(base: Path, name: str) -> Path:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -124,18 +122,11 @@ SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"
 
 
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory uid 65534 owns and can reach (pytest's tmp_path is root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="dvs-hardening-"))
-    os.chmod(base, 0o755)  # noqa: S103 - uid 65534 must reach it
+def nobody_dir(shared_dir: Path) -> Path:
+    """A directory uid 65534 owns (the agent runs as that user)."""
     if os.geteuid() == 0:
-        os.chown(base, NOBODY, NOBODY)
-    try:
-        yield base
-    finally:
-        for directory, _, _ in os.walk(base):
-            os.chmod(directory, 0o755)  # noqa: S103 - so that rmtree works
-        shutil.rmtree(base)
+        os.chown(shared_dir, NOBODY, NOBODY)
+    return shared_dir
 
 
 @pytest.fixture
@@ -258,12 +249,12 @@ def _sighup_blocked(pid: int) -> bool:
 
 
 def test_a_full_file_sink_makes_the_profile_not_ready_once_its_token_expired(
-    tmp_path: Path, shared_dir: Path, short_server: TokenServer
+    tmp_path: Path, nobody_dir: Path, short_server: TokenServer
 ) -> None:
     """The agent (uid 65534) cannot replace its token file any more: /readyz follows the file."""
     server = short_server
     port = free_port()
-    config = two_profiles(shared_dir, server.url, health_port=port)
+    config = two_profiles(nobody_dir, server.url, health_port=port)
     os.chmod(config, 0o644)
     out = tmp_path / "agent.log"
     with open(out, "wb") as log:
@@ -275,7 +266,7 @@ def test_a_full_file_sink_makes_the_profile_not_ready_once_its_token_expired(
             cwd=REPO,
         )
     try:
-        token_dir = shared_dir / "healthy"
+        token_dir = nobody_dir / "healthy"
         assert wait_for(lambda: (token_dir / "token").exists(), timeout=20), out.read_text()
         url = f"http://127.0.0.1:{port}/readyz/healthy"
         assert wait_for(lambda: httpx.get(url, timeout=5).status_code == 200)
@@ -310,12 +301,12 @@ def test_a_check_of_a_sink_never_removes_this_process_temp_files(tmp_path: Path)
 
 
 def test_hooks_and_proc_cannot_read_the_agents_environment(
-    shared_dir: Path, short_server: TokenServer
+    nobody_dir: Path, short_server: TokenServer
 ) -> None:
     """The agent is non-dumpable: its /proc/PID/environ is closed to its own uid's processes."""
     server = short_server
     port = free_port()
-    config = two_profiles(shared_dir, server.url, health_port=port)
+    config = two_profiles(nobody_dir, server.url, health_port=port)
     os.chmod(config, 0o644)
     proc = subprocess.Popen(
         [*SETPRIV, sys.executable, "-m", "agent", "run", "-c", str(config)],
@@ -325,7 +316,7 @@ def test_hooks_and_proc_cannot_read_the_agents_environment(
         cwd=REPO,
     )
     try:
-        assert wait_for(lambda: (shared_dir / "healthy" / "token").exists(), timeout=20)
+        assert wait_for(lambda: (nobody_dir / "healthy" / "token").exists(), timeout=20)
         probe = subprocess.run(
             [*SETPRIV, "cat", f"/proc/{proc.pid}/environ"],
             capture_output=True,

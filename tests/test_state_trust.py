@@ -20,11 +20,10 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -482,17 +481,6 @@ def prepare_unprivileged(directory: Path) -> dict[str, Any]:
     result: dict[str, Any] = msgspec.json.decode(done.stdout.strip().splitlines()[-1])
     assert result["uid"] == NOBODY
     return result
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory uid 65534 can reach (pytest's tmp_path is root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="dvs-state-trust-"))
-    os.chmod(base, 0o755)  # noqa: S103 - uid 65534 must reach it
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base)
 
 
 @as_root
