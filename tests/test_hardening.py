@@ -383,3 +383,32 @@ def test_once_with_a_huge_retry_after_exits_69_naming_a_clamped_wait(
     assert result.returncode == 69, result.stderr
     assert "Traceback" not in result.stderr
     assert "asks to wait 300s" in result.stderr
+
+
+def test_ready_is_sent_at_request_timeout_plus_5s_while_a_first_attempt_hangs(
+    tmp_path: Path, spawn: Spawn, short_server: TokenServer
+) -> None:
+    import socket
+
+    server = short_server
+    server.expires_in = 3600
+    server.enqueue(*[Fault.hang() for _ in range(10)], client_id=STUCK)
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(30)
+    try:
+        env = two_env()
+        env["NOTIFY_SOCKET"] = address
+        started = time.monotonic()
+        config = two_profiles(tmp_path, server.url, health_port=free_port(), stuck_timeout="4s")
+        agent = spawn(config, env)
+        message = sock.recv(4096).decode()
+        waited = time.monotonic() - started
+        assert "READY=1" in message
+        assert "stuck: starting" in message  # STATUS= names the one still trying
+        assert (tmp_path / "healthy" / "token").exists()
+        assert 4 + 5 - 1 <= waited <= 4 + 5 + 10, waited  # request_timeout + 5 s
+        assert agent.stop() == 0
+    finally:
+        sock.close()
