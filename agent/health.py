@@ -547,7 +547,9 @@ class _HTTPServer(ThreadingHTTPServer):
         if ending is not None:
             ending.join(EVICTION_WAIT)  # so that the threads never exceed the cap
         with self._open_lock:
-            admitted = len(self._open) < self.max_connections
+            admitted = len(self._open) < self.max_connections and not (
+                ending is not None and ending.is_alive()
+            )
             if admitted:
                 self._open.add(request)
                 self._waiting[request] = now
