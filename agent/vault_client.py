@@ -6,18 +6,23 @@ again when the token has less than a third of its TTL left, re-authenticates onc
 answers 403 (after a Vault rebuild the agent's token is gone, DESIGN §5), and turns every
 failure into an :class:`~agent.errors.AgentError` that names the address and what to do.
 
+Vault's own texts (its ``errors``, an HTML page, a requests error) reach a message only through
+:func:`agent.masking.outside`, with the token in use, the AppRole role_id and secret_id, and the
+values a caller names (a sink's token) masked (DESIGN §10). The one answer the agent parses
+itself, the poll's GET, is read streaming up to :data:`~agent.models.MAX_ANSWER_BYTES`.
+
 This module imports hvac: import it only when a profile uses Vault.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -29,6 +34,8 @@ import requests.adapters
 import requests.exceptions
 
 from agent.errors import AgentError, ConfigError, SourceEmpty, SourceUnavailable
+from agent.masking import outside, variants
+from agent.models import MAX_ANSWER_BYTES
 
 T = TypeVar("T")
 
@@ -37,6 +44,9 @@ DEFAULT_TOKEN_FILE = "/run/vault/token"  # noqa: S105 - a path
 
 #: renew (or log in again) when less than this fraction of the token's TTL is left
 RENEW_FRACTION = 1 / 3
+#: the most the agent reads of an error answer to its own GET (only 200 characters are shown)
+ERROR_BODY_BYTES = 64 * 1024
+_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +104,8 @@ class VaultConnection:
         self._renewable = False
         #: the current values never to show in a message: role_id, secret_id, tokens
         self._sensitive: dict[str, str] = {}
+        #: values the caller of the current :meth:`call` holds (a sink's token), masked too
+        self._extra: Collection[str] = ()
         #: per path polled, the token and the GET prepared with it (see :meth:`get`)
         self._prepared: dict[str, tuple[str | None, requests.PreparedRequest]] = {}
 
@@ -101,40 +113,65 @@ class VaultConnection:
     def address(self) -> str:
         return self._auth.address
 
-    def call(self, fn: Callable[[Any], T], *, what: str, needs: str | None = None) -> T:
+    def shown(self, text: object, secrets: Iterable[str] = ()) -> str:
+        """A text from Vault (a key name, a version's time) made safe to show: the connection's
+        credentials and ``secrets`` masked, cut, control characters escaped."""
+        with self._lock:
+            held = self._secrets()
+        return outside(text, (*held, *secrets))
+
+    def call(
+        self,
+        fn: Callable[[Any], T],
+        *,
+        what: str,
+        needs: str | None = None,
+        secrets: Collection[str] = (),
+    ) -> T:
         """Run ``fn(client)`` with a logged-in client and return its result.
 
         ``what`` names the operation in messages ("read secret/dvs/osigu (KV v2)"); ``needs``
         is what the agent's policy must allow, for the permission-denied hint (default: what).
+        ``secrets`` are values the caller holds that Vault could echo (a sink's token): they
+        are masked in Vault's texts, like the connection's own credentials. They are read when
+        an error is mapped, so values that ``fn`` adds to a list given here count too.
         ``fn`` may raise an :class:`AgentError` of its own (e.g. SourceEmpty on a 404); hvac
         and requests errors are mapped here.
         """
         with self._lock:
-            client = self._ensure()
+            outer, self._extra = self._extra, secrets
             try:
-                return fn(client)
-            except hvac.exceptions.Forbidden:
-                pass
-            except AgentError:
-                raise
-            except Exception as exc:
-                raise self._error(exc, what) from None
-            # Denied: the token may be gone (Vault rebuilt, token revoked or expired early).
-            self._log.info(
-                "Vault at %s denied %s: authenticating again before one retry",
-                self._auth.address,
-                what,
-            )
-            if not self._reauthenticate():
-                raise self._denied(what, needs, fresh_token=False)
-            try:
-                return fn(self._client)
-            except hvac.exceptions.Forbidden:
-                raise self._denied(what, needs, fresh_token=True) from None
-            except AgentError:
-                raise
-            except Exception as exc:
-                raise self._error(exc, what) from None
+                return self._call(fn, what, needs)
+            finally:
+                self._extra = outer
+
+    def _call(self, fn: Callable[[Any], T], what: str, needs: str | None) -> T:
+        """:meth:`call` under the lock, with the caller's secrets set."""
+        client = self._ensure()
+        try:
+            return fn(client)
+        except hvac.exceptions.Forbidden:
+            pass
+        except AgentError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, what) from None
+        # Denied: the token may be gone (Vault rebuilt, token revoked or expired early).
+        self._log.info(
+            "Vault at %s denied %s: authenticating again before one retry",
+            self._auth.address,
+            what,
+        )
+        if not self._reauthenticate():
+            raise self._denied(what, needs, fresh_token=False)
+        try:
+            return fn(self._client)
+        except hvac.exceptions.Forbidden:
+            raise self._denied(what, needs, fresh_token=True) from None
+        except AgentError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, what) from None
 
     def get(self, path: str) -> dict[str, Any]:
         """``GET /v1/{path}`` with the logged-in token, for a call made inside :meth:`call`.
@@ -145,6 +182,10 @@ class VaultConnection:
         machines; a Vault poll every second is most of the agent's idle CPU). Errors raise
         hvac's exceptions, as an hvac call would; a redirect (a standby node) goes through
         hvac, which follows it.
+
+        The answer is read streaming, up to :data:`MAX_ANSWER_BYTES` after decoding: a larger
+        one is refused (:class:`SourceUnavailable` naming the address and path) and its
+        connection closed, unread. An error answer is read up to :data:`ERROR_BODY_BYTES`.
         """
         with self._lock:
             client = self._client
@@ -159,19 +200,47 @@ class VaultConnection:
             session = client.session
             response = session.get_adapter(prepared.url).send(
                 prepared,
+                stream=True,
                 timeout=self._auth.timeout,
                 verify=session.verify,
                 cert=session.cert,
                 proxies=session.proxies,
             )
-            if response.is_redirect:
-                response.close()
-                body = client.adapter.get(f"/v1/{path}")
-            elif response.status_code == 200:
-                body = response.json()
-            else:
-                _raise_for_status(prepared.url, response)
+            try:
+                if response.is_redirect:
+                    response.close()
+                    body = client.adapter.get(f"/v1/{path}")
+                elif response.status_code == 200:
+                    body = self._parse(path, response)
+                else:
+                    data, _ = _read_bounded(response, ERROR_BODY_BYTES)
+                    _raise_for_status(prepared.url, response, data)
+            finally:
+                response.close()  # after a whole read, back to the pool; else dropped
             return body if isinstance(body, dict) else {}
+
+    def _parse(self, path: str, response: requests.Response) -> Any:
+        """The JSON of a 200 answer to :meth:`get`, read up to :data:`MAX_ANSWER_BYTES`."""
+        address = self._auth.address
+        data, whole = _read_bounded(response, MAX_ANSWER_BYTES)
+        if not whole:
+            raise SourceUnavailable(
+                f"Vault at {address} answered GET /v1/{path} with more than "
+                f"{MAX_ANSWER_BYTES // 1024} KiB (after decoding): refused, connection dropped; "
+                f"is {self._auth.config_key}.address a Vault server (not a proxy or another "
+                "service)?"
+            )
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError):
+            ctype = outside(
+                response.headers.get("Content-Type", "no Content-Type"), self._secrets(), limit=60
+            )
+            raise SourceUnavailable(
+                f"Vault at {address} answered GET /v1/{path} with a body that is not JSON "
+                f"({ctype}): is {self._auth.config_key}.address a Vault server (not a proxy or "
+                "another service)?"
+            ) from None
 
     def _headers(self) -> dict[str, str]:
         """The headers hvac sends with every request."""
@@ -293,8 +362,9 @@ class VaultConnection:
             self._log.warning("renewing the Vault token from %s failed: %s", where, exc)
             self._renew_at = None
             return
-        auth = response.get("auth") or {}
-        ttl = int(auth.get("lease_duration") or 0)
+        auth = response.get("auth") if isinstance(response, dict) else None
+        auth = auth if isinstance(auth, dict) else {}
+        ttl = _seconds(auth.get("lease_duration"))
         self._schedule(ttl, bool(auth.get("renewable")))
         if ttl <= left + 1:
             # its max TTL is reached: renewing again would not extend it
@@ -337,7 +407,7 @@ class VaultConnection:
                 f"AppRole login at {where} on Vault at {auth.address} returned no token"
             )
         self._set_token(token)
-        ttl = int(login.get("lease_duration") or 0)
+        ttl = _seconds(login.get("lease_duration"))
         self._schedule(ttl, bool(login.get("renewable")))
         self._log.info(
             "logged in to Vault at %s with AppRole (%s, token ttl %ds)", auth.address, where, ttl
@@ -360,7 +430,7 @@ class VaultConnection:
         data = response.get("data") if isinstance(response, dict) else None
         data = data if isinstance(data, dict) else {}
         self._set_token(token)
-        ttl = int(data.get("ttl") or 0)
+        ttl = _seconds(data.get("ttl"))
         self._schedule(ttl, bool(data.get("renewable")))
         self._log.info(
             "using a Vault token for %s (ttl %s)",
@@ -458,9 +528,10 @@ class VaultConnection:
         """The AgentError for an hvac or requests failure during ``what``."""
         address = self._auth.address
         key = self._auth.config_key
+        secrets = self._secrets()
         if isinstance(exc, requests.exceptions.SSLError):
             return SourceUnavailable(
-                f"TLS verification of Vault at {address} failed ({_reason(exc)}): set "
+                f"TLS verification of Vault at {address} failed ({_reason(exc, secrets)}): set "
                 f"{key}.ca_cert to the CA file that signed its certificate"
             )
         if isinstance(exc, requests.exceptions.Timeout):
@@ -470,7 +541,7 @@ class VaultConnection:
             )
         if isinstance(exc, requests.exceptions.ConnectionError):
             return SourceUnavailable(
-                f"cannot reach Vault at {address} ({_reason(exc)}) to {what}: check "
+                f"cannot reach Vault at {address} ({_reason(exc, secrets)}) to {what}: check "
                 f"{key}.address and that Vault is running"
             )
         if isinstance(
@@ -518,21 +589,35 @@ class VaultConnection:
         )
 
     def _errors(self, exc: Any) -> str:
-        """Vault's own error strings, one line, without any value the agent knows is secret."""
+        """Vault's own error strings (or, without any, the body it answered: an HTML page), one
+        line, through :func:`outside`: every value the connection knows is secret masked, cut
+        to 200 characters, control characters escaped."""
         errors = getattr(exc, "errors", None)
-        text = "; ".join(str(error) for error in errors) if errors else "no detail"
+        if isinstance(errors, list | tuple) and errors:
+            text = "; ".join(str(error) for error in errors)
+        elif errors:
+            text = str(errors)
+        else:
+            message = exc.args[0] if isinstance(exc, BaseException) and exc.args else None
+            text = str(message) if message else "no detail"
         text = " ".join(text.replace("1 error occurred:", "").replace("*", " ").split())
-        for value in sorted(self._sensitive.values(), key=len, reverse=True):
-            if value:
-                text = text.replace(value, "***")
-        return text[:300]
+        return outside(text or "no detail", self._secrets())
+
+    def _secrets(self) -> tuple[str, ...]:
+        """The values never to show: token in use, tokens read, role_id, secret_id, and the
+        caller's (each as it is and URL-encoded)."""
+        values = [*self._sensitive.values(), *self._extra]
+        if self._token:
+            values.append(self._token)
+        return tuple({form for value in values if value for form in variants(value)})
 
 
 _OBJECT_PREFIX = re.compile(r"<[^>]*>:\s*")
 
 
-def _reason(exc: BaseException) -> str:
-    """The root cause of a requests error, without its URL or object reprs."""
+def _reason(exc: BaseException, secrets: Iterable[str] = ()) -> str:
+    """The root cause of a requests error, without its URL or object reprs, through
+    :func:`outside` (``secrets`` masked, cut, control characters escaped)."""
     cause: Any = exc.args[0] if exc.args else exc
     reason = getattr(cause, "reason", None)
     text = str(reason if reason is not None else cause)
@@ -540,17 +625,42 @@ def _reason(exc: BaseException) -> str:
     match = re.search(r"\[Errno -?\d+\][^'\")]*|\[SSL[^\]]*\][^'\")(]*", text)
     if match:
         text = match.group(0)
-    return " ".join(text.split())[:200] or type(exc).__name__
+    return outside(" ".join(text.split()) or type(exc).__name__, secrets)
 
 
-def _raise_for_status(url: str | None, response: requests.Response) -> NoReturn:
-    """Raise the hvac exception for a failed response, with Vault's ``errors`` as hvac does."""
+def _seconds(value: object) -> int:
+    """A TTL from Vault's answer; 0 (no expiry known) for anything but a whole number."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
+        return int(value)
+    return 0
+
+
+def _read_bounded(response: requests.Response, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of a streamed body after decoding (gzip, deflate), and whether
+    that is the whole body. Never reads more than one chunk past ``limit``."""
+    body = bytearray()
+    for chunk in response.iter_content(_CHUNK_BYTES):
+        body += chunk
+        if len(body) > limit:
+            return bytes(body[:limit]), False
+    return bytes(body), True
+
+
+def _raise_for_status(url: str | None, response: requests.Response, data: bytes) -> NoReturn:
+    """Raise the hvac exception for a failed response (``data``: the start of its body), with
+    Vault's ``errors`` as hvac does."""
     payload: Any = None
+    text = data.decode("utf-8", errors="replace")  # Vault answers JSON, UTF-8
     if response.headers.get("Content-Type") == "application/json":
-        with contextlib.suppress(ValueError):
-            payload = response.json()
+        try:
+            payload = json.loads(text)
+        except (ValueError, RecursionError):
+            payload = None
     errors = payload.get("errors") if isinstance(payload, dict) else None
-    text = response.text
     hvac.utils.raise_for_error(
         "get", url, response.status_code, None if errors else text, errors=errors, text=text
     )

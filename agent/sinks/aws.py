@@ -10,6 +10,11 @@ botocore logs request and response bodies at DEBUG; the client comes from
 :func:`agent.sources.aws.make_client`, which installs the filter that withholds them (the
 ``PutSecretValue`` request and the ``GetSecretValue`` answer both hold a token).
 
+AWS's texts (a ``ClientError``'s message, botocore's exception strings) reach a message only
+through :func:`agent.masking.outside`, with the token being written, the token read back and the
+AWS credentials the client holds masked (DESIGN §10). The stored ``SecretString``, which the
+agent parses itself, is read only up to :data:`~agent.models.MAX_ANSWER_BYTES`.
+
 This module imports boto3: import it only when a profile uses an aws sink.
 """
 
@@ -17,13 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import botocore.exceptions as bx
 
 from agent.errors import ConfigError, SinkError
-from agent.models import Token
+from agent.masking import outside
+from agent.models import MAX_ANSWER_BYTES, Token
 from agent.sinks.base import keep_stored
 from agent.sources.aws import (
     DENIED_CODES,
@@ -31,6 +38,7 @@ from agent.sources.aws import (
     UNNAMED_PROFILE,
     describe_location,
     guard_botocore_logs,
+    held_credentials,
     make_client,
 )
 
@@ -94,11 +102,15 @@ class AwsSink:
         client = self._ensure_client()
         document = token.document()
         text = json.dumps(document, separators=(",", ":"))
+        # values AWS could echo in an error: the token we write and the one stored
+        secrets = [token.access_token.reveal()]
         for _ in range(_ATTEMPTS):
-            stored = self._read_current(client)
+            stored = self._read_current(client, secrets)
+            if stored is not None and isinstance(stored.get("access_token"), str):
+                secrets.append(stored["access_token"])
             if keep_stored(stored, document, sink=self.name, log=self._log):
                 return
-            if self._put(client, text) or self._create(client, text):
+            if self._put(client, text, secrets) or self._create(client, text, secrets):
                 break
             # created by someone else between our read and our CreateSecret: decide again
         else:
@@ -120,7 +132,7 @@ class AwsSink:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _read_current(self, client: Any) -> dict[str, Any] | None:
+    def _read_current(self, client: Any, secrets: Iterable[str]) -> dict[str, Any] | None:
         """The secret's current document; None when it has none (or does not exist)."""
         try:
             response = client.get_secret_value(SecretId=self._settings.secret_id)
@@ -128,11 +140,22 @@ class AwsSink:
             if _code(exc) == "ResourceNotFoundException":
                 # no secret, or a secret without a value yet: PutSecretValue tells which
                 return None
-            raise self._error(exc, "GetSecretValue") from None
+            raise self._error(exc, "GetSecretValue", secrets) from None
         except Exception as exc:
-            raise self._error(exc, "GetSecretValue") from None
+            raise self._error(exc, "GetSecretValue", secrets) from None
         text = response.get("SecretString")
         if not isinstance(text, str):
+            return None
+        if (
+            len(text) > MAX_ANSWER_BYTES // 4
+            and len(text.encode("utf-8", "replace")) > MAX_ANSWER_BYTES
+        ):
+            # never a document of ours (they are small): not parsed, replaced
+            self._log.debug(
+                "%s holds more than %d KiB: not parsed, it will be replaced",
+                self.name,
+                MAX_ANSWER_BYTES // 1024,
+            )
             return None
         try:
             stored = json.loads(text)
@@ -141,19 +164,19 @@ class AwsSink:
             return None
         return stored if isinstance(stored, dict) else None
 
-    def _put(self, client: Any, text: str) -> bool:
+    def _put(self, client: Any, text: str, secrets: Iterable[str]) -> bool:
         """True once written; False when the secret does not exist (create it)."""
         try:
             client.put_secret_value(SecretId=self._settings.secret_id, SecretString=text)
         except bx.ClientError as exc:
             if _code(exc) == "ResourceNotFoundException":
                 return False
-            raise self._error(exc, "PutSecretValue") from None
+            raise self._error(exc, "PutSecretValue", secrets) from None
         except Exception as exc:
-            raise self._error(exc, "PutSecretValue") from None
+            raise self._error(exc, "PutSecretValue", secrets) from None
         return True
 
-    def _create(self, client: Any, text: str) -> bool:
+    def _create(self, client: Any, text: str, secrets: Iterable[str]) -> bool:
         """True once created; False when it was created meanwhile by someone else."""
         s = self._settings
         if not s.create:
@@ -170,9 +193,9 @@ class AwsSink:
         except bx.ClientError as exc:
             if _code(exc) == "ResourceExistsException":
                 return False
-            raise self._error(exc, "CreateSecret") from None
+            raise self._error(exc, "CreateSecret", secrets) from None
         except Exception as exc:
-            raise self._error(exc, "CreateSecret") from None
+            raise self._error(exc, "CreateSecret", secrets) from None
         self._log.info("created secret %s in %s", s.secret_id, self._where())
         return True
 
@@ -197,16 +220,22 @@ class AwsSink:
                 ) from None
             except ValueError as exc:  # botocore: "Invalid endpoint: …"
                 raise SinkError(
-                    f"aws sink {s.config_key}: {exc}: check {s.config_key}.endpoint_url"
+                    f"aws sink {s.config_key}: {outside(exc)}: check {s.config_key}.endpoint_url"
                 ) from None
         return self._client
 
     def _where(self) -> str:
         return describe_location(self._client) if self._client is not None else "?"
 
-    def _error(self, exc: BaseException, operation: str) -> SinkError:
-        """The SinkError for a boto3/botocore failure; AWS's messages never hold a value."""
+    def _error(self, exc: BaseException, operation: str, secrets: Iterable[str] = ()) -> SinkError:
+        """The SinkError for a boto3/botocore failure. AWS's texts go through :func:`outside`
+        with ``secrets`` (tokens this write holds) and the AWS credentials held masked."""
         s = self._settings
+        held = (*secrets, *held_credentials(self._client))
+
+        def shown(text: object) -> str:
+            return outside(text, held)
+
         prefix = f"aws sink {s.config_key}: "
         what = f"secret {s.secret_id} in {self._where()}"
         needs = "secretsmanager:GetSecretValue and secretsmanager:PutSecretValue" + (
@@ -215,7 +244,7 @@ class AwsSink:
         if isinstance(exc, bx.ClientError):
             code = _code(exc) or "Unknown"
             message = str(_error_field(exc, "Message") or "").strip()
-            said = f"{code}: {message}" if message else code
+            said = shown(f"{code}: {message}" if message else code)
             if code in DENIED_CODES:
                 return SinkError(
                     f"{prefix}AWS denied {operation} on {what} ({said}): the agent's IAM "
@@ -250,13 +279,13 @@ class AwsSink:
         if isinstance(exc, bx.ParamValidationError):
             # its text may quote a parameter's value: keep only the lines about SecretId
             lines = [line for line in str(exc).splitlines()[1:] if "SecretString" not in line]
-            detail = f": {' '.join(lines)}" if lines else ""
+            detail = f": {shown(' '.join(lines))}" if lines else ""
             return SinkError(
                 f"{prefix}invalid {operation} request for {what}{detail}: check "
                 f"{s.config_key}.secret_id"
             )
         if isinstance(exc, bx.BotoCoreError):
-            return SinkError(f"{prefix}{operation} on {what} failed: {exc}")
+            return SinkError(f"{prefix}{operation} on {what} failed: {shown(exc)}")
         return SinkError(f"{prefix}{operation} on {what} failed: {type(exc).__name__}")
 
 

@@ -10,6 +10,10 @@ agent's scheduler is the one retry layer. The password is read from ``password_f
 ``password_env`` when the client is built, and again after Redis rejected it, so a rotated
 password is picked up at the next attempt.
 
+redis-py's exception strings (which may carry the server's own error text) reach a message only
+through :func:`agent.masking.outside`, with the password and the token being written masked
+(DESIGN §10).
+
 This module imports redis-py: import it only when a profile uses a redis sink.
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agent.errors import SinkError
+from agent.masking import outside
 from agent.models import Token
 
 DEFAULT_PORT = 6379
@@ -152,7 +157,7 @@ class RedisSink:
         except redis.exceptions.RedisError as exc:
             if isinstance(exc, redis.exceptions.AuthenticationError):
                 self._drop_client()  # the next attempt reads the password again
-            raise self._error(exc, target) from None
+            raise self._error(exc, target, (token.access_token.reveal(),)) from None
         if result == _NEWER_STORED:
             self._log.debug(
                 "%s: newer token already stored: not written (ours expires %s)",
@@ -249,11 +254,17 @@ class RedisSink:
             return value
         return None
 
-    def _error(self, exc: redis.exceptions.RedisError, target: _Target) -> SinkError:
-        """The SinkError for a redis-py failure, without the password (or any value)."""
+    def _error(
+        self,
+        exc: redis.exceptions.RedisError,
+        target: _Target,
+        secrets: Iterable[str] = (),
+    ) -> SinkError:
+        """The SinkError for a redis-py failure, without the password, the token being written
+        (``secrets``) or any other credential-looking value."""
         s = self._settings
         where = f"Redis at {target.address} (db {target.db}, key {s.key}; {s.config_key})"
-        said = self._said(exc)
+        said = self._said(exc, secrets)
         if isinstance(exc, redis.exceptions.AuthenticationError):
             user = s.username or "default"
             source = (
@@ -290,11 +301,11 @@ class RedisSink:
             )
         return SinkError(f"{where} refused the write ({type(exc).__name__}: {said})")
 
-    def _said(self, exc: BaseException) -> str:
-        text = " ".join(str(exc).split())[:300] or type(exc).__name__
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text
+    def _said(self, exc: BaseException, secrets: Iterable[str] = ()) -> str:
+        """redis-py's text for ``exc`` (often the server's own), on one line, through
+        :func:`outside`: the password and ``secrets`` masked, cut, controls escaped."""
+        held = [*secrets, *([self._password] if self._password else [])]
+        return outside(" ".join(str(exc).split()) or type(exc).__name__, held)
 
 
 def _parse_url(url: str, config_key: str) -> _Target:

@@ -5,6 +5,10 @@ check-and-set and the newest token wins (STYLE, Vault Agent): a stored document 
 ``expires_at`` is later than ours is left alone, and a write that lost a check-and-set race
 reads again and decides again, so a concurrent writer never loses the newest token.
 
+Vault's texts reach a message only through :func:`agent.masking.outside` (see
+:class:`~agent.vault_client.VaultConnection`), with the token being written and the one stored
+masked as well as the connection's own credentials (DESIGN §10).
+
 This module imports hvac: import it only when a profile uses a vault sink.
 """
 
@@ -88,10 +92,15 @@ class VaultSink:
         """
         document = token.document()
         what = f"write {self._mount}/{self._path} (KV v2)"
+        # values Vault could echo in an error: the token we write and the one stored
+        secrets = [token.access_token.reveal()]
         for _ in range(CAS_ATTEMPTS):
             try:
                 outcome = self._conn.call(
-                    lambda client: self._attempt(client, document), what=what, needs=self._needs
+                    lambda client: self._attempt(client, document, secrets),
+                    what=what,
+                    needs=self._needs,
+                    secrets=secrets,
                 )
             except SinkError:
                 raise
@@ -119,8 +128,12 @@ class VaultSink:
 
     # -- one read-decide-write round (run by VaultConnection.call) ----------------------------
 
-    def _attempt(self, client: Any, document: dict[str, Any]) -> _Conflict | None:
+    def _attempt(
+        self, client: Any, document: dict[str, Any], secrets: list[str]
+    ) -> _Conflict | None:
         version, stored = self._read_current(client)
+        if stored is not None and isinstance(stored.get("access_token"), str):
+            secrets.append(stored["access_token"])
         if keep_stored(stored, document, sink=self.name, log=self._log):
             return None
         try:

@@ -4,6 +4,13 @@
 ``read()`` fetches the value (``GetSecretValue``). The value is never cached here: the chain
 reads only when the version changed, and a re-read after a 401 must reach the store.
 
+AWS's texts (a ``ClientError``'s code and message, botocore's exception strings, the stage
+labels and key names of a secret) reach a message or a log line only through
+:func:`agent.masking.outside`: the AWS credentials the client holds (:func:`held_credentials`)
+and the credential patterns masked, cut to 200 characters, control characters escaped (DESIGN
+§10). The ``SecretString``, which the agent parses itself, is refused above
+:data:`~agent.models.MAX_ANSWER_BYTES`.
+
 boto3 and botocore are imported only by the modules that use AWS, so a profile without AWS
 never loads them.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +29,8 @@ from botocore.config import Config
 
 from agent import __version__
 from agent.errors import AgentError, ConfigError, SourceEmpty, SourceUnavailable
-from agent.models import Credentials, Secret
+from agent.masking import outside
+from agent.models import MAX_ANSWER_BYTES, Credentials, Secret
 
 #: what ``profiles.NAME`` says in a message when the caller did not name the profile
 UNNAMED_PROFILE = "NAME"
@@ -99,6 +108,24 @@ def make_client(
     )
 
 
+def held_credentials(client: Any) -> tuple[str, ...]:
+    """The secret parts (secret access key, session token) of the AWS credentials a boto3
+    client signs with, to mask them in AWS's texts; () when it has none yet.
+
+    Read from the signer's credentials object without calling its properties (which may
+    refresh them over the network); anything unexpected gives ().
+    """
+    try:
+        credentials = client._request_signer._credentials  # botocore's own
+        fields = vars(credentials)
+    except (AttributeError, TypeError):
+        return ()
+    values = [fields.get(name) for name in ("secret_key", "token", "_secret_key", "_token")]
+    frozen = fields.get("_frozen_credentials")
+    values += [getattr(frozen, "secret_key", None), getattr(frozen, "token", None)]
+    return tuple({value for value in values if isinstance(value, str) and value})
+
+
 def describe_location(client: Any) -> str:
     """``us-east-1``, or ``us-east-1 via http://127.0.0.1:5000`` when an endpoint is set."""
     region = getattr(client.meta, "region_name", None) or "?"
@@ -158,7 +185,7 @@ class AwsSource:
             "read secret %s (stage %s, version %s) in %s",
             s.secret_id,
             s.version_stage,
-            version_id,
+            outside(version_id, (client_id, secret, *held_credentials(self._client))),
             self._where,
             extra={"source": self.name},
         )
@@ -198,6 +225,7 @@ class AwsSource:
             where=self._where,
             profile=s.profile,
             operation=operation,
+            secrets=held_credentials(self._client),
         )
 
     def _read_error(self, exc: BaseException) -> AgentError:
@@ -229,12 +257,16 @@ class AwsSource:
         s = self._settings
         stages = sorted(
             {
-                label
+                str(label)
                 for labels in (described.get("VersionIdsToStages") or {}).values()
                 for label in labels
             }
         )
-        present = ", ".join(stages) if stages else "none: the secret has no value yet"
+        present = (
+            outside(", ".join(stages), held_credentials(self._client))
+            if stages
+            else "none: the secret has no value yet"
+        )
         return SourceEmpty(
             f"no version of secret {s.secret_id} in {self._where} carries the stage "
             f"{s.version_stage} (stages present: {present}): put a value in the secret or check "
@@ -252,6 +284,19 @@ class AwsSource:
         if text is None:
             held = "SecretBinary" if response.get("SecretBinary") is not None else "no value"
             raise SourceEmpty(f"{where} holds {held}, not a SecretString: {shape}")
+        if not isinstance(text, str):
+            raise SourceUnavailable(
+                f"GetSecretValue for {where} returned a SecretString that is not a string"
+            )
+        if (
+            len(text) > MAX_ANSWER_BYTES // 4
+            and len(text.encode("utf-8", "replace")) > MAX_ANSWER_BYTES
+        ):
+            raise SourceUnavailable(
+                f"the SecretString of {where} is larger than {MAX_ANSWER_BYTES // 1024} KiB: "
+                f"refused unread (Secrets Manager holds at most 64 KiB; is "
+                f"profiles.{s.profile}.aws.endpoint_url a Secrets Manager endpoint?)"
+            )
         try:
             doc = json.loads(text)
         except ValueError as exc:
@@ -281,18 +326,26 @@ def map_error(
     where: str,
     profile: str = UNNAMED_PROFILE,
     operation: str = "GetSecretValue",
+    secrets: Iterable[str] = (),
 ) -> AgentError:
     """The agent's error for a boto3/botocore failure on a Secrets Manager secret.
 
     Messages name the secret and the region (and endpoint), and what to check; they quote AWS's
-    own error message, which never holds a secret value.
+    own error message and botocore's text through :func:`outside`, with ``secrets`` (the AWS
+    credentials held, see :func:`held_credentials`) and the credential patterns masked.
     """
+    secrets = tuple(secrets)
     what = f"secret {secret_id} in {where}"
+
+    def shown(text: object) -> str:
+        return outside(text, secrets)
+
     if isinstance(exc, bx.ClientError):
         error = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
+        error = error if isinstance(error, dict) else {}
         code = str(error.get("Code", "") or "Unknown")
         message = str(error.get("Message", "") or "").strip()
-        said = f"{code}: {message}" if message else code
+        said = shown(f"{code}: {message}" if message else code)
         if code == "ResourceNotFoundException":
             return SourceEmpty(
                 f"no secret {secret_id} in {where}: check profiles.{profile}.aws.secret_id/region"
@@ -327,7 +380,7 @@ def map_error(
             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or configure ~/.aws"
         )
     if isinstance(exc, bx.PartialCredentialsError | bx.CredentialRetrievalError):
-        return SourceUnavailable(f"cannot get AWS credentials for {what}: {exc}")
+        return SourceUnavailable(f"cannot get AWS credentials for {what}: {shown(exc)}")
     if isinstance(exc, bx.NoRegionError):
         return ConfigError(
             f"no AWS region for {what}: set profiles.{profile}.aws.region, or AWS_REGION / "
@@ -335,24 +388,27 @@ def map_error(
         )
     if isinstance(exc, bx.ParamValidationError):
         return ConfigError(
-            f"invalid request for {what}: {exc}: check profiles.{profile}.aws.secret_id/"
+            f"invalid request for {what}: {shown(exc)}: check profiles.{profile}.aws.secret_id/"
             "version_stage"
         )
     if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
-        return SourceUnavailable(f"Secrets Manager timed out for {what} ({operation}): {exc}")
+        return SourceUnavailable(
+            f"Secrets Manager timed out for {what} ({operation}): {shown(exc)}"
+        )
     if isinstance(exc, bx.EndpointConnectionError | bx.HTTPClientError | bx.ConnectionError):
         return SourceUnavailable(
-            f"cannot reach Secrets Manager for {what} ({exc}): check the network, the region "
-            f"and profiles.{profile}.aws.endpoint_url"
+            f"cannot reach Secrets Manager for {what} ({shown(exc)}): check the network, the "
+            f"region and profiles.{profile}.aws.endpoint_url"
         )
     if isinstance(exc, bx.BotoCoreError):
-        return SourceUnavailable(f"{operation} on {what} failed: {exc}")
-    return SourceUnavailable(f"{operation} on {what} failed: {type(exc).__name__}: {exc}")
+        return SourceUnavailable(f"{operation} on {what} failed: {shown(exc)}")
+    return SourceUnavailable(f"{operation} on {what} failed: {type(exc).__name__}: {shown(exc)}")
 
 
 def _error_code(exc: BaseException) -> str | None:
     if isinstance(exc, bx.ClientError) and isinstance(exc.response, dict):
-        code = exc.response.get("Error", {}).get("Code")
+        error = exc.response.get("Error")
+        code = error.get("Code") if isinstance(error, dict) else None
         return str(code) if code is not None else None
     return None
 
@@ -366,7 +422,10 @@ def _version_with_stage(described: Any, stage: str) -> str | None:
 
 def _string_key(doc: dict[str, Any], key: str, where: str, config_key: str) -> str:
     names = sorted(str(name) for name in doc)
-    shown = ", ".join(f'"{n}"' for n in names[:_MAX_KEYS_SHOWN]) or "none"
+    # key names come from the store: shown masked (a value pasted as a key), cut and escaped
+    held = [value for value in doc.values() if isinstance(value, str)]
+    listed = ", ".join(f'"{n}"' for n in names[:_MAX_KEYS_SHOWN])
+    shown = outside(listed, held) if listed else "none"
     if len(names) > _MAX_KEYS_SHOWN:
         shown += f", … ({len(names)} keys)"
     if key not in doc:

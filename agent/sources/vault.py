@@ -1,5 +1,10 @@
 """The Vault credential source: a KV v2 (or v1) secret holding the client id and secret.
 
+Texts from the secret (its key names, its version's ``created_time``) reach a message or a log
+line only through :meth:`~agent.vault_client.VaultConnection.shown`, which is
+:func:`agent.masking.outside` with the connection's credentials and the secret's values masked
+(DESIGN §10). Vault's own error texts are made safe by the connection itself.
+
 This module imports hvac: import it only when a profile uses Vault.
 """
 
@@ -91,7 +96,7 @@ class VaultSource:
             "read credentials from %s on Vault at %s (version %s)",
             self._where,
             self._conn.address,
-            version,
+            self._conn.shown(version, (client_id, client_secret)),
         )
         return Credentials(
             client_id=client_id,
@@ -167,7 +172,10 @@ class VaultSource:
             if isinstance(value, str) and value:
                 values.append(value)
                 continue
-            present = ", ".join(repr(str(name)) for name in sorted(data)) or "none"
+            # key names come from the store: shown masked (a value pasted as a key), cut
+            held = [value for value in data.values() if isinstance(value, str)]
+            names = ", ".join(repr(str(name)) for name in sorted(data, key=str))
+            present = self._conn.shown(names, held) if names else "none"
             problem = "has no key" if key not in data else "has an empty or non-string value at"
             raise SourceEmpty(
                 f"the secret at {self._where} on Vault at {self._conn.address} {problem} "

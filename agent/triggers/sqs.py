@@ -6,6 +6,12 @@ names. Every message is deleted once handled, those that name none of our secret
 malformed ones too: a queue is this host's alone, and a message left behind would come back
 forever. Polling the source's version stays on as the backstop, so a lost event costs at most
 one poll interval.
+
+Texts from SQS and from the messages (error codes and messages, botocore's exception strings,
+message ids, the secrets an event names) reach a log line or a rotation's reason only through
+:func:`agent.masking.outside`, with the AWS credentials the client holds masked (DESIGN §10). A
+message body, which the agent parses itself, is refused above
+:data:`~agent.models.MAX_ANSWER_BYTES`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from urllib.parse import urlsplit
 
 import botocore.exceptions as bx
 
-from agent.sources.aws import describe_location, guard_botocore_logs, make_client
+from agent.masking import outside
+from agent.models import MAX_ANSWER_BYTES
+from agent.sources.aws import describe_location, guard_botocore_logs, held_credentials, make_client
 
 #: the events that mean "the secret's value (or which version is current) changed", by detail-type
 ROTATION_EVENTS: Mapping[str, frozenset[str]] = {
@@ -121,9 +129,13 @@ def parse_message(body: object) -> RotationEvent | None:
 def _json_object(value: object, what: str) -> dict[str, Any]:
     if not isinstance(value, str):
         raise MalformedMessage(f"{what} is not a string")
+    if len(value) > MAX_ANSWER_BYTES // 4 and len(value.encode("utf-8", "replace")) > (
+        MAX_ANSWER_BYTES
+    ):
+        raise MalformedMessage(f"{what} is larger than {MAX_ANSWER_BYTES // 1024} KiB")
     try:
         doc = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise MalformedMessage(f"{what} is not JSON") from None
     if not isinstance(doc, dict):
         raise MalformedMessage(f"{what} is JSON but not an object")
@@ -297,7 +309,7 @@ class SqsRotationListener:
 
     def _match(self, message: Mapping[str, Any]) -> dict[str, str]:
         """profile → detail, for every watched profile that the message's event names."""
-        message_id = message.get("MessageId", "?")
+        message_id = outside(message.get("MessageId", "?"), self._held(), limit=80)
         try:
             event = parse_message(message.get("Body"))
         except MalformedMessage as exc:
@@ -317,14 +329,14 @@ class SqsRotationListener:
         for profile, watched in self._watch.items():
             for ref in refs:
                 if any(ref.matches(mine) for mine in watched):
-                    hits[profile] = f"{event.name} of {ref.text}"
+                    hits[profile] = f"{event.name} of {outside(ref.text, self._held())}"
                     break
         if not hits:
             self._log.debug(
                 "%s event (message %s) names none of the watched secrets (%s); deleting it",
                 event.name,
                 message_id,
-                ", ".join(event.secrets) or "no secret named",
+                outside(", ".join(event.secrets), self._held()) or "no secret named",
             )
         return hits
 
@@ -338,21 +350,25 @@ class SqsRotationListener:
             return
         response = self._client.delete_message_batch(QueueUrl=self._queue_url, Entries=entries)
         for failure in response.get("Failed") or []:
+            if not isinstance(failure, dict):
+                continue
             self._log.warning(
                 "could not delete a message from %s (%s: %s); it will come back",
                 self._queue_url,
-                failure.get("Code", "?"),
-                failure.get("Message", ""),
+                outside(failure.get("Code", "?"), self._held(), limit=80),
+                outside(failure.get("Message", ""), self._held()),
             )
 
     def _describe(self, exc: BaseException) -> str:
         """A failed receive or delete, with what to check next."""
         profiles = ", ".join(f"profiles.{p}.aws.events_queue_url" for p in self._watch)
         where = describe_location(self._client)
+        held = self._held()
         if isinstance(exc, bx.ClientError):
             error = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
+            error = error if isinstance(error, dict) else {}
             code = str(error.get("Code", "") or "Unknown")
-            said = f"{code}: {error.get('Message', '')}".rstrip(": ")
+            said = outside(f"{code}: {error.get('Message', '') or ''}".rstrip(": "), held)
             if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
                 return f"no such queue in {where} ({said}): check {profiles}"
             if "AccessDenied" in code or "KMS" in code:
@@ -367,8 +383,12 @@ class SqsRotationListener:
                 "variables, or configure ~/.aws"
             )
         if isinstance(exc, bx.BotoCoreError):
-            return f"{exc} (in {where})"
-        return f"{type(exc).__name__}: {exc}"
+            return f"{outside(exc, held)} (in {where})"
+        return f"{type(exc).__name__}: {outside(exc, held)}"
+
+    def _held(self) -> tuple[str, ...]:
+        """The AWS credentials the client signs with, never to be shown."""
+        return held_credentials(self._client)
 
 
 def region_of_queue(queue_url: str) -> str | None:
