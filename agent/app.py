@@ -29,7 +29,6 @@ from agent.errors import (
 )
 from agent.logs import Redactor, set_level
 from agent.manager import Outcome, Profile, Reason, State, Timing
-from agent.models import rfc3339
 from agent.notify import sd_notify
 from agent.oauth import TlsContexts, TokenClient
 from agent.process import release_sighup
@@ -373,9 +372,6 @@ class Agent:
         """Ask :meth:`run` to return (thread-safe and signal-safe)."""
         self._events.put("stop")
 
-    def request_reload(self) -> None:
-        self._events.put("reload")
-
     def _install_signals(self) -> dict[int, signal._HANDLER]:
         previous: dict[int, signal._HANDLER] = {}
         if threading.current_thread() is not threading.main_thread():
@@ -413,7 +409,7 @@ class Agent:
 
     def _start_listeners(self) -> None:
         """One SQS long-poll loop per distinct events queue (AWS rotation events, DESIGN §5)."""
-        watched: dict[tuple[str, str | None, str | None], dict[str, list[str]]] = {}
+        watched: dict[tuple[str, str | None], dict[str, list[str]]] = {}
         for name, pc in self.config.profiles.items():
             aws = pc.aws
             if aws is None or not aws.events_queue_url or aws.secret_id is None:
@@ -422,17 +418,17 @@ class Agent:
                 continue
             # the queue's own URL gives the SQS endpoint: a Secrets Manager VPC endpoint
             # (aws.endpoint_url) cannot answer SQS calls
-            key = (aws.events_queue_url, aws.region, None)
+            key = (aws.events_queue_url, aws.region)
             watched.setdefault(key, {})[name] = [aws.secret_id]
         if not watched:
             return
         from agent.triggers.sqs import SqsRotationListener
 
-        for (queue_url, region, endpoint_url), watch in watched.items():
+        for (queue_url, region), watch in watched.items():
             listener = SqsRotationListener(
                 queue_url=queue_url,
                 region=region,
-                endpoint_url=endpoint_url,
+                endpoint_url=None,  # the queue URL's own endpoint
                 watch=watch,
                 on_rotation=self._on_rotation_event,
                 logger=logging.getLogger("agent.events"),
@@ -689,14 +685,3 @@ class Agent:
         self._stop_listeners()
         with signals_to_main_thread():
             self._start_listeners()
-
-
-def describe(profile: Profile) -> str:
-    """One line about a profile's token, for ``once`` and ``dev`` output (no secrets)."""
-    token = profile.token
-    if token is None:
-        return f"{profile.name}: {profile.state.value}"
-    return (
-        f"{profile.name}: {profile.state.value}, provider {token.provider_slug or '?'}, "
-        f"expires {rfc3339(token.expires_at)}"
-    )

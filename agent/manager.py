@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
 from agent.clock import Clock, to_wall, token_from_wall, token_to_wall
 from agent.errors import (
@@ -29,12 +28,10 @@ from agent.errors import (
 from agent.masking import Masker
 from agent.models import Credentials, Token, rfc3339
 from agent.oauth import TokenClient
+from agent.recorder import NULL, Recorder
 from agent.sinks.base import TokenSink
 from agent.sources.chain import SourceChain
 from agent.state import StateStore
-
-if TYPE_CHECKING:
-    from agent.metrics import Metrics
 
 ONE_SECOND = timedelta(seconds=1)
 #: SIGHUP bursts: a re-auth only when the token held is at least this old (or the credentials
@@ -64,7 +61,8 @@ class Reason(StrEnum):
     FORCE = "force"
 
 
-#: the rotation-trigger label of dvs_agent_rotations_total for each reason that is one
+#: the trigger label (dvs_agent_triggers_total, dvs_agent_rotations_total) of each reason
+#: that is a rotation trigger
 ROTATION_TRIGGERS = {
     Reason.ROTATION: "poll",
     Reason.SIGHUP: "sighup",
@@ -128,7 +126,7 @@ class Profile:
         redactor: Masker | None = None,
         rng: random.Random | None = None,
         logger: logging.Logger | None = None,
-        metrics: Metrics | None = None,
+        metrics: Recorder | None = None,
     ) -> None:
         self.name = name
         self.chain = chain
@@ -144,7 +142,7 @@ class Profile:
         self._log = logger or logging.getLogger("agent")
         self._lock = threading.RLock()
         self._state_lock = threading.Lock()
-        self._metrics = metrics
+        self._metrics: Recorder = metrics if metrics is not None else NULL
 
         self.state = State.STARTING
         self.token: Token | None = None
@@ -169,8 +167,7 @@ class Profile:
     def _set_state(self, state: State) -> None:
         with self._state_lock:
             self.state = state
-            if self._metrics is not None:
-                self._metrics.state(self.name, state.value)
+            self._metrics.state(self.name, state.value)
 
     def seen_until(self) -> datetime | None:
         """Until when consumers find a valid token: the held token's expiry, or earlier when a
@@ -199,8 +196,7 @@ class Profile:
             if self.token is not token or self.state not in (State.OK, State.DEGRADED):
                 return False
             self.state = State.EXPIRED
-            if self._metrics is not None:
-                self._metrics.state(self.name, State.EXPIRED.value)
+            self._metrics.state(self.name, State.EXPIRED.value)
         if token.is_valid(self._clock()):
             self._log.error(
                 "a token file still holds a token that has expired (%s): consumers cannot "
@@ -217,14 +213,12 @@ class Profile:
         return True
 
     def _succeeded(self, token: Token) -> None:
-        if self._metrics is not None:
-            expires = to_wall(self._clock, token.expires_at).timestamp()
-            self._metrics.token(self.name, token.provider_slug, expires)
-            self._metrics.last_success(self.name, time.time())
+        expires = to_wall(self._clock, token.expires_at).timestamp()
+        self._metrics.token(self.name, token.provider_slug, expires)
+        self._metrics.last_success(self.name, time.time())
 
     def _remember(self, credentials: Credentials) -> None:
-        if self._metrics is not None:
-            self._metrics.source_in_use(self.name, credentials.source, self.chain.names)
+        self._metrics.source_in_use(self.name, credentials.source, self.chain.names)
         self.credentials = credentials
         self._masker.add(credentials.client_secret.reveal())
 
@@ -322,8 +316,9 @@ class Profile:
     def refresh(self, reason: Reason) -> Outcome:
         with self._lock:
             trigger = ROTATION_TRIGGERS.get(reason)
-            if trigger is not None and self._metrics is not None:
-                self._metrics.rotation(self.name, trigger)
+            if trigger is not None:
+                self._metrics.trigger(self.name, trigger)
+            started = time.monotonic()
             try:
                 return self._refresh(reason)
             except AgentError as exc:
@@ -341,6 +336,8 @@ class Profile:
                         next_at=self._clock() + self._timing.retry_cap_expired,
                         error=AgentError("internal error"),
                     )
+            finally:  # the whole refresh: sources, token request and sinks (DESIGN §11)
+                self._metrics.refresh_duration(self.name, time.monotonic() - started)
 
     def _refresh(self, reason: Reason) -> Outcome:
         now = self._clock()
@@ -372,6 +369,12 @@ class Profile:
                 extra=self._extra("sighup_coalesced"),
             )
             return Outcome(ok=True, next_at=self._refresh_at(held))
+        if self.credentials is not None and (
+            not credentials.same_as(self.credentials)
+            or credentials.source != self.credentials.source
+        ):
+            # a rotation: counted at the first use of the new credentials, whatever the answer
+            self._metrics.rotation(self.name, ROTATION_TRIGGERS.get(reason, "schedule"))
         if self.credentials is not None and not credentials.same_as(self.credentials):
             self._log.info(
                 "new credentials from source %s (client_id %r)",
@@ -387,7 +390,6 @@ class Profile:
             if recorded is not None:
                 self._masker.add(recorded.access_token.reveal())
 
-        started = time.monotonic()
         try:
             fetched = self.client.fetch(
                 credentials,
@@ -397,12 +399,10 @@ class Profile:
         except AgentError as exc:
             self._count_request(exc)
             raise
-        finally:
-            if self._metrics is not None:
-                self._metrics.refresh_duration(self.name, time.monotonic() - started)
         self._count_request(None, reused=fetched.reused)
         if fetched.credentials is not credentials:
-            if not fetched.credentials.same_as(credentials) and self._metrics is not None:
+            if not fetched.credentials.same_as(credentials):
+                self._metrics.trigger(self.name, "401")
                 self._metrics.rotation(self.name, "401")
             self._remember(fetched.credentials)
         now = self._clock()
@@ -493,8 +493,7 @@ class Profile:
                 sink.write(shown)
             except SinkError as exc:
                 failed.append(sink)
-                if self._metrics is not None:
-                    self._metrics.sink_write(self.name, sink.name, "error")
+                self._metrics.sink_write(self.name, sink.name, "error")
                 self._log.error(
                     "cannot write %s: %s",
                     sink.name,
@@ -504,14 +503,11 @@ class Profile:
             else:
                 if sink.name in self._seen_until:
                     self._seen_until[sink.name] = token.expires_at
-                if self._metrics is not None:
-                    self._metrics.sink_write(self.name, sink.name, "ok")
+                self._metrics.sink_write(self.name, sink.name, "ok")
         return failed
 
     # ---------------------------------------------------------------- failure
     def _count_request(self, exc: AgentError | None, *, reused: bool = False) -> None:
-        if self._metrics is None:
-            return
         if exc is None:
             outcome = "reused" if reused else "ok"
         elif isinstance(exc, CredentialsRejected):

@@ -50,9 +50,17 @@ class Metrics:
             ["profile", "outcome"],
             registry=self.registry,
         )
+        self._triggers = Counter(
+            "dvs_agent_triggers",
+            "Rotation triggers received (poll: a source version changed, sighup, event, "
+            "refresh, 401)",
+            ["profile", "trigger"],
+            registry=self.registry,
+        )
         self._rotations = Counter(
             "dvs_agent_rotations",
-            "New tokens obtained after a rotation trigger (poll, sighup, event, refresh, 401)",
+            "Times the credentials in use changed, by the trigger that found it (poll, sighup, "
+            "event, refresh, 401, schedule), counted at their first use",
             ["profile", "trigger"],
             registry=self.registry,
         )
@@ -107,8 +115,13 @@ class Metrics:
         with self._lock:
             self._counter(self._token_requests, profile, outcome).inc()
 
+    def trigger(self, profile: str, trigger: str) -> None:
+        """A rotation trigger arrived (poll, sighup, event, refresh, 401)."""
+        with self._lock:
+            self._counter(self._triggers, profile, trigger).inc()
+
     def rotation(self, profile: str, trigger: str) -> None:
-        """A new token was obtained because of ``trigger`` (poll, sighup, event, refresh, 401)."""
+        """The credentials in use changed; ``trigger`` found it."""
         with self._lock:
             self._counter(self._rotations, profile, trigger).inc()
 

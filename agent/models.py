@@ -96,9 +96,6 @@ class Token:
     def lifetime(self) -> timedelta:
         return self.expires_at - self.obtained_at
 
-    def remaining(self, now: datetime) -> timedelta:
-        return self.expires_at - now
-
     def is_valid(self, now: datetime) -> bool:
         return now < self.expires_at
 

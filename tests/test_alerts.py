@@ -35,7 +35,15 @@ LABEL_VALUES = {
         "protocol_error",
     },
     ("dvs_agent_sink_writes_total", "outcome"): {"ok", "error"},
-    ("dvs_agent_rotations_total", "trigger"): {"poll", "sighup", "event", "refresh", "401"},
+    ("dvs_agent_rotations_total", "trigger"): {
+        "poll",
+        "sighup",
+        "event",
+        "refresh",
+        "401",
+        "schedule",
+    },
+    ("dvs_agent_triggers_total", "trigger"): {"poll", "sighup", "event", "refresh", "401"},
 }
 
 
@@ -53,6 +61,7 @@ def _exported() -> dict[str, set[str]]:
     metrics = Metrics()
     metrics.token_request("dvs", "ok")
     metrics.rotation("dvs", "poll")
+    metrics.trigger("dvs", "poll")
     metrics.sink_write("dvs", "file:/run/dvs-agent/token", "ok")
     metrics.source_error("dvs", "vault")
     metrics.refresh_duration("dvs", 0.1)

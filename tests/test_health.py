@@ -40,6 +40,7 @@ DESIGN_METRICS = {
     "dvs_agent_token_expiry_timestamp_seconds",
     "dvs_agent_token_requests_total",
     "dvs_agent_rotations_total",
+    "dvs_agent_triggers_total",
     "dvs_agent_sink_writes_total",
     "dvs_agent_source_errors_total",
     "dvs_agent_refresh_duration_seconds",
@@ -321,6 +322,7 @@ def exercise(metrics: Metrics, profile: str) -> None:
     metrics.rotation(profile, "poll")
     metrics.rotation(profile, "poll")
     metrics.rotation(profile, "401")
+    metrics.trigger(profile, "sighup")
     metrics.sink_write(profile, "file:/run/dvs-agent/token", "ok")
     metrics.sink_write(profile, "file:/run/dvs-agent/token", "error")
     metrics.source_error(profile, "vault")
@@ -359,6 +361,7 @@ def test_metric_values() -> None:
     assert value(found, total, profile="dvs", outcome="rate_limited") == 1
     assert value(found, "dvs_agent_rotations_total", profile="dvs", trigger="poll") == 2
     assert value(found, "dvs_agent_rotations_total", profile="dvs", trigger="401") == 1
+    assert value(found, "dvs_agent_triggers_total", profile="dvs", trigger="sighup") == 1
     sink = "file:/run/dvs-agent/token"
     writes = "dvs_agent_sink_writes_total"
     assert value(found, writes, profile="dvs", sink=sink, outcome="ok") == 1

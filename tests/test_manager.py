@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +220,54 @@ def test_a_sighup_burst_makes_one_request_unless_the_credentials_change(
     assert profile.refresh(Reason.SIGHUP).new_token  # new credentials: at once
     assert len(server.token_requests()) == 3
     assert profile.refresh(Reason.RELOAD).new_token  # new settings: always
+
+
+class Recording:
+    """A Recorder that keeps every report (agent.recorder.Recorder)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+
+    def __getattr__(self, name: str) -> object:
+        def record(*args: object) -> None:
+            self.calls.append((name, args))
+
+        return record
+
+    def of(self, name: str) -> list[tuple[object, ...]]:
+        return [args for called, args in self.calls if called == name]
+
+
+def test_metrics_say_what_they_name(
+    server: TokenServer, tmp_path: Path, clock: Clock, env: dict[str, str]
+) -> None:
+    """rotations_total counts credential changes (at first use, whatever the answer),
+    triggers_total the triggers, refresh_duration the whole refresh (DESIGN §11)."""
+    recorder: Any = Recording()
+    log = logging.getLogger("test.manager")
+    client = TokenClient(
+        token_url=server.url, profile="p", clock=clock, policy=RetryPolicy(max_retries=0)
+    )
+    profile = Profile(
+        "p",
+        chain=SourceChain([EnvSource(environ=env)], profile="p", logger=log),
+        client=client,
+        sinks=[FileSink(tmp_path / "token")],
+        store=StateStore(tmp_path / "state"),
+        timing=Timing(),
+        clock=clock,
+        logger=log,
+        metrics=recorder,
+    )
+    assert profile.refresh(Reason.START).ok
+    clock.advance(20)
+    assert profile.refresh(Reason.REFRESH).ok  # a trigger, same credentials
+    assert recorder.of("trigger") == [("p", "refresh")]
+    assert recorder.of("rotation") == []
+    env["DVS_CLIENT_SECRET"] = "rotated-but-not-at-the-server"
+    outcome = profile.refresh(Reason.ROTATION)  # found by a poll; the server rejects it
+    assert not outcome.ok
+    assert recorder.of("rotation") == [("p", "poll")]
+    assert recorder.of("trigger") == [("p", "refresh"), ("p", "poll")]
+    assert len(recorder.of("refresh_duration")) == 3
+    profile.close()

@@ -148,7 +148,9 @@ def test_bad_rotation_is_degraded_but_ready(
     metrics = _metrics(listen)
     assert _value(metrics, "dvs_agent_profile_state", profile="dvs", state="degraded") == 1
     assert _value(metrics, "dvs_agent_token_requests_total", profile="dvs", outcome="rejected") >= 1
-    assert _value(metrics, "dvs_agent_rotations_total", profile="dvs", trigger="poll") >= 1
+    # the new (wrong) secret is a rotation from its first use, whatever the server answered
+    assert _value(metrics, "dvs_agent_rotations_total", profile="dvs", trigger="poll") == 1
+    assert _value(metrics, "dvs_agent_triggers_total", profile="dvs", trigger="poll") >= 1
     result = run_cli("status", "-c", str(config))
     assert result.returncode == 0 and "dvs: degraded" in result.stdout
     assert "rotated-to-a-wrong-secret" not in result.stdout + agent.output()
@@ -173,7 +175,9 @@ def test_status_and_refresh_commands(server: TokenServer, tmp_path: Path, spawn:
     unknown = run_cli("refresh", "-c", str(config), "--profile", "nope")
     assert unknown.returncode == 78
     metrics = _metrics(listen)
-    assert _value(metrics, "dvs_agent_rotations_total", profile="dvs", trigger="refresh") == 1
+    # a trigger, not a rotation: the credentials did not change (DESIGN §11)
+    assert _value(metrics, "dvs_agent_triggers_total", profile="dvs", trigger="refresh") == 1
+    assert not any(name == "dvs_agent_rotations_total" for name, _ in metrics)
     assert agent.stop() == 0
 
 

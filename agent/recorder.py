@@ -1,0 +1,77 @@
+"""What the agent reports about itself, as a protocol, and a recorder that records nothing.
+
+:class:`agent.metrics.Metrics` (Prometheus, imported only when the health listener is on)
+implements :class:`Recorder`; :data:`NULL` stands in everywhere else, so that call sites
+report unconditionally and need no ``if metrics is not None`` guards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Recorder(Protocol):
+    """The reports of DESIGN §8 and §11, by profile."""
+
+    def token_request(self, profile: str, outcome: str) -> None: ...
+
+    def trigger(self, profile: str, trigger: str) -> None: ...
+
+    def rotation(self, profile: str, trigger: str) -> None: ...
+
+    def sink_write(self, profile: str, sink: str, outcome: str) -> None: ...
+
+    def source_error(self, profile: str, source: str) -> None: ...
+
+    def refresh_duration(self, profile: str, seconds: float) -> None: ...
+
+    def state(self, profile: str, state: str) -> None: ...
+
+    def token(self, profile: str, provider_slug: str | None, expires_at: float) -> None: ...
+
+    def last_success(self, profile: str, at: float) -> None: ...
+
+    def source_in_use(self, profile: str, source: str, sources: Sequence[str]) -> None: ...
+
+    def forget(self, profile: str) -> None: ...
+
+
+class NullRecorder:
+    """Records nothing (``once``, ``check``, an agent without a health listener)."""
+
+    def token_request(self, profile: str, outcome: str) -> None:
+        pass
+
+    def trigger(self, profile: str, trigger: str) -> None:
+        pass
+
+    def rotation(self, profile: str, trigger: str) -> None:
+        pass
+
+    def sink_write(self, profile: str, sink: str, outcome: str) -> None:
+        pass
+
+    def source_error(self, profile: str, source: str) -> None:
+        pass
+
+    def refresh_duration(self, profile: str, seconds: float) -> None:
+        pass
+
+    def state(self, profile: str, state: str) -> None:
+        pass
+
+    def token(self, profile: str, provider_slug: str | None, expires_at: float) -> None:
+        pass
+
+    def last_success(self, profile: str, at: float) -> None:
+        pass
+
+    def source_in_use(self, profile: str, source: str, sources: Sequence[str]) -> None:
+        pass
+
+    def forget(self, profile: str) -> None:
+        pass
+
+
+NULL: Recorder = NullRecorder()
