@@ -29,6 +29,7 @@ from agent.masking import Masker
 from agent.models import Credentials, Token, rfc3339
 from agent.oauth import TokenClient
 from agent.recorder import NULL, Recorder
+from agent.retry import Backoff
 from agent.sinks.base import TokenSink
 from agent.sources.chain import SourceChain
 from agent.state import StateStore
@@ -521,9 +522,8 @@ class Profile:
         self._metrics.token_request(self.name, outcome)
 
     def _backoff(self, first: timedelta, cap: timedelta) -> timedelta:
-        exponent = min(max(self._failures - 1, 0), 16)
-        delay: timedelta = min(first * (2**exponent), cap)
-        return delay - delay * self._rng.uniform(0, 0.25)
+        backoff = Backoff(first.total_seconds(), cap.total_seconds(), jitter=0.25)
+        return timedelta(seconds=backoff.delay(self._failures - 1, self._rng))
 
     def _failed(self, exc: AgentError) -> Outcome:
         self._failures += 1

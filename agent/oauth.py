@@ -43,6 +43,7 @@ from agent.errors import (
 )
 from agent.masking import basic_value, outside
 from agent.models import MAX_ANSWER_BYTES, Credentials, Secret, Token, is_access_token
+from agent.retry import Backoff
 
 #: the longest lifetime taken from ``expires_in``; more is not a plausible answer (and would
 #: overflow date arithmetic)
@@ -69,11 +70,12 @@ class RetryPolicy:
     max_seconds: float = 8.0
     #: a 429 asking for a longer wait ends the attempt; the scheduler waits instead
     max_retry_after_seconds: float = 30.0
+    #: no retry starts once the attempt has taken this long (its requests and waits)
+    max_total_seconds: float = 90.0
 
     def backoff(self, retry: int, rng: random.Random) -> float:
-        """Full-jitter-ish delay before retry number ``retry`` (0-based)."""
-        ceiling = min(self.max_seconds, self.initial_seconds * self.multiplier**retry)
-        return rng.uniform(ceiling / 2, ceiling)
+        """The delay before retry number ``retry`` (0-based): between half the ceiling and it."""
+        return Backoff(self.initial_seconds, self.max_seconds, self.multiplier).delay(retry, rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +369,7 @@ class TokenClient:
         retry = 0
         sent = 0
         reread_done = False
+        began = time.monotonic()
         while True:
             sent_at = self._clock()
             wait: float | None = None
@@ -396,13 +399,18 @@ class TokenClient:
                     if fresh is not None:
                         credentials = fresh
                 raise CredentialsRejected(self._rejected_message(credentials, outcome.detail))
-            if retry >= self._policy.max_retries or self._stopping.is_set():
+            if wait is None:
+                wait = self._policy.backoff(retry, self._rng)
+            spent = time.monotonic() - began
+            if (
+                retry >= self._policy.max_retries
+                or spent + wait > self._policy.max_total_seconds
+                or self._stopping.is_set()
+            ):
                 raise AuthServerUnavailable(
                     f"token request failed after {sent} request(s): {failure}",
                     outcome=kind,
                 )
-            if wait is None:
-                wait = self._policy.backoff(retry, self._rng)
             retry += 1
             self._log.warning(
                 "%s; retry %d of %d in %.1fs",

@@ -1237,3 +1237,15 @@ def test_a_huge_retry_after_is_clamped(
     exc = guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
     assert isinstance(exc, AuthServerUnavailable)
     assert exc.retry_after == expected
+
+
+def test_the_fast_retries_are_bounded_by_total_time_too(
+    make_client: Callable[..., TokenClient], server: TokenServer, guard: Guard
+) -> None:
+    server.enqueue(*[Fault.hang() for _ in range(10)])
+    policy = RetryPolicy(
+        max_retries=10, initial_seconds=0.01, max_seconds=0.02, max_total_seconds=1.2
+    )
+    client = make_client(server.url, policy=policy, timeout=timedelta(seconds=0.5))
+    guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
+    assert 2 <= len(server.token_requests()) <= 3  # not 11: 3 × 0.5 s is past 1.2 s

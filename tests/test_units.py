@@ -214,3 +214,17 @@ def test_backoff_jitter_stays_in_bounds() -> None:
         for _ in range(50):
             assert ceiling / 2 <= policy.backoff(retry, rng) <= ceiling
     assert policy.backoff(0, rng) < 1  # the seed: start under a second
+
+
+def test_the_one_backoff_doubles_caps_and_jitters() -> None:
+    import random as _random
+
+    from agent.retry import Backoff
+
+    backoff = Backoff(first=2, cap=300, jitter=0.25)
+    rng = _random.Random(7)
+    assert [backoff.ceiling(n) for n in range(10)] == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+    for n in range(12):
+        assert 0.75 * backoff.ceiling(n) <= backoff.delay(n, rng) <= backoff.ceiling(n)
+    assert backoff.ceiling(10**9) == 300  # no overflow, whatever the failure count
+    assert backoff.ceiling(-1) == 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ import botocore.exceptions as bx
 
 from agent.masking import outside
 from agent.models import MAX_ANSWER_BYTES
+from agent.retry import Backoff
 from agent.sources.aws import describe_location, guard_botocore_logs, held_credentials, make_client
 
 #: the events that mean "the secret's value (or which version is current) changed", by detail-type
@@ -247,7 +249,9 @@ class SqsRotationListener:
             self._owns_client = False
 
     def _run(self, stop: threading.Event) -> None:
-        delay = BACKOFF_INITIAL
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX, jitter=0.25)
+        rng = random.Random()  # noqa: S311 - jitter
+        failures = 0
         while not stop.is_set():
             try:
                 messages = self._receive()
@@ -255,6 +259,8 @@ class SqsRotationListener:
                     break
                 self._handle(messages)
             except Exception as exc:
+                delay = backoff.delay(failures, rng)
+                failures += 1
                 self._log.warning(
                     "cannot read rotation events from %s: %s; retrying in %.0f s",
                     self._queue_url,
@@ -264,9 +270,8 @@ class SqsRotationListener:
                 )
                 if stop.wait(delay):
                     break
-                delay = min(delay * 2, BACKOFF_MAX)
             else:
-                delay = BACKOFF_INITIAL
+                failures = 0
 
     def _receive(self) -> list[dict[str, Any]]:
         response = self._client.receive_message(
