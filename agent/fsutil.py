@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 #: the temp files atomic_write leaves behind when the process is killed mid-write
@@ -59,3 +61,28 @@ def remove_stale_temps(directory: Path) -> list[Path]:
             unlink_quietly(Path(entry.path))
             removed.append(Path(entry.path))
     return removed
+
+
+#: a secret file (a client secret, a Vault token, a password) is never larger than this
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
+def read_secret_file(path: str | os.PathLike[str], *, limit: int = MAX_SECRET_FILE_BYTES) -> str:
+    """The text of a secret file, read so that a file planted or grown by someone else can
+    neither block nor flood the agent: opened non-blocking (a FIFO is refused, never waited
+    on), a regular file only, at most ``limit`` bytes. Symlinks are followed (Kubernetes and
+    systemd credentials are symlinks). Raises what ``open`` raises (FileNotFoundError,
+    PermissionError, another OSError) and UnicodeDecodeError, so callers explain each."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a directory?)")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit // 1024} KiB: not a secret file")
+        data = os.read(fd, limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit // 1024} KiB: not a secret file")
+    finally:
+        os.close(fd)
+    return data.decode("utf-8")

@@ -34,6 +34,7 @@ import requests.adapters
 import requests.exceptions
 
 from agent.errors import AgentError, ConfigError, SourceEmpty, SourceUnavailable
+from agent.fsutil import read_secret_file
 from agent.masking import outside, variants
 from agent.models import MAX_ANSWER_BYTES
 
@@ -468,8 +469,7 @@ class VaultConnection:
     def _read_file(self, path: str, key: str) -> str:
         name = f"{self._auth.config_key}.{key}"
         try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read().strip()
+            text = read_secret_file(path).strip()
         except FileNotFoundError:
             raise SourceEmpty(
                 f"{path} ({name}) does not exist: write it, or set {name} to the file that "

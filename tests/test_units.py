@@ -228,3 +228,37 @@ def test_the_one_backoff_doubles_caps_and_jitters() -> None:
         assert 0.75 * backoff.ceiling(n) <= backoff.delay(n, rng) <= backoff.ceiling(n)
     assert backoff.ceiling(10**9) == 300  # no overflow, whatever the failure count
     assert backoff.ceiling(-1) == 2
+
+
+@pytest.mark.parametrize("planted", ["fifo", "huge", "directory"])
+def test_a_planted_secret_file_neither_blocks_nor_floods(tmp_path: Path, planted: str) -> None:
+    """A FIFO, a 1 GB file or a directory in place of DVS_CLIENT_SECRET_FILE is an error at
+    once (the read is non-blocking and bounded), never a hang or a 1 GB read."""
+    import os
+    import threading
+
+    from agent.errors import SourceUnavailable
+
+    path = tmp_path / "secret"
+    if planted == "fifo":
+        os.mkfifo(path)
+    elif planted == "huge":
+        with open(path, "wb") as handle:
+            handle.truncate(1 << 30)  # sparse: nothing written
+    else:
+        path.mkdir()
+    source = EnvSource(environ={"DVS_CLIENT_ID": "id", "DVS_CLIENT_SECRET_FILE": str(path)})
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            source.read()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "reading the planted file blocked"
+    assert len(errors) == 1 and isinstance(errors[0], SourceUnavailable), errors
+    assert str(path) in str(errors[0])

@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agent.errors import SinkError
+from agent.fsutil import read_secret_file
 from agent.masking import outside
 from agent.models import Token
 
@@ -224,8 +225,7 @@ class RedisSink:
         if s.password_file:
             name = f"{key}.password_file"
             try:
-                with open(s.password_file, encoding="utf-8") as handle:
-                    text = handle.read()
+                text = read_secret_file(s.password_file)
             except FileNotFoundError:
                 raise SinkError(
                     f"{s.password_file} ({name}) does not exist: write the Redis password "

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 
 from agent.errors import ConfigError, SourceEmpty, SourceUnavailable
+from agent.fsutil import read_secret_file
 from agent.models import Credentials, Secret
 
 
@@ -77,8 +78,7 @@ class EnvSource:
 
 def _read_file(path: str, file_var: str) -> str:
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = read_secret_file(path)
     except FileNotFoundError:
         raise SourceEmpty(f"{file_var} names {path}, which does not exist") from None
     except PermissionError:
