@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, cast
@@ -51,13 +51,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 
 from agent import __version__
+from agent.clock import Clock, utc_now
 from agent.metrics import Metrics
 from agent.models import rfc3339
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-Clock = Callable[[], datetime]
 
 #: ``POST /refresh`` burst limit of the listener itself, over all profiles (requests per second)
 REFRESH_RATE = 10.0
@@ -87,10 +87,6 @@ REFUSAL_QUIET_SECONDS = 5.0
 ACCEPT_BACKOFF_SECONDS = 0.1
 
 _JSON = "application/json"
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _fds_in_use() -> int:
@@ -240,7 +236,7 @@ class HealthServer:
         snapshot: Callable[[], list[ProfileStatus]],
         metrics: Metrics,
         refresh: Callable[[str | None], RefreshAnswer],
-        clock: Clock = _utc_now,
+        clock: Clock = utc_now,
         logger: logging.Logger | None = None,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
