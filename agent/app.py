@@ -352,9 +352,10 @@ class Agent:
                         "other profiles (it joins when its attempt ends)",
                         extra={"profile": profile.name, "event": "first_attempt_slow"},
                     )
-                    self._schedule(profile, first_run=self._clock(), running=True)
+                    pc = self.config.profiles[profile.name]
+                    self._schedule(profile, pc, first_run=self._clock(), running=True)
                 else:
-                    self._schedule(profile, first_run=first_run)
+                    self._schedule(profile, self.config.profiles[profile.name], first_run=first_run)
             self._first_done.update(self._first_runs)
         with signals_to_main_thread():
             scheduler.start()
@@ -388,13 +389,14 @@ class Agent:
     def _schedule(
         self,
         profile: Profile,
+        pc: ProfileConfig,
         *,
         first_run: datetime,
         reason: Reason | None = None,
         running: bool = False,
     ) -> None:
         assert self._scheduler is not None
-        poll: timedelta = self.config.profiles[profile.name].rotation.poll_interval
+        poll: timedelta = pc.rotation.poll_interval  # the settings it was built with
         if poll > timedelta(0) and not profile.chain.can_change():
             self._log.info(
                 "not polling: the credentials come from environment variables, which do not "
@@ -677,7 +679,7 @@ class Agent:
                 self.profiles.pop(name).close()
             self.profiles[name] = profile
             first_run = self._restore(profile) or self._clock()
-            self._schedule(profile, first_run=first_run, reason=Reason.RELOAD)
+            self._schedule(profile, pc, first_run=first_run, reason=Reason.RELOAD)
             applied[name] = pc
             self._log.info("profile (re)configured", extra={"profile": name, "event": "reload"})
         # what runs now: the new settings where they applied, the old ones where they failed
