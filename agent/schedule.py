@@ -22,6 +22,7 @@ waits for a wall time a clock step moved), and re-places every job when the wall
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from agent.clock import Clock, to_wall, utc_now, wall_offset
 from agent.manager import Outcome, Profile, Reason
+from agent.signals import signals_to_main_thread
 
 _FAR = timedelta(days=3650)
 #: worker threads of APScheduler's pool; jobs only hand work to the profiles' own threads, so
@@ -44,8 +46,59 @@ _FAR = timedelta(days=3650)
 POOL_WORKERS = 2
 #: the tick: due refreshes are re-checked on the real-elapsed clock at least this often (s)
 TICK = 5.0
+#: a worker with nothing to do for this long ends (s)
+WORKER_IDLE_SECONDS = 60.0
 
 OutcomeHook = Callable[[Profile, Reason, Outcome], None]
+
+
+class _Workers:
+    """An elastic pool: a job goes to an idle worker if there is one, else to a new thread;
+    a worker idle for ``idle_seconds`` ends. So no number of stuck jobs can keep another job
+    from starting (each holds only its own thread), idle there are few threads or none, and
+    polls every second reuse a warm thread instead of starting one each time.
+
+    Workers block the daemon's signals (agent.signals), whichever thread submits."""
+
+    def __init__(self, idle_seconds: float = WORKER_IDLE_SECONDS) -> None:
+        self._idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]]] = (
+            queue.SimpleQueue()
+        )
+        #: workers waiting for a job (each job put on the queue has taken one of them)
+        self._idle = 0
+
+    def submit(self, work: Callable[..., None], *args: object) -> None:
+        """Run ``work(*args)`` now, on a worker (raises RuntimeError if no thread can start)."""
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+                self._jobs.put((work, args))
+                return
+        thread = threading.Thread(
+            target=self._worker, args=(work, args), name="dvs-worker", daemon=True
+        )
+        with signals_to_main_thread():
+            thread.start()
+
+    def _worker(self, work: Callable[..., None], args: tuple[object, ...]) -> None:
+        while True:
+            try:
+                work(*args)
+            except Exception:  # a bug in one job must not end the worker silently
+                logging.getLogger("agent.schedule").exception("a scheduled job failed")
+            with self._lock:
+                self._idle += 1
+            try:
+                work, args = self._jobs.get(timeout=self._idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    try:  # a job put just as the wait ended was meant for a worker: take it
+                        work, args = self._jobs.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
 
 
 @dataclass(slots=True)
@@ -108,6 +161,7 @@ class RefreshScheduler:
         self._stopped = threading.Event()
         self._offset = wall_offset(clock)
         self._tick_thread: threading.Thread | None = None
+        self._workers = _Workers()
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=max_workers)},
             job_defaults={
@@ -264,13 +318,10 @@ class RefreshScheduler:
             job.modify(next_run_time=to_wall(self._clock, when))
 
     def _spawn(self, slot: _Slot, work: Callable[[_Slot, Reason], None], reason: Reason) -> None:
-        """Run ``work`` on a thread of the profile's own (it ends with the work)."""
+        """Run ``work`` on a worker of its own (an idle one, else a new thread)."""
         name = slot.profile.name
-        thread = threading.Thread(
-            target=work, args=(slot, reason), name=f"dvs-{name}"[:15], daemon=True
-        )
         try:
-            thread.start()
+            self._workers.submit(work, slot, reason)
         except RuntimeError:  # no thread can be started now: try again at the next tick
             self._log.exception("cannot start a thread for %s", name)
             with slot.lock:

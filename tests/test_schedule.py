@@ -144,3 +144,42 @@ def test_no_poll_refresh_after_shutdown(scheduler: RefreshScheduler) -> None:
     profile.changes = 5
     scheduler._poll("a")
     assert profile.refreshes == []
+
+
+def test_workers_are_reused_never_shared_by_stuck_jobs() -> None:
+    """A job goes to an idle worker, else to a new thread: stuck jobs hold only their own
+    threads, and jobs one after another reuse one warm thread."""
+    from agent.schedule import _Workers
+
+    workers = _Workers(idle_seconds=30)
+    names: list[str] = []
+    done = threading.Event()
+
+    def note() -> None:
+        names.append(threading.current_thread().name + str(threading.get_ident()))
+        done.set()
+
+    for _ in range(5):  # one after another: the same thread
+        done.clear()
+        workers.submit(note)
+        assert done.wait(5)
+        assert wait_for(lambda: workers._idle == 1)
+    assert len(set(names)) == 1
+    stuck = threading.Event()
+    for _ in range(10):  # ten stuck jobs ...
+        workers.submit(stuck.wait, 30)
+    done.clear()
+    workers.submit(note)  # ... and another still runs at once
+    assert done.wait(5)
+    stuck.set()
+
+
+def test_an_idle_worker_ends() -> None:
+    from agent.schedule import _Workers
+
+    workers = _Workers(idle_seconds=0.2)
+    before = threading.active_count()
+    ran = threading.Event()
+    workers.submit(ran.set)
+    assert ran.wait(5)
+    assert wait_for(lambda: threading.active_count() == before, timeout=5)
