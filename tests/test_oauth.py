@@ -1248,4 +1248,4 @@ def test_the_fast_retries_are_bounded_by_total_time_too(
     )
     client = make_client(server.url, policy=policy, timeout=timedelta(seconds=0.5))
     guard.raises(AuthServerUnavailable, 69, lambda: client.fetch(creds()))
-    assert 2 <= len(server.token_requests()) <= 3  # not 11: 3 × 0.5 s is past 1.2 s
+    assert 2 <= len(server.token_requests()) <= 3  # not 11: 3 requests of 0.5 s are past 1.2 s
