@@ -552,15 +552,20 @@ class _HTTPServer(ThreadingHTTPServer):
         if victim is not None:
             self._refuse()
         if admitted:
-            # on failure (no thread to be had) socketserver calls shutdown_request
-            super().process_request(request, client_address)
+            # ThreadingMixIn's, with the thread known before it starts (so that an eviction
+            # can wait for it); on failure (no thread to be had) socketserver calls
+            # shutdown_request
+            thread = threading.Thread(
+                target=self.process_request_thread, args=(request, client_address), daemon=True
+            )
+            with self._open_lock:
+                self._serving[request] = thread
+            thread.start()
             return
         self._refuse()
         self.shutdown_request(request)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._open_lock:
-            self._serving[request] = threading.current_thread()
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -578,6 +583,7 @@ class _HTTPServer(ThreadingHTTPServer):
             # descriptor number that a close here has freed for reuse
             self._open.discard(request)
             self._waiting.pop(request, None)
+            self._serving.pop(request, None)  # also when its thread could not start
             self._open_changed.notify_all()
         super().shutdown_request(request)
 
