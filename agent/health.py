@@ -496,6 +496,9 @@ class _HTTPServer(ThreadingHTTPServer):
         self._waiting: dict[socket.socket, float] = {}
         #: the thread serving each connection
         self._serving: dict[socket.socket, threading.Thread] = {}
+        #: every serving thread started and not yet seen ended (a connection leaves ``_open``
+        #: a moment before its thread is gone: the cap counts threads too)
+        self._live: set[threading.Thread] = set()
         self._open_lock = threading.Lock()
         self._open_changed = threading.Condition(self._open_lock)
         # the refusal episode; only the serving thread reads or writes these
@@ -533,7 +536,7 @@ class _HTTPServer(ThreadingHTTPServer):
         victim: socket.socket | None = None
         ending: threading.Thread | None = None
         with self._open_lock:
-            admitted = len(self._open) < self.max_connections
+            admitted = self._room()
             if not admitted and self._waiting:
                 victim = min(self._waiting, key=self._waiting.__getitem__)
                 del self._waiting[victim]
@@ -543,9 +546,7 @@ class _HTTPServer(ThreadingHTTPServer):
         if ending is not None:
             ending.join(EVICTION_WAIT)  # so that the threads never exceed the cap
         with self._open_lock:
-            admitted = len(self._open) < self.max_connections and not (
-                ending is not None and ending.is_alive()
-            )
+            admitted = self._room()
             if admitted:
                 self._open.add(request)
                 self._waiting[request] = now
@@ -560,10 +561,16 @@ class _HTTPServer(ThreadingHTTPServer):
             )
             with self._open_lock:
                 self._serving[request] = thread
+                self._live.add(thread)
             thread.start()
             return
         self._refuse()
         self.shutdown_request(request)
+
+    def _room(self) -> bool:
+        """A connection and a thread are free (call with ``_open_lock`` held)."""
+        self._live = {thread for thread in self._live if thread.is_alive()}
+        return len(self._open) < self.max_connections and len(self._live) < self.max_connections
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
