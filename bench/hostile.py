@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.devserver import Fault, RecordedRequest, TokenServer  # noqa: E402
-from bench.measure import proc_status  # noqa: E402
+from bench.measure import proc_status, stop_process  # noqa: E402
 from bench.runtime_venv import DEV_AGENT, install_agent  # noqa: E402
 
 MIB = 1024.0
@@ -260,13 +260,7 @@ def _agent(
     try:
         yield Agent(proc, work, health_port)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
         log.close()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,3 +41,16 @@ def spread_pauses(count: int, seed: int = 2026) -> list[float]:
     pauses = [0.2 + (k + 0.5) / count for k in range(count)]
     random.Random(seed).shuffle(pauses)
     return pauses
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Ask ``proc`` to stop (``sig``), wait up to 10 s, then kill it."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

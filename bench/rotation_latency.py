@@ -85,11 +85,7 @@ def _agent(config: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        measure.stop_process(proc)
         log.close()
 
 

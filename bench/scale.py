@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.devserver import TokenServer  # noqa: E402
 from agent.schedule import POOL_WORKERS  # noqa: E402
-from bench.measure import oncpu_seconds, proc_status  # noqa: E402
+from bench.measure import oncpu_seconds, proc_status, stop_process  # noqa: E402
 from bench.runtime_venv import DEV_AGENT, install_agent  # noqa: E402
 
 EXPIRES_IN = 86399
@@ -147,13 +147,7 @@ def _agent(agent: Path, config: Path, env: dict[str, str]) -> Iterator[subproces
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
         log.close()
 
 

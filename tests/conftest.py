@@ -11,11 +11,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from agent.devserver import TokenServer
+from agent.models import Secret, Token
 from tests.servers import MOTO_ENV, Bao, Moto, RedisServer, bao_server, moto_server, redis_server
 
 CLIENT_ID = "svc-client"
@@ -110,6 +112,22 @@ def threads_taking_signals(pid: int) -> list[int]:
         if blocked & wanted != wanted:
             taking.append(int(task.name))
     return taking
+
+
+def hour_token(
+    value: str, *, scope: str | None = None, extensions: dict[str, object] | None = None
+) -> Token:
+    """A bearer token obtained now and valid for an hour."""
+    now = datetime.now(UTC)
+    return Token(
+        access_token=Secret(value),
+        token_type="bearer",
+        expires_in=3600,
+        obtained_at=now,
+        expires_at=now + timedelta(seconds=3600),
+        scope=scope,
+        extensions=extensions or {},
+    )
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, step: float = 0.05) -> bool:

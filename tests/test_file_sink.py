@@ -32,6 +32,7 @@ from agent.masking import MASK
 from agent.models import Secret, Token
 from agent.sinks.base import TokenSink
 from agent.sinks.file import FileSink, render
+from tests.conftest import hour_token
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -40,16 +41,7 @@ TOKEN_VALUE = "tok-1"
 
 
 def make_token(value: str = TOKEN_VALUE) -> Token:
-    now = datetime.now(UTC)
-    return Token(
-        access_token=Secret(value),
-        token_type="bearer",
-        expires_in=3600,
-        obtained_at=now,
-        expires_at=now + timedelta(seconds=3600),
-        scope="read write",
-        extensions={"provider_slug": "br-gamma"},
-    )
+    return hour_token(value, scope="read write", extensions={"provider_slug": "br-gamma"})
 
 
 def subprocess_env() -> dict[str, str]:

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,10 @@ import pytest
 from agent.devserver import TokenServer
 from agent.hooks import STDERR_KEPT, HookRunner, last_line
 from agent.masking import MASK
-from agent.models import Secret, Token
+from agent.models import Token
 from agent.signals import SIGNALS
 from agent.sinks.file import FileSink
-from tests.conftest import Spawn, wait_for, write_config
+from tests.conftest import Spawn, hour_token, wait_for, write_config
 
 #: the bits of SIGHUP, SIGTERM and SIGINT in a /proc status mask
 SIGNAL_BITS = sum(1 << (s - 1) for s in SIGNALS)
@@ -36,16 +35,7 @@ STANDARD_SIGNAL_BITS = (1 << 31) - 1
 
 
 def make_token(value: str) -> Token:
-    now = datetime.now(UTC)
-    return Token(
-        access_token=Secret(value),
-        token_type="bearer",
-        expires_in=3600,
-        obtained_at=now,
-        expires_at=now + timedelta(seconds=3600),
-        scope="read",
-        extensions={},
-    )
+    return hour_token(value, scope="read")
 
 
 def script(directory: Path, name: str, body: str) -> str:

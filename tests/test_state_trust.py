@@ -24,7 +24,6 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from agent.devserver import TokenServer
 from agent.errors import SinkError
 from agent.models import MAX_ANSWER_BYTES, MAX_TOKEN_BYTES, Credentials, Secret, Token
 from agent.state import StateStore
-from tests.conftest import agent_env, run_cli, write_config
+from tests.conftest import agent_env, hour_token, run_cli, write_config
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,14 +106,7 @@ def in_thread(call: Callable[[], object], timeout: float = 10.0) -> object:
 
 
 def token_valid_for_an_hour(value: str = GOOD_TOKEN) -> Token:
-    now = datetime.now(UTC)
-    return Token(
-        access_token=Secret(value),
-        token_type="bearer",
-        expires_in=3600,
-        obtained_at=now,
-        expires_at=now + timedelta(seconds=3600),
-    )
+    return hour_token(value)
 
 
 # ------------------------------------------------------- without credentials: the agent's own
