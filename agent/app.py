@@ -1,4 +1,6 @@
-"""``Agent``: builds every object from the config, owns them, and runs ``once`` or ``run``."""
+"""``Agent``: owns every profile built from the config (:mod:`agent.wiring`) and runs ``once``
+or ``run``: the first tokens, the schedule, signals, the health adapter and reloads
+(:mod:`agent.reload`); systemd hears of it through :mod:`agent.systemd`."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -28,15 +30,25 @@ from agent.errors import (
     most_severe,
 )
 from agent.logs import Redactor, set_level
-from agent.manager import Outcome, Profile, Reason, State, Timing
-from agent.notify import sd_notify
-from agent.oauth import TlsContexts, TokenClient
+from agent.manager import Outcome, Profile, Reason, State
+from agent.oauth import TlsContexts
+from agent.plugin import RotationListener
 from agent.process import release_sighup
+from agent.registry import Registry
+from agent.reload import (
+    Action,
+    AddProfile,
+    ChangeProfile,
+    NeedsRestart,
+    RemoveProfile,
+    Retrigger,
+    SetLogLevel,
+    diff,
+)
 from agent.signals import SIGNALS, signals_to_main_thread
-from agent.sinks.factory import build_sinks
-from agent.sources.chain import SourceChain
-from agent.sources.factory import build_sources
 from agent.state import StateStore
+from agent.systemd import sd_notify, start_watchdog
+from agent.wiring import build_profile
 
 if TYPE_CHECKING:
     from agent.health import HealthServer, ProfileStatus, RefreshAnswer
@@ -53,14 +65,6 @@ FIRST_ATTEMPT_GRACE_SECONDS = 5.0
 
 class ListenError(SourceUnavailable):
     """The health listener cannot bind its address (exit 69, so systemd tries again)."""
-
-
-class RotationListener(Protocol):
-    """A rotation trigger that runs on its own (e.g. an SQS long-poll loop)."""
-
-    def start(self) -> None: ...
-
-    def stop(self, timeout: float = 5.0) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +87,11 @@ class Agent:
         redactor: Redactor | None = None,
         logger: logging.Logger | None = None,
         metrics: Metrics | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.config = config
+        #: the kinds the config names (agent.registry); a reload finds them here too
+        self._registry = registry if registry is not None else Registry()
         self.metrics = metrics
         self._config_path = config_path
         self._environ = os.environ if environ is None else environ
@@ -116,38 +123,18 @@ class Agent:
 
     # ------------------------------------------------------------------ building
     def _build(self, name: str, pc: ProfileConfig) -> Profile:
-        log = self._log
-        sources = build_sources(name, pc, environ=self._environ, logger=log)
-        metrics = self.metrics
-        on_error = None if metrics is None else (lambda source: metrics.source_error(name, source))
-        sinks = build_sinks(name, pc, environ=self._environ, logger=log)
-        client = TokenClient(
-            token_url=pc.resolved_token_url,
-            profile=name,
-            grant_type_location=pc.grant_type_location,
-            scope=pc.scope,
-            timeout=pc.request_timeout,
-            ca_bundle=pc.ca_bundle,
-            tls=self._tls,
-            clock=self._clock,
-            stopping=self._stopping,
-            logger=logging.getLogger("agent.oauth"),
-        )
-        timing = Timing(
-            refresh_before_expiry=pc.refresh_before_expiry,
-            reread_on_schedule=pc.rotation.poll_interval <= timedelta(0),
-        )
-        return Profile(
+        return build_profile(
             name,
-            chain=SourceChain(sources, profile=name, logger=log, on_error=on_error),
-            client=client,
-            sinks=sinks,
+            pc,
+            environ=self._environ,
             store=self.store,
-            timing=timing,
             clock=self._clock,
+            tls=self._tls,
+            stopping=self._stopping,
             redactor=self._redactor,
-            logger=log,
+            logger=self._log,
             metrics=self.metrics,
+            registry=self._registry,
         )
 
     def prepare(self) -> None:
@@ -178,23 +165,49 @@ class Agent:
         return most_severe(codes)
 
     def _once(self, profile: Profile, *, force: bool) -> int:
-        extra = {"profile": profile.name}
         try:
             profile.check_sinks()
-            if not force and profile.restore() and profile.due() > self._clock():
-                return EX_OK
-        except SourceUnavailable as exc:
-            if not force and profile.token is not None and profile.due() > self._clock():
-                return EX_OK  # the sinks hold the recorded, still valid token (warned)
-            self._log.error("%s", exc, extra=extra)
-            return exc.exit_code
         except AgentError as exc:
-            self._log.error("%s", exc, extra=extra)
+            self._log.error("%s", exc, extra={"profile": profile.name})
             return exc.exit_code
-        outcome = profile.refresh(Reason.FORCE if force else Reason.START)
+        reason = Reason.FORCE if force else Reason.START
+        outcome = self._restore_or_refresh(profile, reason, exit_after=True)
         if outcome.ok:
             return EX_OK
         return outcome.error.exit_code if outcome.error else 1
+
+    def _restore_or_refresh(
+        self, profile: Profile, reason: Reason | None, *, exit_after: bool = False
+    ) -> Outcome:
+        """How a profile gets its first token, for ``once``, at start and at a reload: the
+        recorded token while it is valid for the current credentials (DESIGN §6), else a
+        refresh for ``reason`` now (``FORCE`` skips the recorded token; None: no refresh here,
+        the caller schedules one). ``next_at``: when the profile runs next.
+
+        ``exit_after`` (``once``): a recorded token serves only while it is not yet due, and
+        credentials that cannot be read end the attempt with their error; else that error is
+        logged and the refresh reads them again."""
+        if reason is not Reason.FORCE:
+            try:
+                if profile.restore():
+                    due = profile.due()
+                    if not exit_after or due > self._clock():
+                        return Outcome(ok=True, next_at=due)
+            except AgentError as exc:
+                held = profile.token is not None
+                if exit_after:
+                    if isinstance(exc, SourceUnavailable) and held:
+                        due = profile.due()
+                        if due > self._clock():  # the sinks hold the recorded token (warned)
+                            return Outcome(ok=True, next_at=due)
+                    self._log.error("%s", exc, extra={"profile": profile.name})
+                    return Outcome(ok=False, next_at=self._clock(), error=exc)
+                self._log.error("%s", exc, extra={"profile": profile.name, "event": "source_error"})
+                if held and reason is Reason.START:
+                    reason = Reason.SCHEDULE  # the recorded token is held (degraded)
+        if reason is None:
+            return Outcome(ok=profile.token is not None, next_at=self._clock())
+        return profile.refresh(reason)
 
     # ----------------------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -294,7 +307,7 @@ class Agent:
             if self._stopping.is_set():
                 return
             try:
-                when = self._first_attempt(profile)
+                when = self._restore_or_refresh(profile, Reason.START).next_at
             except Exception:  # a bug must not keep the scheduler from starting
                 self._log.exception("first attempt failed", extra={"profile": profile.name})
                 when = self._clock()
@@ -317,23 +330,6 @@ class Agent:
             thread.start()
             self._first_threads.append(thread)
 
-    def _first_attempt(self, profile: Profile) -> datetime:
-        """The recorded token if still valid, else a refresh; when the profile runs next."""
-        due = self._restore(profile)
-        if due is not None:
-            return due
-        reason = Reason.SCHEDULE if profile.token else Reason.START
-        return profile.refresh(reason).next_at
-
-    def _restore(self, profile: Profile) -> datetime | None:
-        """When the recorded token is due for refresh, if it is still valid (else None)."""
-        try:
-            if profile.restore():
-                return profile.due()
-        except AgentError as exc:
-            self._log.error("%s", exc, extra={"profile": profile.name, "event": "source_error"})
-        return None
-
     def _start_scheduler(self) -> None:
         from agent.schedule import RefreshScheduler  # APScheduler: only the daemon needs it
 
@@ -341,7 +337,7 @@ class Agent:
             clock=self._clock, on_outcome=self._on_outcome, on_tick=self._check_expiry
         )
         self._scheduler = scheduler
-        self._start_watchdog(scheduler)
+        start_watchdog(scheduler, self._environ)
         with self._first_lock:
             for profile in self.profiles.values():
                 first_run = self._first_runs.get(profile.name)
@@ -410,33 +406,14 @@ class Agent:
             self._scheduler.trigger(profile.name, reason)
 
     def _start_listeners(self) -> None:
-        """One SQS long-poll loop per distinct events queue (AWS rotation events, DESIGN §5)."""
-        watched: dict[tuple[str, str | None], dict[str, list[str]]] = {}
-        for name, pc in self.config.profiles.items():
-            aws = pc.aws
-            if aws is None or not aws.events_queue_url or aws.secret_id is None:
-                continue
-            if name not in self.profiles or "aws" not in pc.sources:
-                continue
-            # the queue's own URL gives the SQS endpoint: a Secrets Manager VPC endpoint
-            # (aws.endpoint_url) cannot answer SQS calls
-            key = (aws.events_queue_url, aws.region)
-            watched.setdefault(key, {})[name] = [aws.secret_id]
-        if not watched:
-            return
-        from agent.triggers.sqs import SqsRotationListener
-
-        for (queue_url, region), watch in watched.items():
-            listener = SqsRotationListener(
-                queue_url=queue_url,
-                region=region,
-                endpoint_url=None,  # the queue URL's own endpoint
-                watch=watch,
-                on_rotation=self._on_rotation_event,
-                logger=logging.getLogger("agent.events"),
-            )
-            listener.start()
-            self._listeners.append(listener)
+        """The rotation triggers' listeners (AWS rotation events over SQS, DESIGN §5)."""
+        built = {name: pc for name, pc in self.config.profiles.items() if name in self.profiles}
+        for trigger in self._registry.triggers():
+            for listener in trigger.listeners(
+                built, self._on_rotation_event, logging.getLogger("agent.events")
+            ):
+                listener.start()
+                self._listeners.append(listener)
 
     def _stop_listeners(self) -> None:
         for listener in self._listeners:
@@ -495,17 +472,6 @@ class Agent:
     def _expiry_due(self) -> None:
         self._check_expiry()
         self._arm_expiry()
-
-    def _start_watchdog(self, scheduler: RefreshScheduler) -> None:
-        """WATCHDOG=1 from a scheduler job, so that a hung scheduler is caught by systemd."""
-        usec = self._environ.get("WATCHDOG_USEC", "")
-        pid = self._environ.get("WATCHDOG_PID")
-        if not usec.isdigit() or int(usec) <= 0 or (pid and pid != str(os.getpid())):
-            return
-        interval = timedelta(microseconds=int(usec)) / 2
-        environ = self._environ
-        scheduler.add_periodic("watchdog", lambda: sd_notify("WATCHDOG=1", environ), interval)
-        sd_notify("WATCHDOG=1", environ)
 
     # -------------------------------------------------------------------- health
     def _start_health(self) -> None:
@@ -614,11 +580,6 @@ class Agent:
         return self._scheduler is not None and self._scheduler.busy()
 
     # -------------------------------------------------------------------- reload
-    def trigger_all(self, reason: Reason) -> None:
-        if self._scheduler is not None:
-            for name in self.profiles:
-                self._scheduler.trigger(name, reason)
-
     def reload(self) -> None:
         """SIGHUP: re-read the config and the credentials of every profile now."""
         self._log.info(
@@ -628,62 +589,69 @@ class Agent:
         new = self.config
         if self._config_path is not None:
             try:
-                new = load_config(self._config_path)
+                new = load_config(self._config_path, registry=self._registry)
             except ConfigError as exc:
                 self._log.error(
                     "the new config is invalid, keeping the running one: %s",
                     exc,
                     extra={"event": "reload_failed"},
                 )
-        if new == self.config:
-            self.trigger_all(Reason.SIGHUP)
-            return
-        self._apply(new)
+        self._apply(new, diff(self.config, new))
 
-    def _apply(self, new: Config) -> None:
+    def _apply(self, new: Config, actions: list[Action]) -> None:
+        """Apply what :func:`agent.reload.diff` found; a profile whose new settings cannot be
+        built keeps running with its old ones."""
         assert self._scheduler is not None
         old = self.config
-        if new.agent.state_dir != old.agent.state_dir or new.health != old.health:
-            self._log.warning(
-                "agent.state_dir and [health] changes take effect at the next restart",
-                extra={"event": "reload"},
-            )
-        set_level(new.agent.log_level)
-        applied: dict[str, ProfileConfig] = {}
-        for name in list(self.profiles):
-            if name not in new.profiles:
-                self._scheduler.remove(name)
-                self.profiles.pop(name).close()
-                if self.metrics is not None:
-                    self.metrics.forget(name)
-                self._log.info("profile removed", extra={"profile": name, "event": "reload"})
-        for name, pc in new.profiles.items():
-            if name in self.profiles and old.profiles.get(name) == pc:
-                self._scheduler.trigger(name, Reason.SIGHUP)
-                applied[name] = pc
-                continue
-            try:
-                profile = self._build(name, pc)
-                profile.check_sinks()
-            except (SinkError, ConfigError) as exc:
-                self._log.error(
-                    "cannot apply the new settings, keeping the running ones: %s",
-                    exc,
-                    extra={"profile": name, "event": "reload_failed"},
-                )
-                if name in old.profiles and name in self.profiles:
+        applied: dict[str, ProfileConfig] = {}  # what runs now, by profile
+        for action in actions:
+            match action:
+                case NeedsRestart(key):
+                    self._log.warning(
+                        "%s changes take effect at the next restart", key, extra={"event": "reload"}
+                    )
+                case SetLogLevel(level):
+                    set_level(level)
+                case RemoveProfile(name):
+                    self._scheduler.remove(name)
+                    self.profiles.pop(name).close()
+                    if self.metrics is not None:
+                        self.metrics.forget(name)
+                    self._log.info("profile removed", extra={"profile": name, "event": "reload"})
+                case Retrigger(name):
+                    self._scheduler.trigger(name, Reason.SIGHUP)
                     applied[name] = old.profiles[name]
-                continue
-            if name in self.profiles:
-                self._scheduler.remove(name)
-                self.profiles.pop(name).close()
-            self.profiles[name] = profile
-            first_run = self._restore(profile) or self._clock()
-            self._schedule(profile, pc, first_run=first_run, reason=Reason.RELOAD)
-            applied[name] = pc
-            self._log.info("profile (re)configured", extra={"profile": name, "event": "reload"})
-        # what runs now: the new settings where they applied, the old ones where they failed
+                case AddProfile(name, pc) | ChangeProfile(name, pc):
+                    if self._rebuild(name, pc):
+                        applied[name] = pc
+                    elif name in old.profiles:
+                        applied[name] = old.profiles[name]
+        if new == old:
+            return
         self.config = msgspec.structs.replace(new, profiles=applied)
         self._stop_listeners()
         with signals_to_main_thread():
             self._start_listeners()
+
+    def _rebuild(self, name: str, pc: ProfileConfig) -> bool:
+        """Run profile ``name`` with the settings ``pc`` from now on, with a new token (False:
+        they cannot be built, and what ran before runs on)."""
+        assert self._scheduler is not None
+        try:
+            profile = self._build(name, pc)
+            profile.check_sinks()
+        except (SinkError, ConfigError) as exc:
+            self._log.error(
+                "cannot apply the new settings, keeping the running ones: %s",
+                exc,
+                extra={"profile": name, "event": "reload_failed"},
+            )
+            return False
+        if name in self.profiles:
+            self._scheduler.remove(name)
+            self.profiles.pop(name).close()
+        self.profiles[name] = profile
+        first_run = self._restore_or_refresh(profile, None).next_at
+        self._schedule(profile, pc, first_run=first_run, reason=Reason.RELOAD)
+        self._log.info("profile (re)configured", extra={"profile": name, "event": "reload"})
+        return True

@@ -10,21 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from agent import __version__
+from agent import __version__, kinds
 from agent.config import (
     CONFIG_PATH_ENV,
     DEFAULT_CONFIG_PATH,
-    AwsSinkConfig,
     Config,
-    FileSinkConfig,
-    SinkConfig,
-    VaultSinkConfig,
     config_file_warnings,
     load_config,
+    sink_kind_name,
 )
 from agent.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE, AgentError, most_severe
 from agent.logs import setup_logging
 from agent.process import release_sighup
+from agent.registry import Registry
 
 DESCRIPTION = """\
 Keeps a valid OSIGU/DVS access token on a local path for the services next to it.
@@ -145,15 +143,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 issuer_only=args.issuer_only,
             )
         path = _config_path(args.config)
-        config = load_config(path)
+        registry = Registry()
+        config = load_config(path, registry=registry)
         if command == "check":
-            return _check(config, path, connect=args.connect)
+            return _check(config, path, connect=args.connect, registry=registry)
         if command == "status":
             return _status(config)
         if command == "refresh":
             return _refresh(config, args.profile)
         redactor = setup_logging(config.agent.log_level, config.agent.log_format)
-        for warning in config_file_warnings(path, config):  # at every start (DESIGN §10)
+        for warning in config_file_warnings(
+            path, config, registry=registry
+        ):  # at every start (DESIGN §10)
             logging.getLogger("agent").warning("%s", warning, extra={"event": "config_trust"})
         from agent.app import Agent
 
@@ -162,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent.metrics import Metrics
 
             metrics = Metrics()
-        agent = Agent(config, config_path=path, redactor=redactor, metrics=metrics)
+        agent = Agent(
+            config, config_path=path, redactor=redactor, metrics=metrics, registry=registry
+        )
         if command == "once":
             try:
                 return agent.once(only=args.profile, force=args.force)
@@ -193,7 +196,7 @@ def _error(message: str) -> None:
         print(f"dvs-agent: error: {message}", file=sys.stderr)
 
 
-def _check(config: Config, path: Path, *, connect: bool) -> int:
+def _check(config: Config, path: Path, *, connect: bool, registry: Registry) -> int:
     out = sys.stdout
     names = ", ".join(config.profiles)
     print(f"{path}: ok, {len(config.profiles)} profile(s): {names}", file=out)
@@ -207,14 +210,25 @@ def _check(config: Config, path: Path, *, connect: bool) -> int:
             f"{'poll every ' + format(poll, 'g') + 's' if poll else 'no polling'}",
             file=out,
         )
-        for sink in pc.sinks:
-            print(f"  sink {describe_sink(sink)}", file=out)
+        for source in pc.sources:
+            print(f"  source {kinds.describe_source(registry, name, pc, source)}", file=out)
+        for index in range(len(pc.sinks)):
+            print(f"  sink {kinds.describe_sink(registry, name, pc, index)}", file=out)
+    used = {("source", source) for pc in config.profiles.values() for source in pc.sources}
+    used |= {("sink", sink_kind_name(sink)) for pc in config.profiles.values() for sink in pc.sinks}
+    print("plug-ins in use:", file=out)
+    for role, kind in sorted(used, key=lambda rk: (rk[0], registry.names(rk[0]).index(rk[1]))):  # type: ignore[arg-type]
+        info = registry.info(role, kind)  # type: ignore[arg-type]
+        origin = "built in" if info.builtin else info.value
+        print(f"  {role} {kind}: {info.distribution} {info.version} ({origin})", file=out)
+    for message in registry.shadowed():
+        print(f"  warning: {message}", file=out)
     if not connect:
         return EX_OK
     setup_logging("warning", "text")
     from agent.app import Agent
 
-    agent = Agent(config, config_path=path)
+    agent = Agent(config, config_path=path, registry=registry)
     codes = []
     try:
         for name, profile in agent.profiles.items():
@@ -234,17 +248,6 @@ def _check(config: Config, path: Path, *, connect: bool) -> int:
     finally:
         agent.close()
     return most_severe(codes) if codes else EX_CONFIG
-
-
-def describe_sink(sink: SinkConfig) -> str:
-    """One line about a sink's target, for ``check`` (no secrets: there are none in config)."""
-    if isinstance(sink, FileSinkConfig):
-        return f"file {sink.path} ({sink.format}, {int(sink.mode):04o})"
-    if isinstance(sink, VaultSinkConfig):
-        return f"vault {sink.mount or 'secret'}/{sink.path} (KV v2, check-and-set)"
-    if isinstance(sink, AwsSinkConfig):
-        return f"aws {sink.secret_id}" + (" (created if missing)" if sink.create else "")
-    return f"redis {sink.url} key {sink.key or '(default)'}"
 
 
 def _when(value: object) -> str:

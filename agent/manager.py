@@ -1,7 +1,10 @@
 """One profile's token: the single path every trigger takes (sources → oauth → sinks → schedule).
 
 ``Profile.refresh(reason)`` never raises: it returns an :class:`Outcome` with the time of the
-next run. Time (the scheduler), version polls, SIGHUP and 401s all end up here.
+next run. Time (the scheduler), version polls, SIGHUP and 401s all end up here. One refresh,
+read top to bottom in :meth:`Profile._refresh`: the credentials (:mod:`agent.sources`), the
+token request (:mod:`agent.oauth`), the sinks (:mod:`agent.fanout`), and when to run next
+(:mod:`agent.policy`, which also says how long to wait after a failure: :meth:`Profile._failed`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from agent import policy
 from agent.clock import Clock, to_wall, token_from_wall, token_to_wall
 from agent.errors import (
     AgentError,
@@ -25,16 +29,16 @@ from agent.errors import (
     SinkError,
     SourceUnavailable,
 )
+from agent.fanout import FanOut
 from agent.masking import Masker
 from agent.models import Credentials, Token, rfc3339
-from agent.oauth import TokenClient
+from agent.oauth import Fetched, TokenClient
+from agent.plugin import TokenSink
+from agent.policy import Timing as Timing  # re-exported: agent.app and agent.wiring use it
 from agent.recorder import NULL, Recorder
-from agent.retry import Backoff
-from agent.sinks.base import TokenSink
 from agent.sources.chain import SourceChain
 from agent.state import StateStore
 
-ONE_SECOND = timedelta(seconds=1)
 #: SIGHUP bursts: a re-auth only when the token held is at least this old (or the credentials
 #: changed); DESIGN §10 "SIGHUP coalesces"
 SIGHUP_MIN_AGE = timedelta(seconds=10)
@@ -74,32 +78,6 @@ ROTATION_TRIGGERS = {
 
 
 @dataclass(frozen=True, slots=True)
-class Timing:
-    """The schedule of DESIGN §6 (all timedeltas)."""
-
-    refresh_before_expiry: timedelta = timedelta(seconds=60)
-    #: each delay is shortened by a random fraction up to this, so a fleet does not align
-    jitter: float = 0.05
-    retry_first: timedelta = timedelta(seconds=2)
-    retry_cap: timedelta = timedelta(minutes=5)
-    retry_cap_expired: timedelta = timedelta(seconds=30)
-    #: after 401 (unchanged credentials) or 400/405: slow, capped
-    rejected_first: timedelta = timedelta(minutes=1)
-    rejected_cap: timedelta = timedelta(minutes=15)
-    #: after the server handed back a token we hold, at and past its expiry
-    reuse_poll: timedelta = timedelta(milliseconds=300)
-    #: past its expiry, how long the same token may come back before that counts as a failure
-    reuse_patience: timedelta = timedelta(seconds=10)
-    #: re-read the sources at every scheduled refresh (when version polling is off)
-    reread_on_schedule: bool = False
-
-    def refresh_delay(self, lifetime: timedelta) -> timedelta:
-        """``max(lifetime - max(margin, lifetime/10), lifetime/2, 1 s)``."""
-        margin = max(self.refresh_before_expiry, lifetime / 10)
-        return max(lifetime - margin, lifetime / 2, ONE_SECOND)
-
-
-@dataclass(frozen=True, slots=True)
 class Outcome:
     """What one run of :meth:`Profile.refresh` did."""
 
@@ -112,7 +90,14 @@ class Outcome:
 
 
 class Profile:
-    """The state and the refresh path of one profile. Thread-safe (one run at a time)."""
+    """The state and the refresh path of one profile. Thread-safe (one run at a time).
+
+    Sink writes run under the profile's lock, as part of the refresh: whether every sink has
+    the token decides the outcome (``once``'s exit code, the degraded state, when the sinks
+    are tried again). A slow sink delays only its own profile (the scheduler gives each profile
+    a thread of its own), for at most the sink's timeout; ``on_change`` hooks already run off
+    the lock (DESIGN §10).
+    """
 
     def __init__(
         self,
@@ -132,7 +117,6 @@ class Profile:
         self.name = name
         self.chain = chain
         self.client = client
-        self.sinks = list(sinks)
         self._store = store
         self._timing = timing
         self._clock = clock
@@ -144,22 +128,21 @@ class Profile:
         self._lock = threading.RLock()
         self._state_lock = threading.Lock()
         self._metrics: Recorder = metrics if metrics is not None else NULL
+        self._fanout = FanOut(name, sinks, clock=clock, logger=self._log, metrics=self._metrics)
 
         self.state = State.STARTING
         self.token: Token | None = None
         self.credentials: Credentials | None = None
         self.last_error: str | None = None
         self.last_refresh: datetime | None = None
+        #: failed refreshes (or sink fan-outs) in a row: the retry delays grow with it
         self._failures = 0
         #: credentials read a moment ago by restore(): the first refresh need not read again
         self._just_read = False
-        #: sinks that missed the current token (retried until written or superseded)
-        self._unwritten: list[TokenSink] = []
-        #: what each sink consumers read directly (file sinks) holds: the expiry of its token,
-        #: None until written; readiness follows it (DESIGN §10 "Readiness is what consumers see")
-        self._seen_until: dict[str, datetime | None] = {
-            sink.name: None for sink in self.sinks if sink.readiness
-        }
+
+    @property
+    def sinks(self) -> list[TokenSink]:
+        return self._fanout.sinks
 
     # ---------------------------------------------------------------- helpers
     def _extra(self, event: str, **fields: object) -> dict[str, object]:
@@ -173,15 +156,7 @@ class Profile:
     def seen_until(self) -> datetime | None:
         """Until when consumers find a valid token: the held token's expiry, or earlier when a
         file sink still holds an older one (a full disk, an unwritable dir); None: none."""
-        token = self.token
-        if token is None:
-            return None
-        until: datetime | None = token.expires_at
-        for held in list(self._seen_until.values()):
-            if held is None:
-                return None
-            until = min(until, held) if until is not None else held
-        return until
+        return self._fanout.seen_until(self.token)
 
     def check_expiry(self) -> bool:
         """Mark the profile expired once what consumers see has run out (True when that
@@ -214,9 +189,10 @@ class Profile:
         return True
 
     def _succeeded(self, token: Token) -> None:
-        expires = to_wall(self._clock, token.expires_at).timestamp()
-        self._metrics.token(self.name, token.provider_slug, expires)
-        self._metrics.last_success(self.name, time.time())
+        self._metrics.token(
+            self.name, token.provider_slug, to_wall(self._clock, token.expires_at).timestamp()
+        )
+        self._metrics.last_success(self.name, to_wall(self._clock, self._clock()).timestamp())
 
     def _remember(self, credentials: Credentials) -> None:
         self._metrics.source_in_use(self.name, credentials.source, self.chain.names)
@@ -298,7 +274,7 @@ class Profile:
     def _adopt_recorded(self, token: Token, state: State) -> None:
         """Hold a token from state_dir and put it back into the sinks (not a new token)."""
         self._hold(token)
-        self._write_sinks(token)
+        self._fanout.put_back(token)
         self._set_state(state)
         self.last_refresh = token.obtained_at
 
@@ -309,9 +285,7 @@ class Profile:
         return self._refresh_at(self.token)
 
     def _refresh_at(self, token: Token) -> datetime:
-        delay = self._timing.refresh_delay(token.lifetime)
-        delay -= delay * self._rng.uniform(0, self._timing.jitter)
-        return token.obtained_at + max(delay, ONE_SECOND)
+        return policy.refresh_at(self._timing, token, self._rng)
 
     # ---------------------------------------------------------------- refresh
     def refresh(self, reason: Reason) -> Outcome:
@@ -341,25 +315,20 @@ class Profile:
                 self._metrics.refresh_duration(self.name, time.monotonic() - started)
 
     def _refresh(self, reason: Reason) -> Outcome:
+        """One refresh: credentials → token request → sinks → the next run (raises AgentError)."""
         now = self._clock()
         held = self.token if self.token is not None and self.token.is_valid(now) else None
+        # 1. sinks that missed the token held get it again, until it is due for replacement
         if (
             reason in (Reason.SCHEDULE, Reason.RETRY)
-            and self._unwritten
+            and self._fanout.unwritten
             and held is not None
             and now < self._refresh_at(held)
         ):
-            return self._retry_sinks(held)
+            return self._deliver(held, new=False)
 
-        just_read, self._just_read = self._just_read, False
-        reread = not (just_read and reason is Reason.START) and (
-            self.credentials is None
-            or reason is not Reason.SCHEDULE
-            or self._timing.reread_on_schedule
-            or self.state is not State.OK
-        )
-        credentials = self.chain.read() if reread else self.credentials
-        assert credentials is not None
+        # 2. the credentials: read again, unless a scheduled refresh may use those in use
+        credentials = self._credentials_for(reason)
         if reason is Reason.SIGHUP and self._recent(credentials, held, now):
             assert held is not None
             self._log.info(
@@ -370,71 +339,18 @@ class Profile:
                 extra=self._extra("sighup_coalesced"),
             )
             return Outcome(ok=True, next_at=self._refresh_at(held))
-        if self.credentials is not None and (
-            not credentials.same_as(self.credentials)
-            or credentials.source != self.credentials.source
-        ):
-            # a rotation: counted at the first use of the new credentials, whatever the answer
-            self._metrics.rotation(self.name, ROTATION_TRIGGERS.get(reason, "schedule"))
-        if self.credentials is not None and not credentials.same_as(self.credentials):
-            self._log.info(
-                "new credentials from source %s (client_id %r)",
-                credentials.source,
-                credentials.client_id,
-                extra=self._extra("credentials_changed", source=credentials.source),
-            )
-        self._remember(credentials)
-        if self.token is None:
-            # a server may echo the token it gave an earlier run (recorded in state_dir): it
-            # must be masked like the tokens held
-            recorded = self._load(self._keyed_hash(credentials))
-            if recorded is not None:
-                self._masker.add(recorded.access_token.reveal())
+        self._use(credentials, reason)
 
-        try:
-            fetched = self.client.fetch(
-                credentials,
-                previous=self.token if reason is not Reason.FORCE else None,
-                reread=self.chain.read,
-            )
-        except AgentError as exc:
-            self._count_request(exc)
-            raise
-        self._count_request(None, reused=fetched.reused)
-        if fetched.credentials is not credentials:
-            if not fetched.credentials.same_as(credentials):
-                self._metrics.trigger(self.name, "401")
-                self._metrics.rotation(self.name, "401")
-            self._remember(fetched.credentials)
-        now = self._clock()
+        # 3. the token request (its fast retries, and a 401's re-read, are the client's)
+        fetched = self._fetch(credentials, reason)
         if fetched.reused:
-            self._hold(fetched.token)
-            overdue = now - fetched.token.expires_at
-            if overdue > self._timing.reuse_patience:
-                # the server keeps handing back a token past its expiry: stop polling fast
-                return self._failed(
-                    AuthServerUnavailable(
-                        f"the auth server still returns the token that expired "
-                        f"{overdue.total_seconds():.0f}s ago instead of a new one"
-                    )
-                )
-            self._failures, self.last_error = 0, None
-            self._set_state(State.OK if fetched.token.is_valid(now) else State.EXPIRED)
-            self._succeeded(fetched.token)
-            next_at = max(fetched.token.expires_at, now + self._timing.reuse_poll)
-            self._log.info(
-                "the auth server returned the token already held; asking again at its expiry %s",
-                self._when(fetched.token.expires_at),
-                extra=self._extra(
-                    "token_unchanged", expires_at=self._when(fetched.token.expires_at)
-                ),
-            )
-            return Outcome(ok=True, next_at=next_at)
+            return self._reused(fetched.token)
 
+        # 4. a new token: recorded, then written to every sink; scheduled by policy.refresh_at
         token = fetched.token
         self._failures, self.last_error = 0, None
         self._hold(token)
-        self.last_refresh = now
+        self.last_refresh = self._clock()
         self._store.save(
             self.name, self._keyed_hash(fetched.credentials), token_to_wall(self._clock, token)
         )
@@ -451,15 +367,29 @@ class Profile:
                 source=fetched.credentials.source,
             ),
         )
-        self._unwritten = list(self.sinks)
-        return self._retry_sinks(token, new=True)
+        return self._deliver(token, new=True)
+
+    def _credentials_for(self, reason: Reason) -> Credentials:
+        """The credentials to ask with: read from the sources, except the first refresh right
+        after restore() read them, and a scheduled refresh of a healthy profile (version polls
+        find rotations; with polling off, ``reread_on_schedule`` reads at every refresh)."""
+        just_read, self._just_read = self._just_read, False
+        reread = not (just_read and reason is Reason.START) and (
+            self.credentials is None
+            or reason is not Reason.SCHEDULE
+            or self._timing.reread_on_schedule
+            or self.state is not State.OK
+        )
+        credentials = self.chain.read() if reread else self.credentials
+        assert credentials is not None
+        return credentials
 
     def _recent(self, credentials: Credentials, held: Token | None, now: datetime) -> bool:
         """The held token is younger than SIGHUP_MIN_AGE, minted with these credentials from
         the same source and in every sink: another SIGHUP of a burst has nothing to add."""
         return (
             held is not None
-            and not self._unwritten
+            and not self._fanout.unwritten
             and self.state is State.OK
             and credentials.same_as(self.credentials)
             and self.credentials is not None
@@ -467,45 +397,94 @@ class Profile:
             and timedelta(0) <= now - held.obtained_at < SIGHUP_MIN_AGE
         )
 
-    def _retry_sinks(self, token: Token, *, new: bool = False) -> Outcome:
-        self._unwritten = self._write_sinks(token, only=self._unwritten)
+    def _use(self, credentials: Credentials, reason: Reason) -> None:
+        """Make ``credentials`` the ones in use; a change (of secret or of source) is a
+        rotation, counted at its first use whatever the server answers (DESIGN §11)."""
+        if self.credentials is not None and (
+            not credentials.same_as(self.credentials)
+            or credentials.source != self.credentials.source
+        ):
+            self._metrics.rotation(self.name, ROTATION_TRIGGERS.get(reason, "schedule"))
+        if self.credentials is not None and not credentials.same_as(self.credentials):
+            self._log.info(
+                "new credentials from source %s (client_id %r)",
+                credentials.source,
+                credentials.client_id,
+                extra=self._extra("credentials_changed", source=credentials.source),
+            )
+        self._remember(credentials)
+        if self.token is None:
+            # a server may echo the token it gave an earlier run (recorded in state_dir): it
+            # must be masked like the tokens held
+            recorded = self._load(self._keyed_hash(credentials))
+            if recorded is not None:
+                self._masker.add(recorded.access_token.reveal())
+
+    def _fetch(self, credentials: Credentials, reason: Reason) -> Fetched:
+        """Ask the auth server (counted by outcome). On a 401 the client re-reads the sources
+        once; credentials that changed then are a rotation found by the 401."""
+        try:
+            fetched = self.client.fetch(
+                credentials,
+                previous=self.token if reason is not Reason.FORCE else None,
+                reread=self.chain.read,
+            )
+        except AgentError as exc:
+            self._count_request(exc)
+            raise
+        self._count_request(None, reused=fetched.reused)
+        if fetched.credentials is not credentials:
+            if not fetched.credentials.same_as(credentials):
+                self._metrics.trigger(self.name, "401")
+                self._metrics.rotation(self.name, "401")
+            self._remember(fetched.credentials)
+        return fetched
+
+    def _reused(self, token: Token) -> Outcome:
+        """The server handed back the token held (DESIGN §2): the sinks have it already; ask
+        again at its expiry, and past it a few times before that counts as a failure."""
+        now = self._clock()
+        self._hold(token)
+        overdue = policy.reuse_overdue(self._timing, token, now)
+        if overdue is not None:
+            # the server keeps handing back a token past its expiry: stop polling fast
+            return self._failed(
+                AuthServerUnavailable(
+                    f"the auth server still returns the token that expired "
+                    f"{overdue.total_seconds():.0f}s ago instead of a new one"
+                )
+            )
+        self._failures, self.last_error = 0, None
+        self._set_state(State.OK if token.is_valid(now) else State.EXPIRED)
+        self._succeeded(token)
+        self._log.info(
+            "the auth server returned the token already held; asking again at its expiry %s",
+            self._when(token.expires_at),
+            extra=self._extra("token_unchanged", expires_at=self._when(token.expires_at)),
+        )
+        return Outcome(ok=True, next_at=policy.reuse_next_at(self._timing, token, now))
+
+    def _deliver(self, token: Token, *, new: bool) -> Outcome:
+        """Write ``token`` (the token held) to the sinks: every sink for a new token, else
+        those that missed it. Sinks still unwritten make the profile degraded and are tried
+        again on a backoff, before the token is due for replacement."""
+        if new:
+            self._fanout.publish(token)
+        else:
+            self._fanout.retry(token)
         next_at = self._refresh_at(token)
         if new:
             self._succeeded(token)
-        if not self._unwritten:
+        unwritten = self._fanout.unwritten
+        if not unwritten:
             self._set_state(State.OK)
             return Outcome(ok=True, next_at=next_at, new_token=new)
         self._failures += 1
-        names = ", ".join(sink.name for sink in self._unwritten)
-        error = SinkError(f"not written: {names}")
+        error = SinkError(f"not written: {', '.join(sink.name for sink in unwritten)}")
         self.last_error = self._error_text(error)
         self._set_state(State.DEGRADED)
-        retry_at = self._clock() + self._backoff(self._timing.retry_first, self._timing.retry_cap)
+        retry_at = self._clock() + policy.sink_retry_delay(self._timing, self._failures, self._rng)
         return Outcome(ok=False, next_at=min(next_at, retry_at), new_token=new, error=error)
-
-    def _write_sinks(
-        self, token: Token, *, only: Sequence[TokenSink] | None = None
-    ) -> list[TokenSink]:
-        """Write every sink (one failing never blocks the others); returns those that failed."""
-        failed = []
-        shown = token_to_wall(self._clock, token)
-        for sink in self.sinks if only is None else only:
-            try:
-                sink.write(shown)
-            except SinkError as exc:
-                failed.append(sink)
-                self._metrics.sink_write(self.name, sink.name, "error")
-                self._log.error(
-                    "cannot write %s: %s",
-                    sink.name,
-                    exc,
-                    extra=self._extra("sink_error", sink=sink.name),
-                )
-            else:
-                if sink.name in self._seen_until:
-                    self._seen_until[sink.name] = token.expires_at
-                self._metrics.sink_write(self.name, sink.name, "ok")
-        return failed
 
     # ---------------------------------------------------------------- failure
     def _count_request(self, exc: AgentError | None, *, reused: bool = False) -> None:
@@ -521,41 +500,24 @@ class Profile:
             outcome = "error"
         self._metrics.token_request(self.name, outcome)
 
-    def _backoff(self, first: timedelta, cap: timedelta) -> timedelta:
-        backoff = Backoff(first.total_seconds(), cap.total_seconds(), jitter=0.25)
-        return timedelta(seconds=backoff.delay(self._failures - 1, self._rng))
-
     def _failed(self, exc: AgentError) -> Outcome:
+        """Every failed refresh ends here: the state, the wait (policy.retry_delay), one log
+        line; the token held is kept."""
         self._failures += 1
         now = self._clock()
-        valid = self.token is not None and self.token.is_valid(now)
-        timing = self._timing
+        held = self.token
+        valid = held is not None and held.is_valid(now)
         if isinstance(exc, RequestRejected):
             self._set_state(State.MISCONFIGURED)
-            delay = self._backoff(timing.rejected_first, timing.rejected_cap)
-        elif isinstance(exc, CredentialsRejected):
-            self._set_state(State.DEGRADED if valid else State.EXPIRED)
-            delay = self._backoff(timing.rejected_first, timing.rejected_cap)
         else:
             self._set_state(State.DEGRADED if valid else State.EXPIRED)
-            cap = timing.retry_cap if valid else timing.retry_cap_expired
-            delay = self._backoff(timing.retry_first, cap)
-            if isinstance(exc, AuthServerUnavailable) and exc.retry_after is not None:
-                # Retry-After is obeyed up to the cap, never beyond (DESIGN §10)
-                asked = timedelta(seconds=min(max(exc.retry_after, 0.0), cap.total_seconds()))
-                delay = max(delay, asked)
-        if not valid and isinstance(exc, CredentialsRejected | RequestRejected):
-            delay = min(delay, max(timing.retry_cap_expired, timing.rejected_first))
-        if valid and self.token is not None and not isinstance(exc, RequestRejected):
-            # never sleep through the expiry of the token we hold
-            until_expiry = self.token.expires_at - now
-            if until_expiry > ONE_SECOND:
-                delay = min(delay, until_expiry)
-        delay = max(delay, ONE_SECOND)
+        delay = policy.retry_delay(
+            self._timing, now=now, held=held, failures=self._failures, error=exc, rng=self._rng
+        )
         self.last_error = self._error_text(exc)
         kept = (
-            f"; keeping the current token (valid until {self._when(self.token.expires_at)})"
-            if valid and self.token is not None
+            f"; keeping the current token (valid until {self._when(held.expires_at)})"
+            if valid and held is not None
             else "; no valid token is held"
         )
         self._log.error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import Duration, FileMode
 from agent.devserver import TokenServer
 from agent.models import Secret, Token
+from agent.sinks.file import FileSink, FileSinkConfig
 from tests.servers import MOTO_ENV, Bao, Moto, RedisServer, bao_server, moto_server, redis_server
 
 CLIENT_ID = "svc-client"
@@ -261,3 +264,28 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     clean_aws_env(monkeypatch, tmp_path)
     for key, value in MOTO_ENV.items():
         monkeypatch.setenv(key, value)
+
+
+def file_sink(
+    path: Path | str,
+    *,
+    fmt: str = "raw",
+    mode: int = 0o640,
+    owner: str | None = None,
+    group: str | None = None,
+    on_change: list[str] | None = None,
+    on_change_timeout: float = 30.0,
+    profile: str = "",
+    logger: logging.Logger | None = None,
+) -> FileSink:
+    """A file sink as a ``[[profiles.NAME.sinks]]`` entry with these keys would build it."""
+    config = FileSinkConfig(
+        path=str(path),
+        format=fmt,  # type: ignore[arg-type]  # tests pass bad formats on purpose
+        mode=FileMode(mode),
+        owner=owner,
+        group=group,
+        on_change=on_change,
+        on_change_timeout=Duration(seconds=on_change_timeout),
+    )
+    return FileSink(config, profile=profile, logger=logger)

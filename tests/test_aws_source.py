@@ -14,7 +14,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from agent.errors import ConfigError, SourceEmpty, SourceUnavailable
-from agent.sources.aws import AwsSource, AwsSourceSettings, make_client, map_error
+from agent.sources.aws import AwsSourceConfig
+from agent.stores.aws.client import make_client, map_error
+from agent.stores.aws.source import AwsSource
 from tests.conftest import clean_aws_env
 from tests.servers import MOTO_ENV, Moto, free_port
 
@@ -38,15 +40,14 @@ def _doc(secret: str, client_id: str = CLIENT_ID) -> str:
     return json.dumps({"client_id": client_id, "client_secret": secret})
 
 
-def _settings(moto: Moto, secret_id: str, **extra: Any) -> AwsSourceSettings:
-    return AwsSourceSettings(
-        secret_id=secret_id,
-        region=moto.region,
-        endpoint_url=moto.endpoint_url,
-        timeout=5.0,
-        profile=PROFILE,
-        **extra,
+def _settings(moto: Moto, secret_id: str, **extra: Any) -> AwsSourceConfig:
+    return AwsSourceConfig(
+        secret_id=secret_id, region=moto.region, endpoint_url=moto.endpoint_url, **extra
     )
+
+
+def _source(config: AwsSourceConfig, **extra: Any) -> AwsSource:
+    return AwsSource(config, timeout=5.0, profile=PROFILE, **extra)
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def source_for(moto: Moto, aws_env: None) -> Iterator[Any]:
     made: list[AwsSource] = []
 
     def build(secret_id: str, **extra: Any) -> AwsSource:
-        source = AwsSource(_settings(moto, secret_id, **extra))
+        source = _source(_settings(moto, secret_id, **extra))
         made.append(source)
         return source
 
@@ -103,7 +104,7 @@ def test_version_calls_describe_secret_only(
     client.meta.events.register(
         "before-call.secrets-manager", lambda model, **_: calls.append(model.name)
     )
-    source = AwsSource(_settings(moto, name), client=client)
+    source = _source(_settings(moto, name), client=client)
     first = source.version()
     sm.put_secret_value(SecretId=name, SecretString=_doc(SECRET_2))
     second = source.version()
@@ -248,9 +249,9 @@ def test_secret_binary_is_empty(sm: Any, source_for: Any) -> None:
 def test_unreachable_endpoint_is_unavailable_and_quick(aws_env: None) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     source = AwsSource(
-        AwsSourceSettings(
-            secret_id="dvs/x", region="us-east-1", endpoint_url=endpoint, timeout=2, profile="p"
-        )
+        AwsSourceConfig(secret_id="dvs/x", region="us-east-1", endpoint_url=endpoint),
+        timeout=2,
+        profile="p",
     )
     started = time.monotonic()
     for call in (source.read, source.version):
@@ -272,7 +273,7 @@ def test_missing_region_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert "profiles.p.aws.region" in message
     assert "AWS_REGION" in message and "AWS_DEFAULT_REGION" in message
     with pytest.raises(ConfigError, match=r"profiles\.dvs\.aws\.region"):
-        AwsSource(AwsSourceSettings(secret_id="x", profile="dvs"))
+        AwsSource(AwsSourceConfig(secret_id="x"), profile="dvs")
     # the default chain is honoured
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     client = make_client("secretsmanager", region=None, endpoint_url=None, timeout=1)
@@ -286,7 +287,7 @@ def test_no_credentials_is_unavailable(
     name = _name()
     sm.create_secret(Name=name, SecretString=_doc(SECRET_1))
     clean_aws_env(monkeypatch, tmp_path)  # no AWS_* keys, empty files, no IMDS
-    source = AwsSource(_settings(moto, name))
+    source = _source(_settings(moto, name))
     for call in (source.read, source.version):
         with pytest.raises(SourceUnavailable) as caught:
             call()

@@ -18,29 +18,26 @@ import pytest
 
 from agent.config import (
     DEFAULT_CONFIG_PATH,
-    DEFAULT_REDIS_URL,
-    SUPPORTED_SOURCES,
     AgentSection,
-    AwsSinkConfig,
-    AwsSinkResolved,
-    AwsSourceConfig,
     Config,
-    EnvSourceConfig,
-    FileSinkConfig,
     HealthSection,
-    ProfileConfig,
-    RedisSinkConfig,
     RotationConfig,
-    VaultSinkConfig,
-    VaultSinkResolved,
-    VaultSourceConfig,
     load_config,
     parse_config,
     parse_duration,
     resolve_config_path,
-    sink_types,
 )
 from agent.errors import ConfigError
+from agent.registry import Registry
+from agent.sinks.aws import AwsSinkConfig
+from agent.sinks.aws import merged as aws_merged
+from agent.sinks.file import FileSinkConfig
+from agent.sinks.redis import DEFAULT_REDIS_URL, RedisSinkConfig
+from agent.sinks.vault import VaultSinkConfig
+from agent.sinks.vault import merged as vault_merged
+from agent.sources.aws import AwsSourceConfig
+from agent.sources.env import EnvSourceConfig
+from agent.sources.vault import VaultSourceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "agent.example.toml"
@@ -89,7 +86,7 @@ def test_example_config_shows_the_defaults() -> None:
     assert config.health == HealthSection()
     profile = config.profiles["dvs"]
     # the [vault] and [aws] tables are there to document their keys, each at its default
-    assert profile == ProfileConfig(
+    assert profile == Registry().schema().profile(
         sinks=profile.sinks, vault=VaultSourceConfig(), aws=AwsSourceConfig()
     )
     assert profile.sinks == [FileSinkConfig(path="/run/dvs-agent/token")]
@@ -197,7 +194,7 @@ def test_defaults_match_the_design() -> None:
     assert sink.group is None
     assert sink.on_change is None
     assert sink.on_change_timeout == timedelta(seconds=30)
-    assert sink_types() == ("file", "vault", "aws", "redis")
+    assert Registry().names("sink") == ["file", "vault", "aws", "redis"]
 
 
 def test_defaults_are_timedeltas_and_structs_are_frozen() -> None:
@@ -558,7 +555,7 @@ def test_profile_name_with_a_dot_is_quoted_in_key_paths() -> None:
 
 
 def test_vault_and_aws_are_supported_sources() -> None:
-    assert set(SUPPORTED_SOURCES) == {"env", "vault", "aws"}
+    assert Registry().names("source") == ["env", "vault", "aws"]
     config = parse_config(
         profile_toml(
             'sources = ["vault", "aws", "env"]\n'
@@ -1651,8 +1648,8 @@ def test_vault_sink_cannot_inherit_a_kv_v1_mount() -> None:
 
 
 def test_vault_sink_merged_without_a_vault_table_takes_the_source_defaults() -> None:
-    merged = VaultSinkConfig(path="dvs/t").merged(None)
-    assert merged == VaultSinkResolved(
+    merged = vault_merged(VaultSinkConfig(path="dvs/t"), None)
+    assert merged == VaultSourceConfig(
         address=None,
         auth_method="approle",
         token_file=None,
@@ -1681,7 +1678,7 @@ def test_vault_sink_merged_takes_unset_keys_from_the_profile_vault_table() -> No
     profile = parse_config(text).profiles["dvs"]
     inherit, override = profile.sinks[1:]
     assert isinstance(inherit, VaultSinkConfig) and isinstance(override, VaultSinkConfig)
-    assert inherit.merged(profile.vault) == VaultSinkResolved(
+    assert vault_merged(inherit, profile.vault) == VaultSourceConfig(
         address="https://vault-a:8200",
         auth_method="token",
         token_file="/run/vt",
@@ -1694,7 +1691,7 @@ def test_vault_sink_merged_takes_unset_keys_from_the_profile_vault_table() -> No
         mount="team",
         path="dvs/t",
     )
-    merged = override.merged(profile.vault)
+    merged = vault_merged(override, profile.vault)
     assert (merged.address, merged.mount, merged.auth_method, merged.namespace) == (
         "https://vault-b:8200",
         "kv",
@@ -1707,7 +1704,7 @@ def test_vault_sink_merged_takes_unset_keys_from_the_profile_vault_table() -> No
 
 def test_vault_sink_resolved_address_falls_back_to_vault_addr() -> None:
     key = "profiles.dvs.sinks[1].address"
-    merged = VaultSinkConfig(path="p").merged(None)
+    merged = vault_merged(VaultSinkConfig(path="p"), None)
     assert merged.resolved_address({"VAULT_ADDR": "https://v:8200"}, key=key) == "https://v:8200"
     with pytest.raises(ConfigError) as info:
         merged.resolved_address({}, key=key)
@@ -1715,7 +1712,7 @@ def test_vault_sink_resolved_address_falls_back_to_vault_addr() -> None:
     with pytest.raises(ConfigError, match="plain http is allowed only for loopback"):
         merged.resolved_address({"VAULT_ADDR": "http://vault.internal:8200"}, key=key)
     table = VaultSourceConfig(address="https://vault-a:8200")
-    assert VaultSinkConfig(path="p").merged(table).resolved_address({}, key=key) == (
+    assert vault_merged(VaultSinkConfig(path="p"), table).resolved_address({}, key=key) == (
         "https://vault-a:8200"
     )
 
@@ -1757,14 +1754,14 @@ def test_aws_sink_endpoint_url_with_credentials_is_refused_without_echoing_them(
 
 def test_aws_sink_merged_takes_region_and_endpoint_from_the_aws_table() -> None:
     table = AwsSourceConfig(region="us-east-1", endpoint_url="http://127.0.0.1:5000")
-    assert AwsSinkConfig(secret_id="t").merged(table) == AwsSinkResolved(
+    assert aws_merged(AwsSinkConfig(secret_id="t"), table) == AwsSinkConfig(
         secret_id="t", region="us-east-1", endpoint_url="http://127.0.0.1:5000", create=False
     )
     own = AwsSinkConfig(secret_id="t", region="eu-west-1", endpoint_url="https://e", create=True)
-    assert own.merged(table) == AwsSinkResolved(
+    assert aws_merged(own, table) == AwsSinkConfig(
         secret_id="t", region="eu-west-1", endpoint_url="https://e", create=True
     )
-    assert AwsSinkConfig(secret_id="t").merged(None) == AwsSinkResolved(
+    assert aws_merged(AwsSinkConfig(secret_id="t"), None) == AwsSinkConfig(
         secret_id="t", region=None, endpoint_url=None, create=False
     )
     text = sinks_toml(
@@ -1773,7 +1770,7 @@ def test_aws_sink_merged_takes_region_and_endpoint_from_the_aws_table() -> None:
     profile = parse_config(text).profiles["dvs"]
     sink = profile.sinks[1]
     assert isinstance(sink, AwsSinkConfig)
-    assert sink.merged(profile.aws).region == "ap-south-1"
+    assert aws_merged(sink, profile.aws).region == "ap-south-1"
 
 
 # duplicate targets

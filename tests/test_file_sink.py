@@ -30,9 +30,9 @@ import pytest
 from agent.errors import SinkError
 from agent.masking import MASK
 from agent.models import Secret, Token
-from agent.sinks.base import TokenSink
+from agent.plugin import TokenSink
 from agent.sinks.file import FileSink, render
-from tests.conftest import hour_token
+from tests.conftest import file_sink, hour_token
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -124,14 +124,14 @@ def test_env_refuses_a_token_that_would_break_the_file() -> None:
 
 
 def test_satisfies_the_protocol_and_names_itself(tmp_path: Path) -> None:
-    sink: TokenSink = FileSink(tmp_path / "token")
+    sink: TokenSink = file_sink(tmp_path / "token")
     assert sink.name == f"file:{tmp_path / 'token'}"
 
 
 @pytest.mark.parametrize("fmt", ["raw", "json", "env"])
 def test_write_puts_each_format_on_disk(tmp_path: Path, token: Token, fmt: str) -> None:
     path = tmp_path / "token"
-    sink = FileSink(path, fmt=fmt)  # type: ignore[arg-type]
+    sink = file_sink(path, fmt=fmt)  # type: ignore[arg-type]
     sink.check()
     sink.write(token)
     assert path.read_bytes() == render(token, fmt)  # type: ignore[arg-type]
@@ -144,7 +144,7 @@ def test_mode_applied_on_create_regardless_of_umask(tmp_path: Path, token: Token
     path = tmp_path / "token"
     old = os.umask(0o077)
     try:
-        sink = FileSink(path, mode=0o644)
+        sink = file_sink(path, mode=0o644)
         sink.check()
         sink.write(token)
     finally:
@@ -158,7 +158,7 @@ def test_mode_reapplied_when_the_file_exists_with_another_mode(
     path = tmp_path / "token"
     path.write_bytes(b"old")
     os.chmod(path, 0o666)  # noqa: S103 (a mode the sink must correct)
-    sink = FileSink(path)
+    sink = file_sink(path)
     sink.check()
     sink.write(token)
     assert file_mode(path) == 0o640
@@ -177,7 +177,7 @@ def test_owner_and_group_applied_at_every_write(
     owner = pwd.getpwuid(NOBODY).pw_name if by_name else str(NOBODY)
     group = grp.getgrgid(NOBODY).gr_name if by_name else str(NOBODY)
     path = tmp_path / "new" / "token"
-    sink = FileSink(path, owner=owner, group=group)
+    sink = file_sink(path, owner=owner, group=group)
     sink.check()
     sink.write(token)
     st = os.stat(path)
@@ -193,7 +193,7 @@ def test_owner_and_group_applied_at_every_write(
 
 @pytest.mark.parametrize("key", ["owner", "group"])
 def test_unknown_owner_or_group_name_is_refused_at_check(tmp_path: Path, key: str) -> None:
-    sink = FileSink(tmp_path / "token", **{key: "no-such-dvs-name"})  # type: ignore[arg-type]
+    sink = file_sink(tmp_path / "token", **{key: "no-such-dvs-name"})  # type: ignore[arg-type]
     with pytest.raises(SinkError, match=rf"\b{key}\b"):
         sink.check()
     assert not (tmp_path / "token").exists()
@@ -203,19 +203,19 @@ def test_missing_parent_directories_are_created_0750(tmp_path: Path, token: Toke
     path = tmp_path / "a" / "b" / "token"
     old = os.umask(0o077)
     try:
-        FileSink(path).check()
+        file_sink(path).check()
     finally:
         os.umask(old)
     assert file_mode(tmp_path / "a") == 0o750
     assert file_mode(tmp_path / "a" / "b") == 0o750
     assert not path.exists()  # check writes nothing
-    FileSink(path).write(token)
+    file_sink(path).write(token)
     assert path.read_bytes() == b"tok-1"
 
 
 def test_write_recreates_a_directory_removed_after_check(tmp_path: Path, token: Token) -> None:
     path = tmp_path / "run" / "token"
-    sink = FileSink(path)
+    sink = file_sink(path)
     sink.check()
     shutil.rmtree(tmp_path / "run")
     sink.write(token)
@@ -227,7 +227,7 @@ def test_symlink_at_the_path_is_refused_at_check_and_write(tmp_path: Path, token
     target.write_bytes(b"untouched")
     path = tmp_path / "token"
     path.symlink_to(target)
-    sink = FileSink(path)
+    sink = file_sink(path)
     with pytest.raises(SinkError, match="symlink") as info:
         sink.check()
     assert str(path) in str(info.value)
@@ -242,7 +242,7 @@ def test_symlink_appearing_after_check_is_refused_at_write(tmp_path: Path, token
     target = tmp_path / "target"
     target.write_bytes(b"untouched")
     path = tmp_path / "token"
-    sink = FileSink(path)
+    sink = file_sink(path)
     sink.check()
     sink.write(token)
     path.unlink()
@@ -256,7 +256,7 @@ def test_symlink_appearing_after_check_is_refused_at_write(tmp_path: Path, token
 def test_a_directory_at_the_path_is_refused(tmp_path: Path) -> None:
     (tmp_path / "token").mkdir()
     with pytest.raises(SinkError, match="not a regular file"):
-        FileSink(tmp_path / "token").check()
+        file_sink(tmp_path / "token").check()
 
 
 def test_stale_temp_files_removed_at_check_and_unrelated_kept(tmp_path: Path) -> None:
@@ -272,7 +272,7 @@ def test_stale_temp_files_removed_at_check_and_unrelated_kept(tmp_path: Path) ->
     ]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"x")
-    FileSink(tmp_path / "token").check()
+    file_sink(tmp_path / "token").check()
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
 
 
@@ -280,7 +280,7 @@ def test_failed_write_removes_temp_and_keeps_old_file(
     tmp_path: Path, token: Token, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "token"
-    sink = FileSink(path)
+    sink = file_sink(path)
     sink.write(make_token("old-token"))
 
     def broken_fsync(fd: int) -> None:
@@ -306,13 +306,13 @@ UNPRIVILEGED_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from agent.errors import SinkError
     from agent.models import Secret, Token
-    from agent.sinks.file import FileSink
+    from agent.sinks.file import FileSink, FileSinkConfig
 
     path, action, owner = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None
     now = datetime.now(UTC)
     token = Token(access_token=Secret("tok-1"), token_type="bearer", expires_in=3600,
                   obtained_at=now, expires_at=now + timedelta(seconds=3600))
-    sink = FileSink(path, owner=owner)
+    sink = FileSink(FileSinkConfig(path=str(path), owner=owner))
     try:
         sink.check() if action == "check" else sink.write(token)
     except SinkError as exc:
@@ -408,7 +408,7 @@ WRITER_SCRIPT = textwrap.dedent(
     from datetime import UTC, datetime, timedelta
     from pathlib import Path
     from agent.models import Secret, Token
-    from agent.sinks.file import FileSink
+    from agent.sinks.file import FileSink, FileSinkConfig
 
     now = datetime.now(UTC)
     tokens = [
@@ -416,7 +416,7 @@ WRITER_SCRIPT = textwrap.dedent(
               obtained_at=now, expires_at=now + timedelta(seconds=3600))
         for value in sys.argv[2:]
     ]
-    sink = FileSink(Path(sys.argv[1]))
+    sink = FileSink(FileSinkConfig(path=sys.argv[1]))
     sys.stdout.write("ready\\n")
     sys.stdout.flush()
     i = 0
@@ -431,7 +431,7 @@ def test_readers_never_see_a_partial_file_when_the_writer_is_killed(tmp_path: Pa
     path = tmp_path / "token"
     contents = ("A" * 3000, "b" * 7000)
     expected = {value.encode() for value in contents}
-    sink = FileSink(path)
+    sink = file_sink(path)
     sink.check()
     sink.write(make_token(contents[0]))
 
@@ -472,7 +472,7 @@ def test_readers_never_see_a_partial_file_when_the_writer_is_killed(tmp_path: Pa
             writer.stdout.close()
             assert writer.returncode == -signal.SIGKILL
             left_behind += len(temp_files(tmp_path))
-            FileSink(path).check()
+            file_sink(path).check()
             assert temp_files(tmp_path) == []
     finally:
         stop.set()
@@ -517,7 +517,7 @@ def test_on_change_runs_after_write_with_token_file_set(
         """,
         str(marker),
     )
-    sink = FileSink(path, fmt="json", on_change=hook)
+    sink = file_sink(path, fmt="json", on_change=hook)
     sink.check()
     write_and_wait(sink, token)
     name, seen, stdin_empty = marker.read_text().split("|")
@@ -532,7 +532,7 @@ def test_on_change_not_run_when_write_fails(tmp_path: Path, token: Token) -> Non
     marker = tmp_path / "marker"
     path = tmp_path / "token"
     path.symlink_to(tmp_path / "target")
-    sink = FileSink(path, on_change=["touch", str(marker)])
+    sink = file_sink(path, on_change=["touch", str(marker)])
     with pytest.raises(SinkError):
         sink.write(token)
     assert not marker.exists()
@@ -557,7 +557,7 @@ def test_on_change_failure_is_logged_not_raised(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     path = tmp_path / "token"
-    write_and_wait(FileSink(path, on_change=argv), token)
+    write_and_wait(file_sink(path, on_change=argv), token)
     assert path.read_bytes() == b"tok-1"
     [message] = warnings_of(caplog)
     assert argv[0] in message
@@ -572,7 +572,7 @@ def test_on_change_missing_executable_is_logged_not_raised(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     path = tmp_path / "token"
-    write_and_wait(FileSink(path, on_change=["/nonexistent/dvs-reload", "now"]), token)
+    write_and_wait(file_sink(path, on_change=["/nonexistent/dvs-reload", "now"]), token)
     assert path.read_bytes() == b"tok-1"
     [message] = warnings_of(caplog)
     assert "/nonexistent/dvs-reload" in message
@@ -584,7 +584,7 @@ def test_on_change_timeout_kills_it_and_returns_quickly(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     path = tmp_path / "token"
-    sink = FileSink(path, on_change=["sleep", "10"], on_change_timeout=0.5)
+    sink = file_sink(path, on_change=["sleep", "10"], on_change_timeout=0.5)
     started = time.monotonic()
     write_and_wait(sink, token)
     assert time.monotonic() - started < 3
@@ -600,7 +600,7 @@ def test_on_change_timeout_kills_its_children_too(
     # a background child keeps stderr open: without killing the group, write() would hang
     pid_file = tmp_path / "pid"
     hook = ["sh", "-c", f"sleep 10 & echo $! > {pid_file}; wait"]
-    sink = FileSink(tmp_path / "token", on_change=hook, on_change_timeout=0.5)
+    sink = file_sink(tmp_path / "token", on_change=hook, on_change_timeout=0.5)
     started = time.monotonic()
     write_and_wait(sink, token)
     assert time.monotonic() - started < 3
@@ -623,7 +623,7 @@ def test_on_change_stderr_is_truncated_and_never_shows_the_token(
     secret = "s3cr3t-" + "x" * 40
     hook = ["sh", "-c", 'printf "bad token %s %0300d\\n" "$(cat "$DVS_TOKEN_FILE")" 0 >&2; exit 2']
     path = tmp_path / "token"
-    write_and_wait(FileSink(path, on_change=hook), make_token(secret))
+    write_and_wait(file_sink(path, on_change=hook), make_token(secret))
     assert path.read_text() == secret
     [message] = warnings_of(caplog)
     assert "exit code 2" in message
@@ -644,6 +644,6 @@ def test_on_change_uses_the_given_logger(tmp_path: Path, token: Token) -> None:
     logger = logging.getLogger("test.file_sink.custom")
     logger.addHandler(Keep())
     logger.setLevel(logging.DEBUG)
-    write_and_wait(FileSink(tmp_path / "token", on_change=["false"], logger=logger), token)
+    write_and_wait(file_sink(tmp_path / "token", on_change=["false"], logger=logger), token)
     assert any(r.levelno == logging.WARNING and "false" in r.getMessage() for r in records)
     assert all(TOKEN_VALUE not in r.getMessage() for r in records)

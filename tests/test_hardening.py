@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from agent.devserver import Fault, TokenServer
-from tests.conftest import REPO, Spawn, agent_env, wait_for
+from tests.conftest import REPO, Spawn, agent_env, file_sink, wait_for
 from tests.servers import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -288,9 +288,8 @@ def test_a_full_file_sink_makes_the_profile_not_ready_once_its_token_expired(
 
 def test_a_check_of_a_sink_never_removes_this_process_temp_files(tmp_path: Path) -> None:
     """A reload checks a rebuilt sink while another profile's write may be in flight."""
-    from agent.sinks.file import FileSink
 
-    sink = FileSink(tmp_path / "token")
+    sink = file_sink(tmp_path / "token")
     sink.check()
     ours = tmp_path / f".token.dvs-agent.{os.getpid() & 0xFFFFFFFF:08x}00c0ffee.tmp"
     stale = tmp_path / ".token.dvs-agent.00000001deadbeef.tmp"  # pid 1's: not ours

@@ -26,7 +26,7 @@ from agent.masking import MASK
 from agent.models import Token
 from agent.signals import SIGNALS
 from agent.sinks.file import FileSink
-from tests.conftest import Spawn, hour_token, wait_for, write_config
+from tests.conftest import Spawn, file_sink, hour_token, wait_for, write_config
 
 #: the bits of SIGHUP, SIGTERM and SIGINT in a /proc status mask
 SIGNAL_BITS = sum(1 << (s - 1) for s in SIGNALS)
@@ -85,7 +85,7 @@ def test_write_returns_at_once_while_a_hook_hangs(
     leader = tmp_path / "leader"
     hook = script(tmp_path, "hang", f'echo $$ >> "{leader}"\nexec sleep 1000\n')
     path = tmp_path / "token"
-    sink = FileSink(path, on_change=[hook], on_change_timeout=60)
+    sink = file_sink(path, on_change=[hook], on_change_timeout=60)
     sinks.append(sink)
     sink.write(make_token("tok-first"))
     pid = pid_in(leader)
@@ -115,7 +115,7 @@ def test_a_background_child_holding_stderr_does_not_delay_the_next_run(
         "background",
         f'sleep 1000 &\necho $! >> "{children}"\necho "reload queued" >&2\nexit 3\n',
     )
-    sink = FileSink(tmp_path / "token", on_change=[hook], on_change_timeout=60)
+    sink = file_sink(tmp_path / "token", on_change=[hook], on_change_timeout=60)
     sinks.append(sink)
     try:
         for n in range(2):
@@ -146,7 +146,7 @@ def test_newer_tokens_during_a_run_coalesce_into_one_more_run_with_the_newest(
         f'cat "$DVS_TOKEN_FILE" >> "{runs}"\necho >> "{runs}"\n'
         f'while [ ! -e "{release}" ]; do sleep 0.05; done\n',
     )
-    sink = FileSink(tmp_path / "token", on_change=[hook], on_change_timeout=60)
+    sink = file_sink(tmp_path / "token", on_change=[hook], on_change_timeout=60)
     sinks.append(sink)
     sink.write(make_token("tok-0"))
     assert wait_for(lambda: runs.exists() and runs.read_text().split() == ["tok-0"], timeout=30)
@@ -167,7 +167,7 @@ def test_the_newest_token_always_gets_a_run(
     caplog.set_level(logging.DEBUG)
     runs = tmp_path / "runs"
     hook = script(tmp_path, "fast", f'cat "$DVS_TOKEN_FILE" >> "{runs}"\necho >> "{runs}"\n')
-    sink = FileSink(tmp_path / "token", on_change=[hook])
+    sink = file_sink(tmp_path / "token", on_change=[hook])
     sinks.append(sink)
     for n in range(40):
         sink.write(make_token(f"tok-{n}"))
@@ -190,7 +190,7 @@ def test_timeout_kills_the_whole_group(
         "stuck",
         f'sleep 1000 &\necho $! > "{child}"\necho $$ > "{leader}"\nwait\n',
     )
-    sink = FileSink(tmp_path / "token", on_change=[hook], on_change_timeout=1)
+    sink = file_sink(tmp_path / "token", on_change=[hook], on_change_timeout=1)
     sinks.append(sink)
     sink.write(make_token("tok-1"))
     leader_pid, child_pid = pid_in(leader), pid_in(child)
@@ -211,7 +211,7 @@ def test_close_kills_a_running_group_and_later_writes_run_nothing(
         f'sleep 1000 &\necho $! >> "{child}"\necho $$ >> "{leader}"\nwait\n',
     )
     path = tmp_path / "token"
-    sink = FileSink(path, on_change=[hook], on_change_timeout=60)
+    sink = file_sink(path, on_change=[hook], on_change_timeout=60)
     sinks.append(sink)
     sink.write(make_token("tok-1"))
     leader_pid, child_pid = pid_in(leader), pid_in(child)
@@ -274,7 +274,7 @@ def test_the_environment_is_an_allowlist(
         str(dump),
     ]
     monkeypatch.chdir(tmp_path)
-    sink = FileSink(Path("token"), on_change=hook, profile="dvs")
+    sink = file_sink(Path("token"), on_change=hook, profile="dvs")
     sinks.append(sink)
     sink.write(make_token("tok-1"))
     assert sink.settle(30)
@@ -300,7 +300,7 @@ def test_the_hook_starts_with_an_empty_signal_mask_and_default_dispositions(
     tmp_path: Path, sinks: list[FileSink]
 ) -> None:
     status = tmp_path / "status"
-    sink = FileSink(tmp_path / "token", on_change=["cp", "/proc/self/status", str(status)])
+    sink = file_sink(tmp_path / "token", on_change=["cp", "/proc/self/status", str(status)])
     sinks.append(sink)
     seen: list[int] = []
 
@@ -334,7 +334,7 @@ def test_stderr_is_masked_cut_and_escaped(
         "exit 4\n",
     )
     path = tmp_path / "token"
-    sink = FileSink(path, on_change=[hook])
+    sink = file_sink(path, on_change=[hook])
     sinks.append(sink)
     sink.write(make_token(secret))
     assert sink.settle(30)
@@ -357,7 +357,7 @@ def test_stderr_is_read_bounded_and_its_last_line_shown(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     code = "import sys; sys.stderr.write('x' * 1000000 + '\\nthe last words\\n'); sys.exit(1)"
-    sink = FileSink(tmp_path / "token", on_change=[sys.executable, "-c", code])
+    sink = file_sink(tmp_path / "token", on_change=[sys.executable, "-c", code])
     sinks.append(sink)
     sink.write(make_token("tok-1"))
     assert sink.settle(30)

@@ -12,13 +12,13 @@ import pytest
 
 from agent.devserver import Fault, TokenServer
 from agent.errors import AuthServerUnavailable, CredentialsRejected, SinkError
-from agent.manager import Profile, Reason, State, Timing
+from agent.manager import Profile, Reason, State
 from agent.oauth import RetryPolicy, TokenClient
-from agent.sinks.file import FileSink
+from agent.policy import Timing
 from agent.sources.chain import SourceChain
 from agent.sources.env import EnvSource
 from agent.state import StateStore
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, file_sink
 
 
 class Clock:
@@ -59,7 +59,7 @@ def profile(
         "p",
         chain=chain,
         client=client,
-        sinks=[FileSink(tmp_path / "out" / "token")],
+        sinks=[file_sink(tmp_path / "out" / "token")],
         store=StateStore(tmp_path / "state"),
         timing=Timing(refresh_before_expiry=timedelta(seconds=60)),
         clock=clock,
@@ -252,7 +252,7 @@ def test_metrics_say_what_they_name(
         "p",
         chain=SourceChain([EnvSource(environ=env)], profile="p", logger=log),
         client=client,
-        sinks=[FileSink(tmp_path / "token")],
+        sinks=[file_sink(tmp_path / "token")],
         store=StateStore(tmp_path / "state"),
         timing=Timing(),
         clock=clock,

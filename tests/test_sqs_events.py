@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.triggers.sqs import (
+from agent.stores.aws.events import (
     MalformedMessage,
     SecretRef,
     SqsRotationListener,

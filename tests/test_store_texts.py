@@ -38,13 +38,19 @@ from botocore.stub import Stubber
 from agent.errors import SinkError, SourceEmpty, SourceUnavailable
 from agent.masking import MASK, MAX_SHOWN
 from agent.models import MAX_ANSWER_BYTES, Secret, Token
-from agent.sinks.aws import AwsSink, AwsSinkSettings
-from agent.sinks.redis import RedisSink, RedisSinkSettings
-from agent.sinks.vault import VaultSink, VaultSinkSettings
-from agent.sources.aws import AwsSource, AwsSourceSettings, held_credentials, map_error
-from agent.sources.vault import VaultSource, VaultSourceSettings
-from agent.triggers.sqs import SqsRotationListener
-from agent.vault_client import ERROR_BODY_BYTES, VaultAuth, VaultConnection
+from agent.sinks.aws import AwsSinkConfig
+from agent.sinks.redis import RedisSinkConfig
+from agent.sources.aws import AwsSourceConfig
+from agent.sources.vault import VaultSourceConfig
+from agent.stores.aws.client import held_credentials, map_error
+from agent.stores.aws.events import SqsRotationListener
+from agent.stores.aws.sink import AwsSink
+from agent.stores.aws.source import AwsSource
+from agent.stores.redis import RedisSink
+from agent.stores.vault.connection import ERROR_BODY_BYTES, VaultConnection
+from agent.stores.vault.settings import VaultAuth
+from agent.stores.vault.sink import VaultSink
+from agent.stores.vault.source import VaultSource
 
 #: any raw C0 control, DEL or C1 control
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -236,7 +242,7 @@ def token_connection(
 
 
 def vault_source(connection: VaultConnection, **settings: Any) -> VaultSource:
-    return VaultSource(connection, VaultSourceSettings(path="dvs/x", **settings))
+    return VaultSource(connection, VaultSourceConfig(path="dvs/x", **settings))
 
 
 def echo_token(status: int) -> Route:
@@ -458,7 +464,7 @@ def test_vault_sink_error_echoing_the_written_and_the_stored_token_is_masked(
 
     vault.routes["POST", sink_data] = write
     sink = VaultSink(
-        token_connection(vault, token), VaultSinkSettings(path="dvs/t", config_key="sinks[1]")
+        token_connection(vault, token), VaultSourceConfig(path="dvs/t"), config_key="sinks[1]"
     )
     with pytest.raises(SinkError) as caught:
         sink.write(ours)
@@ -661,7 +667,7 @@ def test_aws_map_error_botocore_exception_strings() -> None:
 
 
 def test_aws_source_errors_mask_the_clients_credentials(aws_client: Any) -> None:
-    source = AwsSource(AwsSourceSettings(secret_id="dvs/x", profile="dvs"), client=aws_client)
+    source = AwsSource(AwsSourceConfig(secret_id="dvs/x"), profile="dvs", client=aws_client)
     with Stubber(aws_client) as stub:
         stub.add_client_error(
             "describe_secret",
@@ -690,7 +696,7 @@ def test_aws_source_errors_mask_the_clients_credentials(aws_client: Any) -> None
 
 def test_aws_source_stage_labels_and_key_names_are_shown_safely(aws_client: Any) -> None:
     client_secret = f"cs-{uuid.uuid4().hex}"
-    source = AwsSource(AwsSourceSettings(secret_id="dvs/x", profile="dvs"), client=aws_client)
+    source = AwsSource(AwsSourceConfig(secret_id="dvs/x"), profile="dvs", client=aws_client)
     arn = ARN
     with Stubber(aws_client) as stub:
         stub.add_response(
@@ -720,7 +726,7 @@ def test_aws_source_stage_labels_and_key_names_are_shown_safely(aws_client: Any)
 
 
 def test_aws_source_secret_string_over_1_mib_is_refused(aws_client: Any) -> None:
-    source = AwsSource(AwsSourceSettings(secret_id="dvs/x", profile="dvs"), client=aws_client)
+    source = AwsSource(AwsSourceConfig(secret_id="dvs/x"), profile="dvs", client=aws_client)
     big = json.dumps({"client_id": "dvs", "client_secret": "x" * MAX_ANSWER_BYTES})
     with Stubber(aws_client) as stub:
         stub.add_response(
@@ -738,7 +744,7 @@ def test_aws_source_secret_string_over_1_mib_is_refused(aws_client: Any) -> None
 def test_aws_sink_errors_mask_the_written_token(aws_client: Any) -> None:
     token = make_token()
     written = token.access_token.reveal()
-    sink = AwsSink(AwsSinkSettings(secret_id="dvs/t", config_key="sinks[2]"), client=aws_client)
+    sink = AwsSink(AwsSinkConfig(secret_id="dvs/t"), config_key="sinks[2]", client=aws_client)
     with Stubber(aws_client) as stub:
         stub.add_client_error("get_secret_value", service_error_code="ResourceNotFoundException")
         stub.add_client_error(
@@ -763,7 +769,7 @@ def test_aws_sink_stored_value_over_1_mib_is_not_parsed(
     aws_client: Any, caplog_agent: pytest.LogCaptureFixture
 ) -> None:
     token = make_token()
-    sink = AwsSink(AwsSinkSettings(secret_id="dvs/t"), client=aws_client)
+    sink = AwsSink(AwsSinkConfig(secret_id="dvs/t"), client=aws_client)
     big = json.dumps({"expires_at": "2999-01-01T00:00:00Z", "pad": "x" * MAX_ANSWER_BYTES})
     with Stubber(aws_client) as stub:
         stub.add_response("get_secret_value", {"SecretString": big})
@@ -877,14 +883,10 @@ REDIS_PASSWORD = f"pw-{uuid.uuid4().hex}"
 
 def redis_sink(port: int, **settings: Any) -> RedisSink:
     return RedisSink(
-        RedisSinkSettings(
-            url=f"redis://127.0.0.1:{port}/0",
-            key="dvs:token",
-            password_env="PW",
-            timeout=3,
-            config_key="sinks[3]",
-            **settings,
-        ),
+        RedisSinkConfig(url=f"redis://127.0.0.1:{port}/0", password_env="PW", **settings),
+        key="dvs:token",
+        timeout=3,
+        config_key="sinks[3]",
         environ={"PW": REDIS_PASSWORD},
     )
 

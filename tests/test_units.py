@@ -20,7 +20,7 @@ from agent.logs import REDACTED, Redactor, setup_logging
 from agent.manager import Timing
 from agent.models import Credentials, Secret, Token
 from agent.sources.chain import SourceChain
-from agent.sources.env import EnvSource
+from agent.sources.env import EnvSource, EnvSourceConfig
 
 H = timedelta(hours=1)
 S = timedelta(seconds=1)
@@ -125,7 +125,9 @@ def test_env_source(tmp_path: Path) -> None:
         EnvSource(environ={**env, "DVS_CLIENT_SECRET": "x"}).read()
     with pytest.raises(SourceEmpty, match="empty"):
         EnvSource(environ={"DVS_CLIENT_ID": "", "DVS_CLIENT_SECRET": "x"}).read()
-    custom = EnvSource(client_id_var="A", client_secret_var="B", environ={"A": "1", "B": "2"})
+    custom = EnvSource(
+        EnvSourceConfig(client_id_var="A", client_secret_var="B"), environ={"A": "1", "B": "2"}
+    )
     assert custom.read().client_id == "1"
 
 
@@ -136,9 +138,11 @@ def test_env_source_can_change_only_through_files(tmp_path: Path) -> None:
         env = {k: v for k, v in direct.items() if k != var} | {f"{var}_FILE": str(tmp_path)}
         assert EnvSource(environ=env).can_change()
     custom = {"A": "1", "B_FILE": str(tmp_path)}
-    assert EnvSource(client_id_var="A", client_secret_var="B", environ=custom).can_change()
+    assert EnvSource(
+        EnvSourceConfig(client_id_var="A", client_secret_var="B"), environ=custom
+    ).can_change()
     assert not EnvSource(
-        environ={"DVS_CLIENT_SECRET_FILE": "/x"}, client_secret_var="S"
+        EnvSourceConfig(client_secret_var="S"), environ={"DVS_CLIENT_SECRET_FILE": "/x"}
     ).can_change()
 
 

@@ -29,8 +29,10 @@ import hvac.exceptions
 import pytest
 
 from agent.errors import SourceEmpty, SourceUnavailable
-from agent.sources.vault import VaultSource, VaultSourceSettings
-from agent.vault_client import VaultAuth, VaultConnection
+from agent.sources.vault import VaultSourceConfig
+from agent.stores.vault.connection import VaultConnection
+from agent.stores.vault.settings import VaultAuth
+from agent.stores.vault.source import VaultSource
 from tests.servers import Bao, _binary, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,7 +153,7 @@ def source_for(
     **keys: str,
 ) -> VaultSource:
     connection = VaultConnection(auth, environ={} if environ is None else environ, clock=clock)
-    settings = VaultSourceSettings(path=path, mount=mount, kv_version=kv_version, **keys)  # type: ignore[arg-type]
+    settings = VaultSourceConfig(path=path, mount=mount, kv_version=kv_version, **keys)  # type: ignore[arg-type]
     return VaultSource(connection, settings)
 
 
@@ -358,11 +360,13 @@ UNPRIVILEGED_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     from agent.errors import AgentError
-    from agent.sources.vault import VaultSource, VaultSourceSettings
-    from agent.vault_client import VaultAuth, VaultConnection
+    from agent.sources.vault import VaultSourceConfig
+    from agent.stores.vault.source import VaultSource
+    from agent.stores.vault.connection import VaultConnection
+    from agent.stores.vault.settings import VaultAuth
 
     auth = VaultAuth(address=sys.argv[1], role_id_file=sys.argv[2], secret_id_file=sys.argv[3])
-    source = VaultSource(VaultConnection(auth, environ={}), VaultSourceSettings(path="dvs/x"))
+    source = VaultSource(VaultConnection(auth, environ={}), VaultSourceConfig(path="dvs/x"))
     try:
         source.read()
     except AgentError as exc:

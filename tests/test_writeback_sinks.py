@@ -24,10 +24,14 @@ from botocore.exceptions import ClientError
 
 from agent.errors import SinkError
 from agent.models import Secret, Token
-from agent.sinks.aws import AwsSink, AwsSinkSettings
-from agent.sinks.redis import RedisSink, RedisSinkSettings
-from agent.sinks.vault import VaultSink, VaultSinkSettings
-from agent.vault_client import VaultAuth, VaultConnection
+from agent.sinks.aws import AwsSinkConfig
+from agent.sinks.redis import RedisSinkConfig
+from agent.sources.vault import VaultSourceConfig
+from agent.stores.aws.sink import AwsSink
+from agent.stores.redis import RedisSink
+from agent.stores.vault.connection import VaultConnection
+from agent.stores.vault.settings import VaultAuth
+from agent.stores.vault.sink import VaultSink
 from tests.conftest import clean_aws_env
 from tests.servers import (
     REDIS_ACL_PASSWORD,
@@ -84,7 +88,7 @@ def vault_sink(address: str, token: str, path: str, tmp_path: Path, **extra: Any
     auth = VaultAuth(address=address, auth_method="token", token_file=str(token_file), timeout=3)
     connection = VaultConnection(auth, environ={})
     return VaultSink(
-        connection, VaultSinkSettings(path=path, config_key="profiles.dvs.sinks[1]", **extra)
+        connection, VaultSourceConfig(path=path, **extra), config_key="profiles.dvs.sinks[1]"
     )
 
 
@@ -249,14 +253,10 @@ def aws_sink(moto: Moto, aws_env: None) -> Iterator[Callable[..., AwsSink]]:
     def build(secret_id: str, **extra: Any) -> AwsSink:
         extra.setdefault("endpoint_url", moto.endpoint_url)
         sink = AwsSink(
-            AwsSinkSettings(
-                secret_id=secret_id,
-                region=moto.region,
-                timeout=3,
-                profile="dvs",
-                config_key="profiles.dvs.sinks[2]",
-                **extra,
-            )
+            AwsSinkConfig(secret_id=secret_id, region=moto.region, **extra),
+            timeout=3,
+            profile="dvs",
+            config_key="profiles.dvs.sinks[2]",
         )
         sink.check()
         made.append(sink)
@@ -330,10 +330,10 @@ def test_aws_newer_stored_document_is_not_overwritten(
 
 def test_aws_missing_region_fails_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     clean_aws_env(monkeypatch, tmp_path)
-    sink = AwsSink(AwsSinkSettings(secret_id="dvs/x", config_key="profiles.dvs.sinks[2]"))
+    sink = AwsSink(AwsSinkConfig(secret_id="dvs/x"), config_key="profiles.dvs.sinks[2]")
     with pytest.raises(SinkError, match=r"set profiles\.dvs\.sinks\[2\]\.region"):
         sink.check()
-    bad = AwsSink(AwsSinkSettings(secret_id="dvs/x", region="us-east-1", endpoint_url="nope"))
+    bad = AwsSink(AwsSinkConfig(secret_id="dvs/x", region="us-east-1", endpoint_url="nope"))
     with pytest.raises(SinkError, match=r"Invalid endpoint: nope: check sinks\[0\]\.endpoint_url"):
         bad.check()
 
@@ -367,7 +367,10 @@ def redis_sink(server: RedisServer, key: str, **extra: Any) -> RedisSink:
         extra["password_env"] = PASSWORD_VAR
     extra.setdefault("url", server.url(3))
     return RedisSink(
-        RedisSinkSettings(key=key, timeout=2, config_key="profiles.dvs.sinks[3]", **extra),
+        RedisSinkConfig(**extra),
+        key=key,
+        timeout=2,
+        config_key="profiles.dvs.sinks[3]",
         environ=environ,
     )
 
@@ -440,14 +443,14 @@ def test_redis_wrong_password_and_rotation(redis: RedisServer, tmp_path: Path) -
 
 
 def test_redis_no_password_when_one_is_required(redis: RedisServer) -> None:
-    sink = RedisSink(RedisSinkSettings(url=redis.url(), key=unique("dvs-agent:test:")))
+    sink = RedisSink(RedisSinkConfig(url=redis.url()), key=unique("dvs-agent:test:"))
     with pytest.raises(SinkError, match="rejected the credentials of user default"):
         sink.write(make_token())
 
 
 def test_redis_server_down_fails_quickly() -> None:
     port = free_port()
-    sink = RedisSink(RedisSinkSettings(url=f"redis://127.0.0.1:{port}/0", key="k", timeout=2))
+    sink = RedisSink(RedisSinkConfig(url=f"redis://127.0.0.1:{port}/0"), key="k", timeout=2)
     started = time.monotonic()
     with pytest.raises(SinkError) as caught:
         sink.write(make_token())
@@ -475,9 +478,7 @@ def test_redis_silent_server_times_out_after_one_attempt() -> None:
         thread = threading.Thread(target=accept)
         thread.start()
         try:
-            sink = RedisSink(
-                RedisSinkSettings(url=f"redis://127.0.0.1:{port}", key="k", timeout=0.5)
-            )
+            sink = RedisSink(RedisSinkConfig(url=f"redis://127.0.0.1:{port}"), key="k", timeout=0.5)
             started = time.monotonic()
             with pytest.raises(SinkError, match=r"did not answer within 0\.5s"):
                 sink.write(make_token())
@@ -495,7 +496,7 @@ def test_redis_silent_server_times_out_after_one_attempt() -> None:
 def test_redis_check_settings(redis: RedisServer, tmp_path: Path) -> None:
     def check(**settings: Any) -> str:
         settings.setdefault("url", "redis://127.0.0.1:6379")
-        sink = RedisSink(RedisSinkSettings(key="k", config_key="sinks[3]", **settings), environ={})
+        sink = RedisSink(RedisSinkConfig(**settings), key="k", config_key="sinks[3]", environ={})
         with pytest.raises(SinkError) as caught:
             sink.check()
         return str(caught.value)
@@ -508,11 +509,15 @@ def test_redis_check_settings(redis: RedisServer, tmp_path: Path) -> None:
     assert "is empty" in check(password_file=str(empty))
     assert "not both" in check(password_file=str(empty), password_env="X")
     leaked = check(url="redis://:hunter2@127.0.0.1:6379/0")
-    assert "must not hold a user or password" in leaked and "hunter2" not in leaked
+    # the one redis URL parser (agent.sinks.redis.parse_url): the config's messages
+    assert "sinks[3].url: must not contain user:password@" in leaked and "hunter2" not in leaked
     assert "redis:// or rediss://" in check(url="http://127.0.0.1")
-    assert "database must be a number" in check(url="redis://127.0.0.1/x")
-    assert "takes no query" in check(url="rediss://h/0?ssl_cert_reqs=none")
-    sink = RedisSink(RedisSinkSettings(url="rediss://cache.internal/2", key="a:b"))
+    assert "the path is the database number" in check(url="redis://127.0.0.1/x")
+    assert "options after '?' or '#' are not supported" in check(
+        url="rediss://h/0?ssl_cert_reqs=none"
+    )
+    assert "plain redis:// to cache.internal" in check(url="redis://cache.internal/0")
+    sink = RedisSink(RedisSinkConfig(url="rediss://cache.internal/2"), key="a:b")
     assert sink.name == "redis:cache.internal:6379/2/a:b"
     sink.check()  # no password, no network
 

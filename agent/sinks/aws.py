@@ -1,300 +1,106 @@
-"""The aws sink: the token document written back to a Secrets Manager secret (DESIGN §4).
+"""The ``aws`` sink: the token document written back to a Secrets Manager secret (DESIGN §4, §11).
 
-Other hosts read the same JSON document as the file sink's ``json`` format from the secret's
-``SecretString``. The newest token wins (STYLE, Vault Agent): the current value is read first,
-and a stored document whose ``expires_at`` is later than ours is left alone. Secrets Manager has
-no check-and-set, so two agents writing at the same instant may still race; the loser's token is
-the older one only if both read before either wrote, and the next refresh settles it.
-
-botocore logs request and response bodies at DEBUG; the client comes from
-:func:`agent.sources.aws.make_client`, which installs the filter that withholds them (the
-``PutSecretValue`` request and the ``GetSecretValue`` answer both hold a token).
-
-AWS's texts (a ``ClientError``'s message, botocore's exception strings) reach a message only
-through :func:`agent.masking.outside`, with the token being written, the token read back and the
-AWS credentials the client holds masked (DESIGN §10). The stored ``SecretString``, which the
-agent parses itself, is read only up to :data:`~agent.models.MAX_ANSWER_BYTES`.
-
-This module imports boto3: import it only when a profile uses an aws sink.
+``region`` and ``endpoint_url`` default to the profile's ``[aws]`` table (:func:`merged`). The
+writer, which imports boto3, is :mod:`agent.stores.aws.sink`, imported by :meth:`AwsSinkKind.build`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import botocore.exceptions as bx
+import msgspec
 
-from agent.errors import ConfigError, SinkError
-from agent.masking import outside
-from agent.models import MAX_ANSWER_BYTES, Token
-from agent.sinks.base import keep_stored
+from agent.keypath import header, toml_repr
+from agent.plugin import BuildContext, SinkKind, Target, Where
 from agent.sources.aws import (
-    DENIED_CODES,
-    REJECTED_CREDENTIAL_CODES,
-    UNNAMED_PROFILE,
-    describe_location,
-    guard_botocore_logs,
-    held_credentials,
-    make_client,
+    AWS_REGION_RE,
+    AwsSourceConfig,
+    endpoint_problem,
+    secret_id_problem,
+    secret_target,
 )
 
-#: how many times a write reads again after another writer created the secret meanwhile
-_ATTEMPTS = 2
+if TYPE_CHECKING:
+    from agent.stores.aws.sink import AwsSink
 
 
-@dataclass(frozen=True, slots=True)
-class AwsSinkSettings:
-    """Where the token document goes (``[[profiles.NAME.sinks]]`` with ``type = "aws"``)."""
+class AwsSinkConfig(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag="aws",
+    tag_field="type",
+):
+    """``[[profiles.NAME.sinks]]`` with ``type = "aws"``: ``PutSecretValue`` (DESIGN §4)."""
 
-    #: the secret's name or ARN
+    #: the secret's name or ARN (required)
     secret_id: str
-    #: None: the default boto3 chain (``$AWS_REGION``, ``$AWS_DEFAULT_REGION``, the config file)
+    #: None: the ``[aws]`` table's, else boto3's default chain
     region: str | None = None
-    #: a VPC endpoint or a test server
+    #: None: the ``[aws]`` table's, else AWS's own endpoint
     endpoint_url: str | None = None
-    #: ``CreateSecret`` (by name) when the secret does not exist yet
+    #: create the secret (``CreateSecret``, by name) when it does not exist yet
     create: bool = False
-    #: seconds, for connecting and for each read
-    timeout: float = 10.0
-    #: the profile's name
-    profile: str = UNNAMED_PROFILE
-    #: the config table these settings come from, named in error messages
-    config_key: str = "sinks[0]"
 
 
-class AwsSink:
-    """Puts each new token's document into a secret; a :class:`TokenSink`."""
+def merged(sink: AwsSinkConfig, table: msgspec.Struct | None) -> AwsSinkConfig:
+    """The sink with ``region`` and ``endpoint_url`` taken from the profile's ``[aws]`` table
+    where it sets none."""
+    base = table if isinstance(table, AwsSourceConfig) else AwsSourceConfig()
+    return msgspec.structs.replace(
+        sink,
+        region=sink.region if sink.region is not None else base.region,
+        endpoint_url=sink.endpoint_url if sink.endpoint_url is not None else base.endpoint_url,
+    )
 
-    readiness = False
 
-    def __init__(
-        self,
-        settings: AwsSinkSettings,
-        *,
-        client: Any | None = None,
-        logger: logging.Logger | None = None,
-    ) -> None:
-        self._settings = settings
-        self._log = logger if logger is not None else logging.getLogger("agent.sinks.aws")
-        self._owns_client = client is None
-        self._client = client
-        if client is not None:
-            guard_botocore_logs()
-        self.name = f"aws:{settings.secret_id}"
+class AwsSinkKind(SinkKind[AwsSinkConfig]):
+    name = "aws"
+    config_type = AwsSinkConfig
 
-    def check(self) -> None:
-        """Build the client (a missing region fails here, at start); no request is sent."""
-        key = self._settings.config_key
-        if not self._settings.secret_id:
-            raise SinkError(f"{key}.secret_id is empty: name the secret (or give its ARN)")
-        self._ensure_client()
-
-    def write(self, token: Token) -> None:
-        """``PutSecretValue`` of ``token.document()`` unless a later-expiring one is stored.
-
-        A missing secret is created when ``create`` is set. Raises :class:`SinkError` naming
-        the secret, the region (and endpoint) and what to do.
-        """
-        client = self._ensure_client()
-        document = token.document()
-        text = json.dumps(document, separators=(",", ":"))
-        # values AWS could echo in an error: the token we write and the one stored
-        secrets = [token.access_token.reveal()]
-        for _ in range(_ATTEMPTS):
-            stored = self._read_current(client, secrets)
-            if stored is not None and isinstance(stored.get("access_token"), str):
-                secrets.append(stored["access_token"])
-            if keep_stored(stored, document, sink=self.name, log=self._log):
-                return
-            if self._put(client, text, secrets) or self._create(client, text, secrets):
-                break
-            # created by someone else between our read and our CreateSecret: decide again
-        else:
-            raise SinkError(
-                f"aws sink {self._settings.config_key}: secret {self._settings.secret_id} in "
-                f"{self._where()} kept changing while writing; the next attempt will try again"
+    def check(self, config: AwsSinkConfig, where: Where) -> Iterator[str]:
+        sink = config
+        table = header(["profiles", where.profile, "aws"])
+        problem = secret_id_problem(sink.secret_id)
+        if problem:
+            yield f"{where.at('secret_id')}: {problem}"
+        elif sink.create and sink.secret_id.startswith("arn:"):
+            yield (
+                f"{where.at('create')}: a secret is created by name, and an ARN is known only "
+                "once it exists: give secret_id as the secret's name, or leave create out"
             )
-        self._log.debug(
-            "wrote %s in %s (expires %s)", self.name, self._where(), document["expires_at"]
+        if sink.region is not None and not AWS_REGION_RE.fullmatch(sink.region):
+            yield (
+                f"{where.at('region')}: invalid region {toml_repr(sink.region)}, e.g. "
+                f'"us-east-1" (leave the key out to use the region of {table}, else boto3\'s '
+                "default chain)"
+            )
+        if sink.endpoint_url is not None:
+            problem = endpoint_problem(sink.endpoint_url, exposed="the token")
+            if problem:
+                yield f"{where.at('endpoint_url')}: {problem}"
+
+    def describe(self, config: AwsSinkConfig, where: Where) -> str:
+        return f"aws {config.secret_id}" + (" (created if missing)" if config.create else "")
+
+    def targets(self, config: AwsSinkConfig, where: Where) -> Iterator[Target]:
+        aws = merged(config, where.table("aws"))
+        target = secret_target(where.at("secret_id"), aws.secret_id, aws.region, aws.endpoint_url)
+        if target is not None:
+            yield target
+
+    def build(self, config: AwsSinkConfig, context: BuildContext) -> AwsSink:
+        from agent.stores.aws.sink import AwsSink
+
+        return AwsSink(
+            merged(config, context.where.table("aws")),
+            timeout=context.timeout,
+            profile=context.where.profile,
+            config_key=context.where.key,
+            logger=context.logger,
         )
 
-    def settle(self, timeout: float | None = None) -> bool:
-        return True  # nothing runs in the background
 
-    def close(self) -> None:
-        if self._owns_client and self._client is not None:
-            self._client.close()
-            self._client = None
-
-    # -- requests -------------------------------------------------------------------------------
-
-    def _read_current(self, client: Any, secrets: Iterable[str]) -> dict[str, Any] | None:
-        """The secret's current document; None when it has none (or does not exist)."""
-        try:
-            response = client.get_secret_value(SecretId=self._settings.secret_id)
-        except bx.ClientError as exc:
-            if _code(exc) == "ResourceNotFoundException":
-                # no secret, or a secret without a value yet: PutSecretValue tells which
-                return None
-            raise self._error(exc, "GetSecretValue", secrets) from None
-        except Exception as exc:
-            raise self._error(exc, "GetSecretValue", secrets) from None
-        text = response.get("SecretString")
-        if not isinstance(text, str):
-            return None
-        if (
-            len(text) > MAX_ANSWER_BYTES // 4
-            and len(text.encode("utf-8", "replace")) > MAX_ANSWER_BYTES
-        ):
-            # never a document of ours (they are small): not parsed, replaced
-            self._log.debug(
-                "%s holds more than %d KiB: not parsed, it will be replaced",
-                self.name,
-                MAX_ANSWER_BYTES // 1024,
-            )
-            return None
-        try:
-            stored = json.loads(text)
-        except ValueError:
-            self._log.debug("%s holds no JSON document: it will be replaced", self.name)
-            return None
-        return stored if isinstance(stored, dict) else None
-
-    def _put(self, client: Any, text: str, secrets: Iterable[str]) -> bool:
-        """True once written; False when the secret does not exist (create it)."""
-        try:
-            client.put_secret_value(SecretId=self._settings.secret_id, SecretString=text)
-        except bx.ClientError as exc:
-            if _code(exc) == "ResourceNotFoundException":
-                return False
-            raise self._error(exc, "PutSecretValue", secrets) from None
-        except Exception as exc:
-            raise self._error(exc, "PutSecretValue", secrets) from None
-        return True
-
-    def _create(self, client: Any, text: str, secrets: Iterable[str]) -> bool:
-        """True once created; False when it was created meanwhile by someone else."""
-        s = self._settings
-        if not s.create:
-            raise SinkError(
-                f"aws sink {s.config_key}: secret {s.secret_id} in {self._where()} does not "
-                f"exist; create it or set create = true ({s.config_key}.create)"
-            )
-        try:
-            client.create_secret(
-                Name=s.secret_id,
-                SecretString=text,
-                Description="dvs-agent token document (written by dvs-agent)",
-            )
-        except bx.ClientError as exc:
-            if _code(exc) == "ResourceExistsException":
-                return False
-            raise self._error(exc, "CreateSecret", secrets) from None
-        except Exception as exc:
-            raise self._error(exc, "CreateSecret", secrets) from None
-        self._log.info("created secret %s in %s", s.secret_id, self._where())
-        return True
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _ensure_client(self) -> Any:
-        if self._client is None:
-            s = self._settings
-            try:
-                self._client = make_client(
-                    "secretsmanager",
-                    region=s.region,
-                    endpoint_url=s.endpoint_url,
-                    timeout=s.timeout,
-                    profile=s.profile,
-                )
-            except ConfigError:
-                raise SinkError(
-                    f"aws sink {s.config_key}: no AWS region for secret {s.secret_id}: set "
-                    f"{s.config_key}.region (or the profile's aws.region), or AWS_REGION / "
-                    "AWS_DEFAULT_REGION in the agent's environment"
-                ) from None
-            except ValueError as exc:  # botocore: "Invalid endpoint: …"
-                raise SinkError(
-                    f"aws sink {s.config_key}: {outside(exc)}: check {s.config_key}.endpoint_url"
-                ) from None
-        return self._client
-
-    def _where(self) -> str:
-        return describe_location(self._client) if self._client is not None else "?"
-
-    def _error(self, exc: BaseException, operation: str, secrets: Iterable[str] = ()) -> SinkError:
-        """The SinkError for a boto3/botocore failure. AWS's texts go through :func:`outside`
-        with ``secrets`` (tokens this write holds) and the AWS credentials held masked."""
-        s = self._settings
-        held = (*secrets, *held_credentials(self._client))
-
-        def shown(text: object) -> str:
-            return outside(text, held)
-
-        prefix = f"aws sink {s.config_key}: "
-        what = f"secret {s.secret_id} in {self._where()}"
-        needs = "secretsmanager:GetSecretValue and secretsmanager:PutSecretValue" + (
-            " and secretsmanager:CreateSecret" if s.create else ""
-        )
-        if isinstance(exc, bx.ClientError):
-            code = _code(exc) or "Unknown"
-            message = str(_error_field(exc, "Message") or "").strip()
-            said = shown(f"{code}: {message}" if message else code)
-            if code in DENIED_CODES:
-                return SinkError(
-                    f"{prefix}AWS denied {operation} on {what} ({said}): the agent's IAM "
-                    f"identity needs {needs} on the secret's ARN, and kms:GenerateDataKey and "
-                    "kms:Decrypt on its KMS key if it is a customer managed key"
-                )
-            if code in REJECTED_CREDENTIAL_CODES:
-                return SinkError(
-                    f"{prefix}AWS rejected the agent's credentials calling {operation} on "
-                    f"{what} ({said}): check the instance profile or the AWS_* variables"
-                )
-            if code == "InvalidRequestException":
-                return SinkError(
-                    f"{prefix}AWS refused {operation} on {what} ({said}): is the secret "
-                    "scheduled for deletion? restore it (RestoreSecret) or choose another "
-                    f"{s.config_key}.secret_id"
-                )
-            return SinkError(f"{prefix}{operation} on {what} failed ({said})")
-        if isinstance(exc, bx.NoCredentialsError):
-            return SinkError(
-                f"{prefix}no AWS credentials found for {what}: attach an instance profile (IAM "
-                "role), set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
-                "configure ~/.aws"
-            )
-        if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
-            return SinkError(f"{prefix}Secrets Manager timed out for {what} ({operation})")
-        if isinstance(exc, bx.EndpointConnectionError | bx.HTTPClientError | bx.ConnectionError):
-            return SinkError(
-                f"{prefix}cannot reach Secrets Manager for {what} ({operation}): check the "
-                f"network, the region and {s.config_key}.endpoint_url"
-            )
-        if isinstance(exc, bx.ParamValidationError):
-            # its text may quote a parameter's value: keep only the lines about SecretId
-            lines = [line for line in str(exc).splitlines()[1:] if "SecretString" not in line]
-            detail = f": {shown(' '.join(lines))}" if lines else ""
-            return SinkError(
-                f"{prefix}invalid {operation} request for {what}{detail}: check "
-                f"{s.config_key}.secret_id"
-            )
-        if isinstance(exc, bx.BotoCoreError):
-            return SinkError(f"{prefix}{operation} on {what} failed: {shown(exc)}")
-        return SinkError(f"{prefix}{operation} on {what} failed: {type(exc).__name__}")
-
-
-def _code(exc: bx.ClientError) -> str | None:
-    code = _error_field(exc, "Code")
-    return str(code) if code is not None else None
-
-
-def _error_field(exc: bx.ClientError, name: str) -> object:
-    response = exc.response if isinstance(exc.response, dict) else {}
-    error = response.get("Error")
-    return error.get(name) if isinstance(error, dict) else None
+KIND = AwsSinkKind()

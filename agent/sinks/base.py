@@ -1,37 +1,12 @@
-"""The token-sink extension point."""
+"""What the write-back sinks share: the newest token wins (STYLE, Vault Agent)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
-from agent.models import Token, stored_is_newer
-
-
-class TokenSink(Protocol):
-    """Writes tokens somewhere consumers read them.
-
-    ``check`` runs at start so that a bad path fails then, not at the first refresh;
-    ``write`` raises :class:`agent.errors.SinkError` with a message naming the target.
-    """
-
-    #: a short label for logs and metrics, e.g. ``file:/run/dvs-agent/token``
-    name: str
-    #: consumers read this sink's target directly (a file): /readyz follows what it holds, and
-    #: its close() never blocks (DESIGN §10 "Readiness is what consumers see")
-    readiness: bool
-
-    def check(self) -> None: ...
-
-    def write(self, token: Token) -> None: ...
-
-    def settle(self, timeout: float | None = None) -> bool:
-        """Wait until work a write started in the background (``on_change``) has ended; True
-        when none runs."""
-        ...
-
-    def close(self) -> None: ...
+from agent.models import stored_is_newer
 
 
 def keep_stored(

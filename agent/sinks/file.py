@@ -26,21 +26,26 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
+from agent.config.checks import normalised_path
+from agent.config.values import Duration, FileMode
 from agent.errors import SinkError
 from agent.fsutil import fsync_dir, unlink_quietly, write_all
-from agent.hooks import HookRunner, hook_environment
+from agent.hooks import MAX_TIMEOUT, HookRunner, hook_environment
+from agent.keypath import toml_repr
 from agent.models import Token, rfc3339
+from agent.plugin import BuildContext, SinkKind, Target, Where
 
+#: raw | json | env (:func:`render`)
 Format = Literal["raw", "json", "env"]
-
-#: the formats :func:`render` knows, for config validation
-FORMATS: tuple[Format, ...] = ("raw", "json", "env")
+#: the longest an ``on_change`` command may run before it is killed (DESIGN §10)
+MAX_ON_CHANGE_TIMEOUT = timedelta(seconds=MAX_TIMEOUT)
 
 _TMP_MARK = ".dvs-agent."
 _TMP_SUFFIX = ".tmp"
@@ -50,6 +55,88 @@ _DIR_MODE = 0o750
 _ENV_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 _log = logging.getLogger(__name__)
+
+
+class FileSinkConfig(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag="file",
+    tag_field="type",
+):
+    """``[[profiles.NAME.sinks]]`` with ``type = "file"`` (DESIGN §4)."""
+
+    path: str
+    #: raw | json | env
+    format: Format = "raw"
+    #: applied at every write; never world-writable
+    mode: FileMode = FileMode(0o640)
+    #: user and group names (or numeric ids) applied at every write; None leaves them as created
+    owner: str | None = None
+    group: str | None = None
+    #: argv run after each new token (no shell); None runs nothing
+    on_change: list[str] | None = None
+    #: how long ``on_change`` may run before it is killed
+    on_change_timeout: Duration = Duration(seconds=30)
+
+
+class FileKind(SinkKind[FileSinkConfig]):
+    name = "file"
+    config_type = FileSinkConfig
+
+    def check(self, config: FileSinkConfig, where: Where) -> Iterator[str]:
+        sink = config
+        if not sink.path:
+            yield f"{where.at('path')}: must not be empty"
+        elif sink.path.endswith(os.sep):
+            yield (
+                f"{where.at('path')}: {toml_repr(sink.path)} names a directory; give the "
+                "file's path"
+            )
+        for id_key in ("owner", "group"):
+            if getattr(sink, id_key) == "":
+                yield (
+                    f"{where.at(id_key)}: must not be empty (leave the key out to keep the default)"
+                )
+        if sink.on_change is not None and (not sink.on_change or not sink.on_change[0]):
+            yield (
+                f"{where.at('on_change')}: must be a non-empty argv list, e.g. "
+                '["systemctl", "reload", "my-app"] (leave the key out to run nothing)'
+            )
+        if sink.on_change_timeout <= timedelta(0):
+            yield f"{where.at('on_change_timeout')}: must be more than 0"
+        elif sink.on_change_timeout > MAX_ON_CHANGE_TIMEOUT:
+            yield (
+                f"{where.at('on_change_timeout')}: must be at most 5 minutes (the command is "
+                "killed then; a longer job should be started by it, not run in it)"
+            )
+
+    def describe(self, config: FileSinkConfig, where: Where) -> str:
+        hook = f", on_change {config.on_change[0]}" if config.on_change else ""
+        return f"file {config.path} ({config.format}, {int(config.mode):04o}{hook})"
+
+    def targets(self, config: FileSinkConfig, where: Where) -> Iterator[Target]:
+        if config.path:
+            yield Target(
+                store="file",
+                identity=(normalised_path(config.path),),
+                what=toml_repr(config.path),
+                key=where.at("path"),
+                noun="file",
+            )
+
+    def commands(self, config: FileSinkConfig, where: Where) -> Iterator[tuple[str, Sequence[str]]]:
+        if config.on_change:
+            yield where.at("on_change"), config.on_change
+
+    def build(self, config: FileSinkConfig, context: BuildContext) -> FileSink:
+        return FileSink(
+            config, profile=context.where.profile, logger=logging.getLogger("agent.sink")
+        )
+
+
+KIND = FileKind()
 
 
 def render(token: Token, fmt: Format) -> bytes:
@@ -73,7 +160,9 @@ def render(token: Token, fmt: Format) -> bytes:
             f"DVS_TOKEN_TYPE={token.token_type.lower()}\n"
             f"DVS_TOKEN_EXPIRES_AT={rfc3339(token.expires_at)}\n"
         ).encode()
-    raise SinkError(f"unknown file sink format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    raise SinkError(
+        f"unknown file sink format {fmt!r}: choose one of {', '.join(get_args(Format))}"
+    )
 
 
 class FileSink:
@@ -83,29 +172,23 @@ class FileSink:
 
     def __init__(
         self,
-        path: Path,
+        config: FileSinkConfig,
         *,
-        fmt: Format = "raw",
-        mode: int = 0o640,
-        owner: str | None = None,
-        group: str | None = None,
-        on_change: Sequence[str] | None = None,
-        on_change_timeout: float = 30.0,
         profile: str = "",
         logger: logging.Logger | None = None,
     ) -> None:
+        self.config = config
         #: the file consumers read; never a symlink
-        self.path = Path(path)
-        self.fmt: Format = fmt
+        self.path = Path(config.path)
+        self.fmt: Format = config.format
         #: permission bits applied at every write (``fchmod``, so the umask does not apply)
-        self.mode = mode
+        self.mode = int(config.mode)
         #: user and group (names or numeric ids) applied at every write; None leaves them
-        self.owner = owner
-        self.group = group
+        self.owner = config.owner
+        self.group = config.group
         #: argv run (no shell) after each successful write; None or empty runs nothing
-        self.on_change: tuple[str, ...] = tuple(on_change or ())
-        #: seconds before a running on_change command's process group is killed
-        self.on_change_timeout = on_change_timeout
+        self.on_change: tuple[str, ...] = tuple(config.on_change or ())
+        on_change_timeout = config.on_change_timeout.total_seconds()
         #: the profile this sink belongs to (``DVS_PROFILE`` of on_change)
         self.profile = profile
         self.name = f"file:{self.path}"
@@ -139,9 +222,10 @@ class FileSink:
         ``mode``, an unknown ``owner``/``group``, a directory that cannot be created or written,
         or ownership the agent is not allowed to give.
         """
-        if self.fmt not in FORMATS:
+        if self.fmt not in get_args(Format):
             raise SinkError(
-                f"{self.path}: unknown format {self.fmt!r}: choose one of {', '.join(FORMATS)}"
+                f"{self.path}: unknown format {self.fmt!r}: choose one of "
+                f"{', '.join(get_args(Format))}"
             )
         if not 0 <= self.mode <= 0o7777:
             raise SinkError(f"{self.path}: mode {self.mode:#o} is not a file mode (e.g. 0640)")

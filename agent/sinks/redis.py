@@ -1,92 +1,74 @@
-"""The redis sink: the token document in a Redis key whose TTL is the token's life (DESIGN §4).
+"""The ``redis`` sink: the token document in a Redis key whose TTL is the token's life (§4, §11).
 
-``SET key <document> PX <ms until expires_at>``, done by a small Lua script so that the newest
-token wins atomically (STYLE, Vault Agent): a stored document whose ``expires_at`` is later than
-ours is left alone. An expired token is never stored. The ACL user needs ``+eval`` and, on the
-key, ``+get +set`` (``~KEY``); ``+select`` too when the URL names a database other than 0.
-
-The client makes no retries of its own (``Retry(NoBackoff(), 0)``, no retry on timeout): the
-agent's scheduler is the one retry layer. The password is read from ``password_file`` or
-``password_env`` when the client is built, and again after Redis rejected it, so a rotated
-password is picked up at the next attempt.
-
-redis-py's exception strings (which may carry the server's own error text) reach a message only
-through :func:`agent.masking.outside`, with the password and the token being written masked
-(DESIGN §10).
-
-This module imports redis-py: import it only when a profile uses a redis sink.
+This module is the plug-in: the entry's keys, their checks, the key it writes (:class:`Endpoint`
+and :func:`parse_url`, the one parser of a redis URL) and :meth:`RedisKind.build`, which imports
+the writer (:mod:`agent.stores.redis`, on redis-py) only for a config that has a redis sink.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-from collections.abc import Iterable, Mapping
+import ipaddress
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
 import msgspec
-import redis
-import redis.exceptions
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from agent.errors import SinkError
-from agent.fsutil import read_secret_file
-from agent.masking import outside
-from agent.models import Token
+from agent.config.checks import env_var_problem, is_loopback, split_url
+from agent.keypath import toml_repr
+from agent.plugin import BuildContext, SinkKind, Target, Where
 
-DEFAULT_PORT = 6379
+if TYPE_CHECKING:
+    from agent.stores.redis import RedisSink
 
-#: KEYS[1] the key; ARGV[1] the document, ARGV[2] its expires_at, ARGV[3] the TTL in ms.
-#: Returns 1 when written, 0 when a document expiring later is stored, 2 when ours is.
-#: ``expires_at`` is compared as text, which orders RFC 3339 UTC times of one shape.
-SET_IF_NEWER = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  if current == ARGV[1] then
-    return 2
-  end
-  local ok, doc = pcall(cjson.decode, current)
-  if ok and type(doc) == 'table' and type(doc['expires_at']) == 'string'
-      and string.match(doc['expires_at'], '^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$')
-      and doc['expires_at'] > ARGV[2] then
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-return 1
-"""
-
-_WRITTEN, _NEWER_STORED, _SAME_STORED = 1, 0, 2
+#: a redis sink's ``url`` when it has none
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: a redis sink's key when it has no ``key`` (``str.format`` with ``profile``)
+DEFAULT_REDIS_KEY = "dvs-agent:{profile}:token"
+#: the port and database of a redis ``url`` that names none
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_REDIS_DB = 0
+#: how long one Redis command may take, at most (the profile's request_timeout if shorter)
+MAX_TIMEOUT = 5.0
+#: a redis sink's host: a DNS name (container names may have '_') or an address
+_REDIS_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+_EXAMPLE = '"rediss://redis.internal:6379/0"'
 
 
-@dataclass(frozen=True, slots=True)
-class RedisSinkSettings:
-    """Where the token document goes (``[[profiles.NAME.sinks]]`` with ``type = "redis"``)."""
+class RedisSinkConfig(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag="redis",
+    tag_field="type",
+):
+    """``[[profiles.NAME.sinks]]`` with ``type = "redis"``: ``SET key value PX ttl`` (DESIGN §4)."""
 
-    #: ``redis://HOST[:PORT][/DB]``, or ``rediss://`` for TLS (verified against the system
-    #: CA store); never a password
-    url: str
-    #: the full key name
-    key: str
-    #: an ACL user; None: the ``default`` user
+    #: ``redis://`` or ``rediss://`` (TLS) ``HOST[:PORT][/DB]``; never a password
+    url: str = DEFAULT_REDIS_URL
+    #: the full key name; None: ``dvs-agent:<profile>:token`` (:meth:`resolved_key`)
+    key: str | None = None
+    #: an ACL user name (needs a password); None: the default user
     username: str | None = None
-    #: a file holding the password (one trailing newline is stripped)
+    #: a file holding the password (read by the sink, never here); or ``password_env``
     password_file: str | None = None
-    #: a variable holding the password (instead of ``password_file``)
+    #: a variable holding the password; or ``password_file``, not both
     password_env: str | None = None
-    #: seconds, for connecting and for each command
-    timeout: float = 5.0
-    #: the config table these settings come from, named in error messages
-    config_key: str = "sinks[0]"
+
+    def resolved_key(self, profile: str) -> str:
+        """``key``, else ``dvs-agent:<profile>:token``."""
+        return self.key if self.key is not None else DEFAULT_REDIS_KEY.format(profile=profile)
+
+
+#: Every sink type, tagged by ``type``; the supported ``type`` values and the error messages
 
 
 @dataclass(frozen=True, slots=True)
-class _Target:
+class Endpoint:
+    """Where a redis ``url`` points."""
+
     host: str
     port: int
     db: int
@@ -98,241 +80,117 @@ class _Target:
         return f"{host}:{self.port}"
 
 
-class RedisSink:
-    """Writes each new token's document to one Redis key; a :class:`TokenSink`."""
-
-    readiness = False
-
-    def __init__(
-        self,
-        settings: RedisSinkSettings,
-        *,
-        environ: Mapping[str, str] | None = None,
-        logger: logging.Logger | None = None,
-    ) -> None:
-        self._settings = settings
-        self._environ = os.environ if environ is None else environ
-        self._log = logger if logger is not None else logging.getLogger("agent.sinks.redis")
-        self._lock = threading.Lock()
-        self._client: Any = None
-        #: the password in use, kept only to blank it out of error texts
-        self._password: str | None = None
-        try:
-            self._target: _Target | None = _parse_url(settings.url, settings.config_key)
-            self._url_error: SinkError | None = None
-        except SinkError as exc:
-            self._target, self._url_error = None, exc
-        where = f"{self._target.address}/{self._target.db}" if self._target else "?"
-        self.name = f"redis:{where}/{settings.key}"
-
-    def check(self) -> None:
-        """The URL parses, the key is set, the password file or variable can be read.
-
-        No connection is made: Redis being down at start must not stop the other sinks.
-        """
-        self._require_target()
-        if not self._settings.key:
-            raise SinkError(f"{self._settings.config_key}.key is empty: name the key")
-        self._read_password()
-
-    def write(self, token: Token) -> None:
-        """Store ``token.document()`` with the token's remaining life as TTL (newest wins).
-
-        An expired token is not stored (logged, not an error). Raises :class:`SinkError`
-        naming the server and key and what to check; never the password.
-        """
-        target = self._require_target()
-        ttl_ms = int((token.expires_at - datetime.now(UTC)).total_seconds() * 1000)
-        if ttl_ms <= 0:
-            self._log.warning(
-                "%s: the token expired at %s: not written", self.name, token.expires_at
-            )
-            return
-        document = token.document()
-        data = msgspec.json.encode(document)
-        client = self._ensure_client(target)
-        try:
-            result = client.eval(
-                SET_IF_NEWER, 1, self._settings.key, data, document["expires_at"], ttl_ms
-            )
-        except redis.exceptions.RedisError as exc:
-            if isinstance(exc, redis.exceptions.AuthenticationError):
-                self._drop_client()  # the next attempt reads the password again
-            raise self._error(exc, target, (token.access_token.reveal(),)) from None
-        if result == _NEWER_STORED:
-            self._log.debug(
-                "%s: newer token already stored: not written (ours expires %s)",
-                self.name,
-                document["expires_at"],
-            )
-        elif result == _SAME_STORED:
-            self._log.debug("%s already holds this token", self.name)
-        else:
-            self._log.debug(
-                "wrote %s (expires %s, ttl %d ms)", self.name, document["expires_at"], ttl_ms
-            )
-
-    def settle(self, timeout: float | None = None) -> bool:
-        return True  # nothing runs in the background
-
-    def close(self) -> None:
-        self._drop_client()
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _require_target(self) -> _Target:
-        if self._target is None:
-            assert self._url_error is not None
-            raise self._url_error
-        return self._target
-
-    def _ensure_client(self, target: _Target) -> Any:
-        with self._lock:
-            if self._client is None:
-                s = self._settings
-                password = self._read_password()
-                self._password = password
-                self._client = redis.Redis(
-                    host=target.host,
-                    port=target.port,
-                    db=target.db,
-                    username=s.username,
-                    password=password,
-                    ssl=target.tls,
-                    ssl_cert_reqs="required",
-                    ssl_check_hostname=True,
-                    socket_timeout=s.timeout,
-                    socket_connect_timeout=s.timeout,
-                    # one retry layer: the agent's (STYLE); redis-py retries 3 times by default
-                    retry=Retry(NoBackoff(), 0),
-                    retry_on_error=[],
-                    health_check_interval=0,
-                    max_connections=2,
-                )
-            return self._client
-
-    def _drop_client(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-    def _read_password(self) -> str | None:
-        s = self._settings
-        key = s.config_key
-        if s.password_file and s.password_env:
-            raise SinkError(f"{key}: set one of password_file and password_env, not both")
-        if s.password_file:
-            name = f"{key}.password_file"
-            try:
-                text = read_secret_file(s.password_file)
-            except FileNotFoundError:
-                raise SinkError(
-                    f"{s.password_file} ({name}) does not exist: write the Redis password "
-                    "there, or fix the path"
-                ) from None
-            except PermissionError:
-                raise SinkError(
-                    f"{s.password_file} ({name}) is not readable by the agent (uid "
-                    f"{os.geteuid()}): fix its owner or mode"
-                ) from None
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                raise SinkError(f"cannot read {s.password_file} ({name}): {reason}") from None
-            text = text.removesuffix("\n").removesuffix("\r")
-            if not text:
-                raise SinkError(f"{s.password_file} ({name}) is empty")
-            return text
-        if s.password_env:
-            value = self._environ.get(s.password_env)
-            if not value:
-                state = "is empty" if value == "" else "is not set"
-                raise SinkError(
-                    f"the variable {s.password_env} ({key}.password_env) {state} in the "
-                    "agent's environment: set it to the Redis password"
-                )
-            return value
-        return None
-
-    def _error(
-        self,
-        exc: redis.exceptions.RedisError,
-        target: _Target,
-        secrets: Iterable[str] = (),
-    ) -> SinkError:
-        """The SinkError for a redis-py failure, without the password, the token being written
-        (``secrets``) or any other credential-looking value."""
-        s = self._settings
-        where = f"Redis at {target.address} (db {target.db}, key {s.key}; {s.config_key})"
-        said = self._said(exc, secrets)
-        if isinstance(exc, redis.exceptions.AuthenticationError):
-            user = s.username or "default"
-            source = (
-                f"{s.config_key}.password_env = {s.password_env}"
-                if s.password_env
-                else f"{s.config_key}.password_file"
-                + (f" = {s.password_file}" if s.password_file else " (none is set)")
-            )
-            return SinkError(
-                f"{where} rejected the credentials of user {user} ({said}): check username/"
-                f"password_file ({s.config_key}.username; {source})"
-            )
-        if isinstance(exc, redis.exceptions.NoPermissionError):
-            return SinkError(
-                f"{where} denied the write ({said}): the ACL user {s.username or 'default'} "
-                f"needs +eval and +get +set on the key (~{s.key})"
-                + (f", and +select for db {target.db}" if target.db else "")
-            )
-        if isinstance(exc, redis.exceptions.TimeoutError):
-            return SinkError(f"{where} did not answer within {s.timeout:g}s")
-        if isinstance(exc, redis.exceptions.ConnectionError):
-            if "ssl" in said.lower() or "certificate" in said.lower():
-                return SinkError(
-                    f"TLS with {where} failed ({said}): its certificate must be valid for "
-                    f"{target.host} and signed by a CA in the system store"
-                )
-            return SinkError(
-                f"cannot reach {where} ({said}): check {s.config_key}.url and that Redis runs"
-            )
-        if isinstance(exc, redis.exceptions.ResponseError) and said.startswith("WRONGTYPE"):
-            return SinkError(
-                f"{where} holds a value that is not a string at the key: choose another "
-                f"{s.config_key}.key or delete it"
-            )
-        return SinkError(f"{where} refused the write ({type(exc).__name__}: {said})")
-
-    def _said(self, exc: BaseException, secrets: Iterable[str] = ()) -> str:
-        """redis-py's text for ``exc`` (often the server's own), on one line, through
-        :func:`outside`: the password and ``secrets`` masked, cut, controls escaped."""
-        held = [*secrets, *([self._password] if self._password else [])]
-        return outside(" ".join(str(exc).split()) or type(exc).__name__, held)
-
-
-def _parse_url(url: str, config_key: str) -> _Target:
-    name = f"{config_key}.url"
-    example = "use redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise SinkError(f"{name} is not a Redis URL: {example}") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise SinkError(f"{name} must start with redis:// or rediss:// (TLS): {example}")
-    if parts.username is not None or parts.password is not None:
-        raise SinkError(
-            f"{name} must not hold a user or password: set {config_key}.username and "
-            f"{config_key}.password_file (or password_env)"
-        )
-    if not parts.hostname:
-        raise SinkError(f"{name} names no host: {example}")
-    if parts.query or parts.fragment:
-        raise SinkError(f"{name} takes no query or fragment: {example}")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise SinkError(f"{name}: the database must be a number (/0, /1, …): {example}")
-    return _Target(
-        host=parts.hostname,
-        port=port if port is not None else DEFAULT_PORT,
-        db=int(path) if path else 0,
-        tls=parts.scheme == "rediss",
+def parse_url(url: str) -> Endpoint | str:
+    """``redis://`` or ``rediss://`` ``HOST[:PORT][/DB]`` without ``user:password@``: its
+    :class:`Endpoint`, or what is wrong with it (a message without the key path)."""
+    split = split_url(
+        url,
+        schemes=("redis", "rediss"),
+        kind="a redis:// or rediss:// (TLS) URL",
+        example=_EXAMPLE,
+        userinfo=": a password never sits in this file; set username, and password_file or "
+        "password_env",
     )
+    if isinstance(split, str):
+        return split
+    parts, host = split
+    port = parts.port
+    if not _REDIS_HOST_RE.fullmatch(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return f"{toml_repr(url)}: {host!r} is not a host name or address"
+    if port == 0:
+        return f"{toml_repr(url)}: the port must be a number from 1 to 65535"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return (
+            f"{toml_repr(url)}: options after '?' or '#' are not supported; write "
+            f"redis[s]://HOST[:PORT][/DB], e.g. {_EXAMPLE}"
+        )
+    if not re.fullmatch(r"/?|/\d+", parts.path):
+        return (
+            f"{toml_repr(url)}: the path is the database number, an integer "
+            f"(redis[s]://HOST[:PORT][/DB]), e.g. {_EXAMPLE}"
+        )
+    if parts.scheme.lower() == "redis" and not is_loopback(host):
+        return (
+            f"plain redis:// to {host} would send every token (and the Redis password) across "
+            f"the network in clear: use rediss:// (TLS), e.g. {_EXAMPLE}; redis:// is for "
+            "loopback hosts only"
+        )
+    path = parts.path.strip("/")
+    return Endpoint(
+        host=host,
+        port=port if port is not None else DEFAULT_REDIS_PORT,
+        db=int(path) if path else DEFAULT_REDIS_DB,
+        tls=parts.scheme.lower() == "rediss",
+    )
+
+
+class RedisKind(SinkKind[RedisSinkConfig]):
+    name = "redis"
+    config_type = RedisSinkConfig
+
+    def check(self, config: RedisSinkConfig, where: Where) -> Iterator[str]:
+        sink = config
+        endpoint = parse_url(sink.url)
+        if isinstance(endpoint, str):
+            yield f"{where.at('url')}: {endpoint}"
+        if sink.key == "":
+            yield (
+                f"{where.at('key')}: must not be empty (leave the key out for "
+                f"{toml_repr(DEFAULT_REDIS_KEY.format(profile=where.profile))})"
+            )
+        if sink.username == "":
+            yield (
+                f"{where.at('username')}: must not be empty (leave the key out for Redis's "
+                "default user)"
+            )
+        if sink.password_file == "":
+            yield (
+                f"{where.at('password_file')}: must not be empty (the path of a file holding "
+                "the password)"
+            )
+        if sink.password_env is not None:
+            problem = env_var_problem(sink.password_env)
+            if problem:
+                yield f"{where.at('password_env')}: {problem}"
+        if sink.password_file is not None and sink.password_env is not None:
+            yield f"{where.at('password_env')}: set password_file or password_env, not both"
+        if sink.username and sink.password_file is None and sink.password_env is None:
+            yield (
+                f"{where.at('username')}: a Redis user logs in with a password: set "
+                "password_file (a file holding it) or password_env (a variable holding it)"
+            )
+
+    def describe(self, config: RedisSinkConfig, where: Where) -> str:
+        return f"redis {config.url} key {config.resolved_key(where.profile)}"
+
+    def targets(self, config: RedisSinkConfig, where: Where) -> Iterator[Target]:
+        endpoint = parse_url(config.url)
+        if isinstance(endpoint, str):
+            return
+        host = endpoint.host.lower().rstrip(".")
+        key = config.resolved_key(where.profile)
+        yield Target(
+            store="redis",
+            identity=(host, str(endpoint.port), str(endpoint.db), key),
+            what=f"the Redis key {toml_repr(key)} on {host}:{endpoint.port}/{endpoint.db}",
+            key=where.at("url" if config.key is None else "key"),
+            noun="key",
+        )
+
+    def build(self, config: RedisSinkConfig, context: BuildContext) -> RedisSink:
+        from agent.stores.redis import RedisSink
+
+        return RedisSink(
+            config,
+            key=config.resolved_key(context.where.profile),
+            timeout=min(context.timeout, MAX_TIMEOUT),
+            config_key=context.where.key,
+            environ=context.environ,
+            logger=context.logger,
+        )
+
+
+KIND = RedisKind()

@@ -1,193 +1,147 @@
-"""The vault sink: the token document written back to a Vault KV v2 secret (DESIGN §4).
+"""The ``vault`` sink: the token document written back to a KV v2 secret (DESIGN §4, §11).
 
-Other hosts read the same JSON document as the file sink's ``json`` format. Writes use
-check-and-set and the newest token wins (STYLE, Vault Agent): a stored document whose
-``expires_at`` is later than ours is left alone, and a write that lost a check-and-set race
-reads again and decides again, so a concurrent writer never loses the newest token.
-
-Vault's texts reach a message only through :func:`agent.masking.outside` (see
-:class:`~agent.vault_client.VaultConnection`), with the token being written and the one stored
-masked as well as the connection's own credentials (DESIGN §10).
-
-This module imports hvac: import it only when a profile uses a vault sink.
+Every key but ``path`` defaults to the same key of the profile's ``[vault]`` table (and to that
+table's defaults when there is none): :func:`merged` applies them once, giving the source's
+Struct, from which :func:`agent.sources.vault.connection` builds the connection. The writer,
+which imports hvac, is :mod:`agent.stores.vault.sink`, imported by :meth:`VaultSinkKind.build`.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
-import hvac.exceptions
+import msgspec
 
-from agent.errors import AgentError, SinkError
-from agent.models import Token
-from agent.sinks.base import keep_stored
-from agent.vault_client import VaultConnection
+from agent.config.checks import readable_file_problem
+from agent.keypath import header, toml_repr
+from agent.plugin import BuildContext, SinkKind, Target, Where
+from agent.sources.vault import (
+    VAULT_ADDR_ENV,
+    VaultSourceConfig,
+    address_problem,
+    connection,
+    mount_path_problem,
+    secret_target,
+)
 
-#: how many times a write reads and decides again after losing a check-and-set race
-CAS_ATTEMPTS = 3
-
-_CAS_MISMATCH = "check-and-set parameter did not match"
-
-
-@dataclass(frozen=True, slots=True)
-class VaultSinkSettings:
-    """Where the token document goes (``[[profiles.NAME.sinks]]`` with ``type = "vault"``)."""
-
-    #: the secret's path inside the mount: ``dvs/osigu-token``
-    path: str
-    #: where the KV v2 secrets engine is mounted
-    mount: str = "secret"
-    #: the config table these settings come from, named in error messages
-    config_key: str = "sinks[0]"
+if TYPE_CHECKING:
+    from agent.stores.vault.sink import VaultSink
 
 
-class _Conflict:
-    """Returned by one attempt that lost a check-and-set race."""
+class VaultSinkConfig(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag="vault",
+    tag_field="type",
+):
+    """``[[profiles.NAME.sinks]]`` with ``type = "vault"``: a KV v2 write (DESIGN §4).
 
-
-_CONFLICT = _Conflict()
-
-
-class VaultSink:
-    """Writes each new token's document to a KV v2 secret; a :class:`TokenSink`.
-
-    Every request goes through the shared :class:`VaultConnection` (logged in, re-authenticated
-    after a 403, no hidden retries); its errors become :class:`SinkError`.
+    Every key but ``path`` defaults to the same key of the profile's ``[vault]`` table (and to
+    that table's defaults when there is none): :meth:`merged` applies them.
     """
 
-    readiness = False
+    #: the secret's path inside ``mount``, without slashes at either end (required)
+    path: str
+    #: None: the ``[vault]`` table's, else ``$VAULT_ADDR``
+    address: str | None = None
+    auth_method: Literal["token", "approle"] | None = None
+    token_file: str | None = None
+    role_id_file: str | None = None
+    secret_id_file: str | None = None
+    approle_mount: str | None = None
+    namespace: str | None = None
+    ca_cert: str | None = None
+    tls_skip_verify: bool | None = None
+    #: the KV v2 secrets engine's mount
+    mount: str | None = None
 
-    def __init__(
-        self,
-        connection: VaultConnection,
-        settings: VaultSinkSettings,
-        *,
-        logger: logging.Logger | None = None,
-    ) -> None:
-        self._conn = connection
-        self._settings = settings
-        self._log = logger if logger is not None else logging.getLogger("agent.sinks.vault")
-        self._mount = settings.mount.strip("/")
-        self._path = settings.path.strip("/")
-        self.name = f"vault:{self._mount}/{self._path}"
-        self._needs = (
-            f"create and update on {self._mount}/data/{self._path}, and read on it "
-            "(for check-and-set)"
-        )
 
-    def check(self) -> None:
-        """The settings only: Vault being down at start must not stop the other sinks."""
-        key = self._settings.config_key
-        if not self._mount:
-            raise SinkError(f"{key}.mount is empty: name the KV v2 mount (e.g. secret)")
-        if not self._path:
-            raise SinkError(f"{key}.path is empty: name the secret (e.g. dvs/osigu-token)")
+def merged(sink: VaultSinkConfig, table: msgspec.Struct | None) -> VaultSourceConfig:
+    """The sink's settings as the ``[vault]`` table's Struct: each key the sink leaves out
+    taken from the profile's table (or from its defaults when there is none)."""
+    base = table if isinstance(table, VaultSourceConfig) else VaultSourceConfig()
+    own = {
+        name: value
+        for name in VaultSinkConfig.__struct_fields__
+        if (value := getattr(sink, name)) is not None
+    }
+    return msgspec.structs.replace(base, **own)
 
-    def write(self, token: Token) -> None:
-        """Store ``token.document()`` unless a document that expires later is stored already.
 
-        Raises :class:`SinkError` naming Vault's address, the mount and path, and the cause.
-        """
-        document = token.document()
-        what = f"write {self._mount}/{self._path} (KV v2)"
-        # values Vault could echo in an error: the token we write and the one stored
-        secrets = [token.access_token.reveal()]
-        for _ in range(CAS_ATTEMPTS):
-            try:
-                outcome = self._conn.call(
-                    lambda client: self._attempt(client, document, secrets),
-                    what=what,
-                    needs=self._needs,
-                    secrets=secrets,
+class VaultSinkKind(SinkKind[VaultSinkConfig]):
+    name = "vault"
+    config_type = VaultSinkConfig
+
+    def check(self, config: VaultSinkConfig, where: Where) -> Iterator[str]:
+        sink = config
+        profile_vault = where.table("vault")
+        assert profile_vault is None or isinstance(profile_vault, VaultSourceConfig)
+        table = header(["profiles", where.profile, "vault"])
+        problem = mount_path_problem(sink.path, "dvs/osigu-token")
+        if problem:
+            yield f"{where.at('path')}: {problem}"
+        if sink.address == "":
+            yield (
+                f"{where.at('address')}: must not be empty (leave the key out to use the "
+                f"address of {table}, else ${VAULT_ADDR_ENV})"
+            )
+        elif sink.address is not None:
+            problem = address_problem(sink.address)
+            if problem:
+                yield f"{where.at('address')}: {problem}"
+        for file_key in ("token_file", "role_id_file", "secret_id_file", "namespace", "ca_cert"):
+            if getattr(sink, file_key) == "":
+                yield (
+                    f"{where.at(file_key)}: must not be empty (leave the key out to use the "
+                    f"value of {table})"
                 )
-            except SinkError:
-                raise
-            except AgentError as exc:
-                raise SinkError(f"vault sink {self._settings.config_key}: {exc}") from None
-            if outcome is not _CONFLICT:
-                return
-            self._log.debug(
-                "%s on Vault at %s changed while writing: reading it again",
-                self.name,
-                self._conn.address,
+        for mount_key, example in (("approle_mount", "approle"), ("mount", "secret")):
+            value = getattr(sink, mount_key)
+            if value is not None:
+                problem = mount_path_problem(value, example)
+                if problem:
+                    yield f"{where.at(mount_key)}: {problem}"
+        if sink.ca_cert:
+            problem = readable_file_problem(sink.ca_cert)
+            if problem:
+                yield f"{where.at('ca_cert')}: {toml_repr(sink.ca_cert)}: {problem}"
+        if sink.mount is None and profile_vault is not None and profile_vault.kv_version == 1:
+            yield (
+                f"{where.at('mount')}: a vault sink writes to a KV v2 engine, and the mount it "
+                f"takes from {table} ({toml_repr(profile_vault.mount)}) is KV v1 there "
+                "(kv_version = 1): set mount to a KV v2 engine's mount"
             )
-        raise SinkError(
-            f"vault sink {self._settings.config_key}: {self._mount}/{self._path} on Vault at "
-            f"{self._conn.address} changed during each of {CAS_ATTEMPTS} check-and-set writes: "
-            "another writer is busy on it; the next attempt will try again"
-        )
+        vault = merged(sink, profile_vault)
+        if vault.auth_method == "approle":
+            for file_key in ("role_id_file", "secret_id_file"):
+                if getattr(sink, file_key) is None and not getattr(vault, file_key):
+                    yield (
+                        f'{where.at(file_key)}: required with auth_method = "approle": {table} '
+                        "leaves it empty, so set it here"
+                    )
 
-    def settle(self, timeout: float | None = None) -> bool:
-        return True  # nothing runs in the background
+    def describe(self, config: VaultSinkConfig, where: Where) -> str:
+        vault = merged(config, where.table("vault"))
+        return f"vault {vault.mount}/{config.path} (KV v2, check-and-set)"
 
-    def close(self) -> None:
-        """Drop the connection's client (the token is not revoked; a later call logs in)."""
-        self._conn.close()
+    def targets(self, config: VaultSinkConfig, where: Where) -> Iterator[Target]:
+        target = secret_target(where.at("path"), merged(config, where.table("vault")))
+        if target is not None:
+            yield target
 
-    # -- one read-decide-write round (run by VaultConnection.call) ----------------------------
+    def build(self, config: VaultSinkConfig, context: BuildContext) -> VaultSink:
+        from agent.stores.vault.sink import VaultSink
 
-    def _attempt(
-        self, client: Any, document: dict[str, Any], secrets: list[str]
-    ) -> _Conflict | None:
-        version, stored = self._read_current(client)
-        if stored is not None and isinstance(stored.get("access_token"), str):
-            secrets.append(stored["access_token"])
-        if keep_stored(stored, document, sink=self.name, log=self._log):
-            return None
-        try:
-            response = client.secrets.kv.v2.create_or_update_secret(
-                path=self._path, secret=document, cas=version, mount_point=self._mount
-            )
-        except hvac.exceptions.InvalidRequest as exc:
-            if any(_CAS_MISMATCH in str(error) for error in (exc.errors or ())):
-                return _CONFLICT
-            raise
-        except hvac.exceptions.InvalidPath:
-            raise self._no_mount() from None
-        written = _dict(_dict(response).get("data")).get("version")
-        if not isinstance(written, int):
-            # a KV v1 mount takes the same request and stores it at "data/PATH"
-            raise SinkError(
-                f"vault sink {self._settings.config_key}: Vault at {self._conn.address} "
-                f"returned no version for {self._mount}/{self._path}: the vault sink needs a "
-                f"KV version 2 mount at {self._mount}/ ({self._settings.config_key}.mount)"
-            )
-        self._log.debug(
-            "wrote %s on Vault at %s (version %s, expires %s)",
-            self.name,
-            self._conn.address,
-            written,
-            document["expires_at"],
-        )
-        return None
-
-    def _read_current(self, client: Any) -> tuple[int, dict[str, Any] | None]:
-        """The current version (0: no secret yet) and its document (None: none or deleted)."""
-        try:
-            response = client.secrets.kv.v2.read_secret_version(
-                path=self._path, mount_point=self._mount, raise_on_deleted_version=False
-            )
-        except hvac.exceptions.InvalidPath as exc:
-            # 404: no secret, or its current version is destroyed (metadata still counts it)
-            body = exc.json if isinstance(getattr(exc, "json", None), dict) else {}
-            version = _dict(_dict(body.get("data")).get("metadata")).get("version")
-            return (version if isinstance(version, int) else 0), None
-        body = _dict(_dict(response).get("data"))
-        version = _dict(body.get("metadata")).get("version")
-        data = body.get("data")  # None when the current version is deleted
-        return (version if isinstance(version, int) else 0), (
-            data if isinstance(data, dict) else None
-        )
-
-    def _no_mount(self) -> SinkError:
-        return SinkError(
-            f"vault sink {self._settings.config_key}: Vault at {self._conn.address} answered 404 "
-            f"to a write of {self._mount}/data/{self._path}: is a KV v2 secrets engine mounted "
-            f"at {self._mount}/ ({self._settings.config_key}.mount)?"
+        vault = merged(config, context.where.table("vault"))
+        return VaultSink(
+            connection(vault, context),
+            vault,
+            config_key=context.where.key,
+            logger=context.logger,
         )
 
 
-def _dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
+KIND = VaultSinkKind()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from agent.errors import AgentError, SourceEmpty, SourceUnavailable
 from agent.models import Credentials
-from agent.sources.base import CredentialSource
+from agent.plugin import CredentialSource
 
 
 @dataclass(frozen=True, slots=True)

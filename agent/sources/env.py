@@ -1,14 +1,48 @@
-"""The environment credential source: ``DVS_CLIENT_ID``/``DVS_CLIENT_SECRET`` or ``…_FILE``."""
+"""The ``env`` source: ``DVS_CLIENT_ID``/``DVS_CLIENT_SECRET`` or ``…_FILE`` (a plug-in, §11)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
+import msgspec
+
+from agent.config.checks import env_var_problem
 from agent.errors import ConfigError, SourceEmpty, SourceUnavailable
 from agent.fsutil import read_secret_file
 from agent.models import Credentials, Secret
+from agent.plugin import BuildContext, SourceKind, Where
+
+
+class EnvSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[profiles.NAME.env]``: the variables the ``env`` source reads (each also ``NAME_FILE``)."""
+
+    client_id_var: str = "DVS_CLIENT_ID"
+    client_secret_var: str = "DVS_CLIENT_SECRET"  # noqa: S105 - a variable name
+
+
+class EnvKind(SourceKind[EnvSourceConfig]):
+    name = "env"
+    config_type = EnvSourceConfig
+    default_table = True
+
+    def check(self, config: EnvSourceConfig, where: Where) -> Iterator[str]:
+        for var_key in ("client_id_var", "client_secret_var"):
+            problem = env_var_problem(getattr(config, var_key))
+            if problem:
+                yield f"{where.at(var_key)}: {problem}"
+        if config.client_id_var == config.client_secret_var:
+            yield f"{where.at('client_secret_var')}: must differ from client_id_var"
+
+    def describe(self, config: EnvSourceConfig, where: Where) -> str:
+        return f"env ${config.client_id_var}, ${config.client_secret_var} (or their _FILE)"
+
+    def build(self, config: EnvSourceConfig | None, context: BuildContext) -> EnvSource:
+        return EnvSource(config or EnvSourceConfig(), environ=context.environ)
+
+
+KIND = EnvKind()
 
 
 class EnvSource:
@@ -23,13 +57,13 @@ class EnvSource:
 
     def __init__(
         self,
+        config: EnvSourceConfig | None = None,
         *,
-        client_id_var: str = "DVS_CLIENT_ID",
-        client_secret_var: str = "DVS_CLIENT_SECRET",  # noqa: S107 - a variable name
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self._id_var = client_id_var
-        self._secret_var = client_secret_var
+        config = config or EnvSourceConfig()
+        self._id_var = config.client_id_var
+        self._secret_var = config.client_secret_var
         self._environ = os.environ if environ is None else environ
 
     def read(self) -> Credentials:

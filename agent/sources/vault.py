@@ -1,207 +1,240 @@
-"""The Vault credential source: a KV v2 (or v1) secret holding the client id and secret.
+"""The ``vault`` source: a KV v2 (or v1) secret holding the client id and secret (§3, §11).
 
-Texts from the secret (its key names, its version's ``created_time``) reach a message or a log
-line only through :meth:`~agent.vault_client.VaultConnection.shown`, which is
-:func:`agent.masking.outside` with the connection's credentials and the secret's values masked
-(DESIGN §10). Vault's own error texts are made safe by the connection itself.
-
-This module imports hvac: import it only when a profile uses Vault.
+``[profiles.NAME.vault]`` is this plug-in's table; it also says how the agent reaches and logs
+in to Vault, for the source and for the profile's vault write-back sinks (whose keys default to
+it). The table is checked whenever it is present; ``path`` is required only when ``"vault"`` is
+listed in ``sources``. The reader, which imports hvac, is :mod:`agent.stores.vault.source`,
+imported by :meth:`VaultKind.build`; :func:`connection` builds the Vault connection for it and
+for the sink.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import logging
-import secrets
-from dataclasses import dataclass
-from typing import Any, Literal
+import re
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
-import hvac.exceptions
+import msgspec
 
-from agent.errors import SourceEmpty
-from agent.models import Credentials, Secret
-from agent.vault_client import VaultConnection
+from agent.config.checks import (
+    key_names_problems,
+    normalised_url,
+    readable_file_problem,
+    url_problem,
+)
+from agent.errors import ConfigError
+from agent.keypath import header, toml_repr
+from agent.plugin import BuildContext, SourceKind, Target, Where
+
+if TYPE_CHECKING:
+    from agent.stores.vault.connection import VaultConnection
+    from agent.stores.vault.source import VaultSource
+
+#: the variable that gives the Vault address when the table has no ``address``
+VAULT_ADDR_ENV = "VAULT_ADDR"
+#: token auth without ``token_file``: ``$VAULT_TOKEN``, else this file
+VAULT_TOKEN_ENV = "VAULT_TOKEN"  # noqa: S105 - a variable name
+DEFAULT_TOKEN_FILE = "/run/vault/token"  # noqa: S105 - a path
 
 
-@dataclass(frozen=True, slots=True)
-class VaultSourceSettings:
-    """Which secret holds the credentials, and under which keys."""
+class VaultSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[profiles.NAME.vault]``: the ``vault`` source, a KV secret with the two credentials.
 
-    #: the secret's path inside the mount: ``dvs/osigu``
-    path: str
-    #: where the KV secrets engine is mounted
+    ``path`` is required when ``"vault"`` is in the profile's ``sources``; the table may also be
+    present without it (a vault write-back sink takes its defaults from it).
+    """
+
+    #: ``https://vault.internal:8200``; None: ``$VAULT_ADDR`` (see :meth:`resolved_address`)
+    address: str | None = None
+    #: token | approle
+    auth_method: Literal["token", "approle"] = "approle"
+    #: token auth: this file, else ``$VAULT_TOKEN``, else ``/run/vault/token``
+    token_file: str | None = None
+    #: approle auth: files holding the role id and the secret id (never the values here)
+    role_id_file: str = "/etc/dvs-agent/role_id"
+    secret_id_file: str = "/etc/dvs-agent/secret_id"  # noqa: S105 - a path
+    #: where the AppRole auth method is mounted (``auth/<approle_mount>/login``)
+    approle_mount: str = "approle"
+    #: the KV secrets engine's mount
     mount: str = "secret"
+    #: the secret's path inside ``mount``, without slashes at either end (``dvs/osigu``)
+    path: str | None = None
+    #: 1 | 2
     kv_version: Literal[1, 2] = 2
     #: the keys of the secret's data that hold the client id and the client secret
     client_id_key: str = "client_id"
     client_secret_key: str = "client_secret"  # noqa: S105 - a key name
-    #: the config table these settings come from, named in error messages
-    config_key: str = "vault"
+    #: Vault Enterprise / OpenBao namespace
+    namespace: str | None = None
+    #: a CA file (PEM) for the Vault server; must exist and be readable
+    ca_cert: str | None = None
+    #: do not verify the server's certificate (tests only)
+    tls_skip_verify: bool = False
+
+    def resolved_address(self, environ: Mapping[str, str], *, key: str) -> str:
+        """``address``, else ``$VAULT_ADDR``, checked like ``token_url``.
+
+        ``key`` is the key path the errors name (``profiles.dvs.vault.address``). Raises
+        :class:`ConfigError` when neither is set, or when the URL is not absolute http(s), uses
+        plain http to a host that is not loopback, or carries ``user:password@``.
+        """
+        return resolve_address(self.address, environ, key=key)
 
 
-class VaultSource:
-    """Reads credentials from a Vault KV secret.
-
-    KV v2: ``version`` asks only the metadata endpoint (``current_version``), never the
-    secret, so a poll reads no secret value. The version also carries the creation time of that
-    secret version, so a secret deleted with its metadata and written again (a rebuilt Vault:
-    the version restarts at 1) is a change even when the number is the same. A deleted or
-    destroyed current version reads as empty.
-
-    KV v1 has no versions: ``version`` reads the secret and returns a keyed hash (HMAC under a
-    random key of this instance) of the two values. The key changes at every start, which is
-    harmless: the baseline is taken from the credentials read by the same instance.
-    """
-
+class VaultKind(SourceKind[VaultSourceConfig]):
     name = "vault"
+    config_type = VaultSourceConfig
 
-    def __init__(
-        self,
-        connection: VaultConnection,
-        settings: VaultSourceSettings,
-        *,
-        logger: logging.Logger | None = None,
-    ) -> None:
-        self._conn = connection
-        self._settings = settings
-        self._log = logger if logger is not None else logging.getLogger("agent.sources.vault")
-        self._hash_key = secrets.token_bytes(32)
-        s = settings
-        self._where = f"{s.mount.strip('/')}/{s.path.strip('/')}"
-        if s.kv_version == 2:
-            data = f"{s.mount.strip('/')}/data/{s.path.strip('/')}"
-            metadata = f"{s.mount.strip('/')}/metadata/{s.path.strip('/')}"
-            self._needs = f"read on {data} (and {metadata} for version polling)"
-        else:
-            self._needs = f"read on {self._where}"
-
-    def read(self) -> Credentials:
-        s = self._settings
-        what = f"read {self._where} (KV v{s.kv_version})"
-        if s.kv_version == 2:
-            response = self._conn.call(self._read_v2, what=what, needs=self._needs)
-            body = _dict(response.get("data"))
-            meta = _dict(body.get("metadata"))
-            data = body.get("data")
-            version = _v2_version(meta.get("version"), meta.get("created_time"))
-        else:
-            response = self._conn.call(self._read_v1, what=what, needs=self._needs)
-            data = response.get("data")
-            version = ""
-        client_id, client_secret = self._values(data)
-        if s.kv_version == 1:
-            version = self._v1_version(client_id, client_secret)
-        self._log.debug(
-            "read credentials from %s on Vault at %s (version %s)",
-            self._where,
-            self._conn.address,
-            self._conn.shown(version, (client_id, client_secret)),
-        )
-        return Credentials(
-            client_id=client_id,
-            client_secret=Secret(client_secret),
-            source=self.name,
-            version=version,
-        )
-
-    def can_change(self) -> bool:
-        return True
-
-    def version(self) -> str:
-        s = self._settings
-        if s.kv_version == 1:
-            return self.read().version  # no versions in KV v1: hash the values
-        response = self._conn.call(
-            self._read_metadata, what=f"read the metadata of {self._where}", needs=self._needs
-        )
-        meta = _dict(response.get("data"))
-        current = meta.get("current_version")
-        if not isinstance(current, int) or current < 1:
-            raise self._missing()
-        entry = _dict(_dict(meta.get("versions")).get(str(current)))
-        version = _v2_version(current, entry.get("created_time"))
-        if entry.get("deletion_time") or entry.get("destroyed"):
-            return f"{version}:deleted"
-        return version
-
-    def close(self) -> None:
-        self._conn.close()
-
-    # -- hvac calls (run by VaultConnection.call) ---------------------------------------------
-
-    def _read_v2(self, client: Any) -> dict[str, Any]:
-        s = self._settings
-        try:
-            response = client.secrets.kv.v2.read_secret_version(
-                path=s.path, mount_point=s.mount, raise_on_deleted_version=True
+    def check_table(self, config: VaultSourceConfig | None, where: Where) -> Iterator[str]:
+        if where.listed and (config is None or config.path is None):
+            add = f"add a {header(where.segments)} table with " if config is None else "e.g. "
+            yield (
+                f'{where.at("path")}: required when "vault" is in sources: {add}path = '
+                '"dvs/osigu" (the secret\'s path inside mount)'
             )
-        except hvac.exceptions.InvalidPath:
-            raise self._missing() from None
-        return _dict(response)
+        if config is not None:
+            yield from self.check(config, where)
 
-    def _read_v1(self, client: Any) -> dict[str, Any]:
-        s = self._settings
-        try:
-            response = client.secrets.kv.v1.read_secret(path=s.path, mount_point=s.mount)
-        except hvac.exceptions.InvalidPath:
-            raise self._missing() from None
-        return _dict(response)
-
-    def _read_metadata(self, client: Any) -> dict[str, Any]:
-        s = self._settings
-        try:
-            # the poll's call: the connection's lean GET, not hvac's request building
-            response = self._conn.get(f"{s.mount}/metadata/{s.path}")
-        except hvac.exceptions.InvalidPath:
-            raise self._missing() from None
-        return _dict(response)
-
-    # -- values and messages ------------------------------------------------------------------
-
-    def _values(self, data: Any) -> tuple[str, str]:
-        s = self._settings
-        if not isinstance(data, dict):
-            raise self._missing()
-        values = []
-        for key, setting in (
-            (s.client_id_key, "client_id_key"),
-            (s.client_secret_key, "client_secret_key"),
-        ):
-            value = data.get(key)
-            if isinstance(value, str) and value:
-                values.append(value)
-                continue
-            # key names come from the store: shown masked (a value pasted as a key), cut
-            held = [value for value in data.values() if isinstance(value, str)]
-            names = ", ".join(repr(str(name)) for name in sorted(data, key=str))
-            present = self._conn.shown(names, held) if names else "none"
-            problem = "has no key" if key not in data else "has an empty or non-string value at"
-            raise SourceEmpty(
-                f"the secret at {self._where} on Vault at {self._conn.address} {problem} "
-                f"{key!r} (keys present: {present}): write it, or set "
-                f"{s.config_key}.{setting} to the key that holds it"
+    def check(self, config: VaultSourceConfig, where: Where) -> Iterator[str]:
+        vault = config
+        key = where.at
+        if vault.address == "":
+            yield (
+                f"{key('address')}: must not be empty (leave the key out to use ${VAULT_ADDR_ENV})"
             )
-        return values[0], values[1]
+        elif vault.address is not None:
+            problem = address_problem(vault.address)
+            if problem:
+                yield f"{key('address')}: {problem}"
+        if vault.token_file == "":
+            yield (
+                f"{key('token_file')}: must not be empty (leave the key out to use "
+                f"${VAULT_TOKEN_ENV}, else {DEFAULT_TOKEN_FILE})"
+            )
+        if vault.auth_method == "approle":
+            for file_key in ("role_id_file", "secret_id_file"):
+                if not getattr(vault, file_key):
+                    yield f'{key(file_key)}: must not be empty with auth_method = "approle"'
+            problem = mount_path_problem(vault.approle_mount, "approle")
+            if problem:
+                yield f"{key('approle_mount')}: {problem}"
+        problem = mount_path_problem(vault.mount, "secret")
+        if problem:
+            yield f"{key('mount')}: {problem}"
+        if vault.path is not None:
+            problem = mount_path_problem(vault.path, "dvs/osigu")
+            if problem:
+                yield f"{key('path')}: {problem}"
+        yield from key_names_problems(where.key, vault.client_id_key, vault.client_secret_key)
+        if vault.namespace == "":
+            yield f"{key('namespace')}: must not be empty (leave the key out for no namespace)"
+        if vault.ca_cert is not None:
+            problem = readable_file_problem(vault.ca_cert)
+            if problem:
+                yield f"{key('ca_cert')}: {toml_repr(vault.ca_cert)}: {problem}"
 
-    def _missing(self) -> SourceEmpty:
-        s = self._settings
-        return SourceEmpty(
-            f"no secret at {self._where} on Vault at {self._conn.address} (KV "
-            f"v{s.kv_version}): check {s.config_key}.path, mount and kv_version"
+    def describe(self, config: VaultSourceConfig, where: Where) -> str:
+        server = config.address or f"${VAULT_ADDR_ENV}"
+        return (
+            f"vault {config.mount}/{config.path} (KV v{config.kv_version}) at {server}, "
+            f"{config.auth_method} login"
         )
 
-    def _v1_version(self, client_id: str, client_secret: str) -> str:
-        material = client_id.encode() + b"\0" + client_secret.encode()
-        return "kv1:" + hmac.new(self._hash_key, material, hashlib.sha256).hexdigest()[:32]
+    def targets(self, config: VaultSourceConfig, where: Where) -> Iterator[Target]:
+        if config.path is not None:
+            target = secret_target(where.at("path"), config)
+            if target is not None:
+                yield target
+
+    def build(self, config: VaultSourceConfig | None, context: BuildContext) -> VaultSource:
+        from agent.stores.vault.source import VaultSource
+
+        assert config is not None and config.path is not None  # check_table says so
+        return VaultSource(
+            connection(config, context), config, config_key=context.where.key, logger=context.logger
+        )
 
 
-def _v2_version(number: Any, created_time: Any) -> str:
-    """``kv2:<version>@<created_time>``: the number alone repeats after a rebuild."""
-    if isinstance(created_time, str) and created_time:
-        return f"kv2:{number}@{created_time}"
-    return f"kv2:{number}"
+KIND = VaultKind()
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
+def connection(config: VaultSourceConfig, context: BuildContext) -> VaultConnection:
+    """An authenticated-on-demand Vault connection for the source or a vault sink (``config``
+    with the sink's own keys applied); ``context.where`` names the keys in messages."""
+    from agent.stores.vault.connection import VaultConnection
+    from agent.stores.vault.settings import VaultAuth
+
+    key = context.where.key
+    auth = VaultAuth(
+        address=config.resolved_address(context.environ, key=f"{key}.address"),
+        auth_method=config.auth_method,
+        token_file=config.token_file,
+        role_id_file=config.role_id_file,
+        secret_id_file=config.secret_id_file,
+        approle_mount=config.approle_mount,
+        namespace=config.namespace,
+        ca_cert=config.ca_cert,
+        tls_skip_verify=config.tls_skip_verify,
+        timeout=context.timeout,
+        config_key=key,
+    )
+    return VaultConnection(auth, environ=context.environ, logger=context.logger)
+
+
+def secret_target(key: str, config: VaultSourceConfig) -> Target | None:
+    """The KV secret at ``config.path`` (None when a key it depends on is invalid)."""
+    mount, path, address = config.mount, config.path, config.address
+    if path is None or mount_path_problem(mount, "secret") or mount_path_problem(path, "dvs/osigu"):
+        return None
+    if address is not None and (not address or address_problem(address)):
+        return None
+    server = f"${VAULT_ADDR_ENV}" if address is None else normalised_url(address)
+    space = (config.namespace or "").strip("/")
+    in_space = f" in namespace {toml_repr(space)}" if space else ""
+    what = f"the Vault secret {toml_repr(f'{mount}/{path}')}{in_space} at {server}"
+    return Target(
+        store="vault", identity=(server, space, mount, path), what=what, key=key, noun="secret"
+    )
+
+
+def mount_path_problem(value: str, example: str) -> str | None:
+    """A Vault mount or secret path: ``a/b``, no empty, ``.`` or ``..`` segments."""
+    if not value.strip("/"):
+        return f"must not be empty, e.g. {toml_repr(example)}"
+    if value != value.strip("/"):
+        return (
+            f"{toml_repr(value)}: write it without a leading or trailing '/': "
+            f"{toml_repr(value.strip('/'))}"
+        )
+    if any(segment in ("", ".", "..") for segment in value.split("/")):
+        return f"{toml_repr(value)}: has an empty, '.' or '..' segment, e.g. {toml_repr(example)}"
+    return None
+
+
+def resolve_address(address: str | None, environ: Mapping[str, str], *, key: str) -> str:
+    if address:
+        problem = address_problem(address)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+        return address
+    from_env = environ.get(VAULT_ADDR_ENV, "")
+    if not from_env:
+        raise ConfigError(
+            f"{key}: no Vault address: set it in the config file "
+            f'(e.g. "https://vault.internal:8200") or export ${VAULT_ADDR_ENV}'
+        )
+    problem = address_problem(from_env)
+    if problem:
+        raise ConfigError(f"{key}: not set, and ${VAULT_ADDR_ENV} is invalid: {problem}")
+    return from_env
+
+
+def address_problem(url: str) -> str | None:
+    problem = url_problem(url, example='"https://vault.internal:8200"', exposed="the Vault token")
+    if problem is None and re.fullmatch(r"/+v1(?:/.*)?", urlsplit(url).path):
+        problem = (
+            f"{toml_repr(url)}: give the server's base URL, without /v1, "
+            'e.g. "https://vault.internal:8200"'
+        )
+    return problem

@@ -1,0 +1,47 @@
+"""The configuration file (DESIGN §3): :func:`load_config` → a frozen, checked :class:`Config`.
+
+``values`` (durations, modes, ``HOST:PORT``), ``schema`` (the core tables and the profile built
+from the kinds in use), ``load`` (file → kinds → Structs → checks), ``explain`` (msgspec's
+errors as key paths), ``checks`` (what several kinds check alike), ``targets`` (two sinks on one
+target). Each source's and sink's own keys are its plug-in's (:mod:`agent.plugin`).
+"""
+
+from agent.config.load import (
+    CONFIG_PATH_ENV,
+    DEFAULT_CONFIG_PATH,
+    MAX_PROFILE_NAME,
+    config_file_warnings,
+    load_config,
+    parse_config,
+    resolve_config_path,
+    sink_kind_name,
+)
+from agent.config.schema import (
+    ENVIRONMENT_TOKEN_URLS,
+    AgentSection,
+    Config,
+    HealthSection,
+    ProfileConfig,
+    RotationConfig,
+)
+from agent.config.values import Duration, FileMode, parse_duration
+
+__all__ = [
+    "CONFIG_PATH_ENV",
+    "DEFAULT_CONFIG_PATH",
+    "ENVIRONMENT_TOKEN_URLS",
+    "MAX_PROFILE_NAME",
+    "AgentSection",
+    "Config",
+    "Duration",
+    "FileMode",
+    "HealthSection",
+    "ProfileConfig",
+    "RotationConfig",
+    "config_file_warnings",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "resolve_config_path",
+    "sink_kind_name",
+]

@@ -1,0 +1,147 @@
+"""A profile's sources and sinks, built from its config through the registry (DESIGN §11).
+
+The core knows kinds only through :class:`~agent.registry.Registry`: this module asks each
+kind named by the profile to build itself, with a :class:`~agent.plugin.BuildContext` saying
+where its table is. A third-party kind's own failure is reported naming it and its
+distribution; the built-ins' errors are their own (:class:`~agent.errors.AgentError`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+from agent.config.load import sink_kind_name
+from agent.config.schema import ProfileConfig
+from agent.errors import AgentError, ConfigError
+from agent.keypath import Segment, key_path
+from agent.masking import outside
+from agent.plugin import BuildContext, CredentialSource, TokenSink, Where
+from agent.registry import Registry, Role
+
+T = TypeVar("T")
+
+
+def where(
+    profile: str,
+    rest: list[Segment],
+    pc: ProfileConfig,
+    *,
+    tables: Mapping[str, msgspec.Struct] | None = None,
+    listed: bool = True,
+) -> Where:
+    """Where a table of profile ``profile`` is: ``rest`` = ``["vault"]``, ``["sinks", 0]``."""
+    segments: tuple[Segment, ...] = ("profiles", profile, *rest)
+    return Where(
+        profile=profile,
+        key=key_path(segments),
+        segments=segments,
+        tables=pc.tables() if tables is None else tables,
+        listed=listed,
+    )
+
+
+def build_sources(
+    profile: str,
+    pc: ProfileConfig,
+    *,
+    environ: Mapping[str, str],
+    logger: logging.Logger,
+    registry: Registry,
+) -> list[CredentialSource]:
+    """The sources of ``pc.sources``, in order. Raises ConfigError for what the config lacks."""
+    tables = pc.tables()
+    built: list[CredentialSource] = []
+    try:
+        for name in pc.sources:
+            kind = registry.source(name)
+            context = _context(profile, [name], pc, tables, environ, logger)
+            built.append(_guarded(registry, "source", name, context, kind.build, tables.get(name)))
+    except BaseException:
+        for source in built:
+            source.close()
+        raise
+    return built
+
+
+def build_sinks(
+    profile: str,
+    pc: ProfileConfig,
+    *,
+    environ: Mapping[str, str],
+    logger: logging.Logger,
+    registry: Registry,
+) -> list[TokenSink]:
+    """The sinks of ``pc.sinks``, in order. Raises ConfigError for what the config lacks."""
+    tables = pc.tables()
+    built: list[TokenSink] = []
+    try:
+        for index, sink in enumerate(pc.sinks):
+            name = sink_kind_name(sink)
+            kind = registry.sink(name)
+            context = _context(profile, ["sinks", index], pc, tables, environ, logger)
+            built.append(_guarded(registry, "sink", name, context, kind.build, sink))
+    except BaseException:
+        for built_sink in built:
+            built_sink.close()
+        raise
+    return built
+
+
+def describe_source(registry: Registry, profile: str, pc: ProfileConfig, name: str) -> str:
+    """``check``'s line about source ``name`` of a profile."""
+    tables = pc.tables()
+    table = tables.get(name)
+    kind = registry.source(name)
+    if table is None:
+        return name
+    return kind.describe(table, where(profile, [name], pc, tables=tables))
+
+
+def describe_sink(registry: Registry, profile: str, pc: ProfileConfig, index: int) -> str:
+    """``check``'s line about sink ``index`` of a profile."""
+    sink = pc.sinks[index]
+    return registry.sink(sink_kind_name(sink)).describe(sink, where(profile, ["sinks", index], pc))
+
+
+def _context(
+    profile: str,
+    rest: list[Segment],
+    pc: ProfileConfig,
+    tables: Mapping[str, msgspec.Struct],
+    environ: Mapping[str, str],
+    logger: logging.Logger,
+) -> BuildContext:
+    return BuildContext(
+        where=where(profile, rest, pc, tables=tables),
+        environ=environ,
+        logger=logger,
+        timeout=pc.request_timeout.total_seconds(),
+    )
+
+
+def _guarded(
+    registry: Registry,
+    role: Role,
+    name: str,
+    context: BuildContext,
+    build: Callable[[Any, BuildContext], T],
+    config: Any,
+) -> T:
+    """``build(config, context)``; a third-party kind's unexpected exception becomes a
+    ConfigError naming it and its distribution."""
+    if registry.is_builtin(role, name):
+        return build(config, context)
+    try:
+        return build(config, context)
+    except AgentError:
+        raise
+    except Exception as exc:
+        info = registry.info(role, name)
+        raise ConfigError(
+            f"{context.where.key}: the {role} plug-in {name!r} ({info.distribution} "
+            f"{info.version}) failed to start: {type(exc).__name__}: {outside(str(exc))}"
+        ) from None
