@@ -421,24 +421,39 @@ class Profile:
                 self._masker.add(recorded.access_token.reveal())
 
     def _fetch(self, credentials: Credentials, reason: Reason) -> Fetched:
-        """Ask the auth server (counted by outcome). On a 401 the client re-reads the sources
-        once; credentials that changed then are a rotation found by the 401."""
+        """Ask the auth server (counted once, by outcome). A 401 re-reads the sources (the
+        store, not a cache) once; credentials that changed then are a rotation found by the
+        401, and are sent at once (DESIGN §2). Unchanged ones leave the 401 standing."""
+        previous = self.token if reason is not Reason.FORCE else None
         try:
-            fetched = self.client.fetch(
-                credentials,
-                previous=self.token if reason is not Reason.FORCE else None,
-                reread=self.chain.read,
-            )
+            try:
+                return self._counted(self.client.fetch(credentials, previous=previous))
+            except CredentialsRejected:
+                fresh = self._reread_after_401()
+                if fresh is None or fresh.same_as(credentials):
+                    raise
+            self._metrics.trigger(self.name, "401")
+            self._metrics.rotation(self.name, "401")
+            self._remember(fresh)
+            return self._counted(self.client.fetch(fresh, previous=previous))
         except AgentError as exc:
             self._count_request(exc)
             raise
+
+    def _counted(self, fetched: Fetched) -> Fetched:
         self._count_request(None, reused=fetched.reused)
-        if fetched.credentials is not credentials:
-            if not fetched.credentials.same_as(credentials):
-                self._metrics.trigger(self.name, "401")
-                self._metrics.rotation(self.name, "401")
-            self._remember(fetched.credentials)
         return fetched
+
+    def _reread_after_401(self) -> Credentials | None:
+        try:
+            return self.chain.read()
+        except AgentError as exc:
+            self._log.warning(
+                "after a 401, re-reading the credentials failed: %s",
+                exc,
+                extra=self._extra("source_error"),
+            )
+            return None
 
     def _reused(self, token: Token) -> Outcome:
         """The server handed back the token held (DESIGN §2): the sinks have it already; ask

@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -36,7 +36,6 @@ import msgspec
 
 from agent.clock import Clock, utc_now
 from agent.errors import (
-    AgentError,
     AuthServerUnavailable,
     CredentialsRejected,
     RequestRejected,
@@ -83,7 +82,7 @@ class Fetched:
     """A successful token request."""
 
     token: Token
-    #: the credentials that minted it (a 401 re-read may have replaced the ones passed in)
+    #: the credentials that minted it
     credentials: Credentials
     #: the server handed back the token we already hold (Spring-style early request)
     reused: bool
@@ -355,20 +354,18 @@ class TokenClient:
         credentials: Credentials,
         *,
         previous: Token | None = None,
-        reread: Callable[[], Credentials] | None = None,
     ) -> Fetched:
         """One attempt (with its fast retries) to obtain a token.
 
         ``previous`` is the token currently held: when the server answers with the same
         access token, the result has ``reused=True`` and the previous absolute expiry (never
-        extended). ``reread`` is called at most once, on a 401, to get fresh credentials; when
-        they differ, the request is sent once more with them. Raises
+        extended). A 401 is not retried here: the profile re-reads its sources and asks again
+        with credentials that changed (:meth:`agent.manager.Profile._fetch`). Raises
         :class:`CredentialsRejected`, :class:`RequestRejected` or
         :class:`AuthServerUnavailable`; nothing a server sends makes it raise anything else.
         """
         retry = 0
         sent = 0
-        reread_done = False
         began = time.monotonic()
         while True:
             sent_at = self._clock()
@@ -390,14 +387,6 @@ class TokenClient:
                         outcome="rate_limited",
                     )
             else:  # a 401
-                if reread is not None and not reread_done:
-                    reread_done = True
-                    fresh = self._reread(reread)
-                    if fresh is not None and not fresh.same_as(credentials):
-                        credentials = fresh
-                        continue  # the resend is not a retry: it does not count against them
-                    if fresh is not None:
-                        credentials = fresh
                 raise CredentialsRejected(self._rejected_message(credentials, outcome.detail))
             if wait is None:
                 wait = self._policy.backoff(retry, self._rng)
@@ -422,13 +411,6 @@ class TokenClient:
             )
             if self._stopping.wait(wait):
                 raise AuthServerUnavailable(f"stopping; last failure: {failure}", outcome=kind)
-
-    def _reread(self, reread: Callable[[], Credentials]) -> Credentials | None:
-        try:
-            return reread()
-        except AgentError as exc:
-            self._reread_failed(exc)
-            return None
 
     def _exchange(
         self, credentials: Credentials, previous: Token | None, sent_at: datetime
@@ -599,13 +581,6 @@ class TokenClient:
         else:
             cause = "the auth server refused the request: check token_url, scope and the client"
         return f"{self._where} answered {status}{detail}: {cause}"
-
-    def _reread_failed(self, exc: AgentError) -> None:
-        self._log.warning(
-            "after a 401, re-reading the credentials failed: %s",
-            exc,
-            extra={"profile": self._profile, "event": "source_error"},
-        )
 
 
 def _display_url(url: str) -> str:

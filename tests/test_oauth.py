@@ -32,7 +32,6 @@ from agent.errors import (
     AuthServerUnavailable,
     CredentialsRejected,
     RequestRejected,
-    SourceUnavailable,
 )
 from agent.models import Credentials, Secret, Token
 from agent.oauth import Fetched, RetryPolicy, TokenClient
@@ -739,103 +738,17 @@ def test_401_without_reread_is_rejected_at_once(
     assert "from source env" in str(exc)
 
 
-def test_401_reread_same_credentials_is_not_resent(
+# The 401 re-read (re-read the sources once, resend only credentials that changed) is the
+# profile's: tests/test_profile.py (DESIGN §2; TokenClient.fetch raises CredentialsRejected).
+
+
+def test_401_is_never_resent_by_the_client(
     client: TokenClient, server: TokenServer, guard: Guard
 ) -> None:
-    calls: list[int] = []
-
-    def reread() -> Credentials:
-        calls.append(1)
-        return creds(WRONG_SECRET, version="2")  # same id and secret, another version
-
-    exc = guard.raises(
-        CredentialsRejected, 77, lambda: client.fetch(creds(WRONG_SECRET), reread=reread)
-    )
-
-    assert len(calls) == 1
-    assert [r.status for r in server.token_requests()] == [401]
-    assert_rejected_message(str(exc))
-
-
-def test_401_reread_changed_credentials_are_resent_once(
-    client: TokenClient, server: TokenServer
-) -> None:
-    server.set_secret(CLIENT_ID, NEW_SECRET)  # rotated; the agent still holds the old secret
-    calls: list[int] = []
-
-    def reread() -> Credentials:
-        calls.append(1)
-        return creds(NEW_SECRET, version="2")
-
-    fetched = client.fetch(creds(SECRET), reread=reread)
-
-    assert len(calls) == 1
-    requests = server.token_requests()
-    assert [(r.client_secret, r.status) for r in requests] == [(SECRET, 401), (NEW_SECRET, 200)]
-    assert fetched.requests == 2
-    assert fetched.credentials.client_secret.reveal() == NEW_SECRET
-    assert fetched.credentials.version == "2"
-    issued = server.issued()[fetched.token.access_token.reveal()]
-    assert issued.client_secret == NEW_SECRET
-
-
-def test_401_after_the_resend_is_rejected_without_a_third_request(
-    client: TokenClient, server: TokenServer, guard: Guard
-) -> None:
-    calls: list[int] = []
-
-    def reread() -> Credentials:
-        calls.append(1)
-        return creds(OTHER_WRONG_SECRET, version="2")
-
-    exc = guard.raises(
-        CredentialsRejected, 77, lambda: client.fetch(creds(WRONG_SECRET), reread=reread)
-    )
-
-    assert len(calls) == 1
-    requests = server.token_requests()
-    assert [(r.client_secret, r.status) for r in requests] == [
-        (WRONG_SECRET, 401),
-        (OTHER_WRONG_SECRET, 401),
-    ]
-    assert_rejected_message(str(exc))
-
-
-def test_401_reread_failing_is_rejected_with_a_warning(
-    client: TokenClient,
-    server: TokenServer,
-    guard: Guard,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    def reread() -> Credentials:
-        raise SourceUnavailable("vault at https://vault.internal:8200 is sealed")
-
-    exc = guard.raises(
-        CredentialsRejected, 77, lambda: client.fetch(creds(WRONG_SECRET), reread=reread)
-    )
-
-    assert [r.status for r in server.token_requests()] == [401]
-    assert_rejected_message(str(exc))
-    warnings = [
-        r
-        for r in caplog.records
-        if r.name == "agent.oauth" and getattr(r, "event", None) == "source_error"
-    ]
-    assert len(warnings) == 1
-    assert warnings[0].levelno == logging.WARNING
-    assert "re-reading the credentials failed" in warnings[0].getMessage()
-    assert "sealed" in warnings[0].getMessage()
-
-
-def test_401_on_a_retry_still_rereads(client: TokenClient, server: TokenServer) -> None:
-    server.set_secret(CLIENT_ID, NEW_SECRET)
     server.enqueue(Fault.http_status(503))
-
-    fetched = client.fetch(creds(SECRET), reread=lambda: creds(NEW_SECRET, version="2"))
-
-    assert [r.status for r in server.token_requests()] == [503, 401, 200]
-    assert fetched.requests == 3
-    assert fetched.credentials.client_secret.reveal() == NEW_SECRET
+    exc = guard.raises(CredentialsRejected, 77, lambda: client.fetch(creds(WRONG_SECRET)))
+    assert [r.status for r in server.token_requests()] == [503, 401]
+    assert_rejected_message(str(exc))
 
 
 # -- 429 -----------------------------------------------------------------------------------------

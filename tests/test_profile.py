@@ -197,6 +197,7 @@ class World:
         sinks: int = 2,
         timing: Timing | None = None,
         state_dir: Path | None = None,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.clock = Clock()
         self.server = AuthServer()
@@ -212,7 +213,7 @@ class World:
                 token_url="https://auth.example/v1/oauth/token",
                 profile="p",
                 http=self.http,
-                policy=RetryPolicy(max_retries=0),
+                policy=policy or RetryPolicy(max_retries=0),
                 clock=self.clock,
                 logger=log,
             ),
@@ -409,6 +410,48 @@ def test_a_401_with_changed_credentials_is_sent_again_at_once(world: World) -> N
     world.clock.advance(60)
     world.refresh(Reason.REFRESH)  # the new credentials are in use now: no second rotation
     assert world.metrics.of("rotation") == [("p", "401")]
+
+
+def test_a_401_after_the_resend_is_final_without_a_third_request(world: World) -> None:
+    world.refresh(Reason.START)
+    world.clock.advance(60)
+    world.server.secret = "rotated-at-the-server"
+    world.source.secret = "also-wrong"  # the store changed, but not to the server's secret
+    outcome = world.refresh(Reason.SCHEDULE)
+    assert isinstance(outcome.error, CredentialsRejected)
+    assert world.server.sent[1:] == [(CLIENT_ID, SECRET), (CLIENT_ID, "also-wrong")]
+    assert world.requests("rejected") == 1  # one refresh, one counted request outcome
+    assert world.metrics.of("rotation") == [("p", "401")]  # new credentials were used
+    assert world.profile.state is State.DEGRADED and world.held() == "tok-1"
+
+
+def test_a_401_whose_re_read_fails_stands_and_is_logged(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.refresh(Reason.START)
+    world.clock.now = world.profile.due()
+    world.server.secret = "rotated-at-the-server"
+    world.source.error = SourceUnavailable("vault at https://vault.internal:8200 is sealed")
+    with caplog.at_level(logging.WARNING):
+        outcome = world.refresh(Reason.SCHEDULE)  # sent with the credentials in use
+    assert isinstance(outcome.error, CredentialsRejected)
+    assert len(world.server.sent) == 2
+    warnings = [r for r in caplog.records if getattr(r, "event", None) == "source_error"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "re-reading the credentials failed" in warnings[0].getMessage()
+    assert "sealed" in warnings[0].getMessage()
+
+
+def test_a_401_on_a_retry_still_re_reads(make_world: MakeWorld) -> None:
+    world = make_world(policy=RetryPolicy(max_retries=1, initial_seconds=0.01))
+    world.refresh(Reason.START)
+    world.clock.now = world.profile.due()
+    world.server.secret = world.source.secret = "rotated"
+    world.server.then(status(503))
+    outcome = world.refresh(Reason.SCHEDULE)
+    assert outcome.ok and outcome.new_token
+    assert world.server.sent[1:] == [(CLIENT_ID, SECRET)] * 2 + [(CLIENT_ID, "rotated")]
+    assert world.requests("ok") == 2  # the start's and this one's
 
 
 @pytest.mark.parametrize(
