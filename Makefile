@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile system-deps
+.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "dvs-agent needs Python 3.11 or newer" or 0)'
@@ -53,6 +53,9 @@ bench-scale: $(STAMP)
 
 bench-hostile: $(STAMP)
 	$(BIN)/python bench/hostile.py
+
+bench-vault-poll: $(STAMP)
+	$(BIN)/python bench/vault_poll.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

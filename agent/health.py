@@ -52,6 +52,7 @@ import httpx
 
 from agent import __version__
 from agent.clock import Clock, utc_now
+from agent.config.values import parse_listen
 from agent.metrics import Metrics
 from agent.models import rfc3339
 
@@ -729,13 +730,12 @@ def _base_url(listen: str) -> str:
             '[health] listen is disabled (listen = ""): status and refresh talk to the agent '
             'through it; set it, e.g. listen = "127.0.0.1:8787", and restart the agent'
         )
-    host, colon, port = listen.rpartition(":")
-    if not colon or not host or not port.isdigit():
-        raise ValueError(f'[health] listen {listen!r}: expected "HOST:PORT" or "[::1]:PORT"')
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    try:
+        host, port = parse_listen(listen)  # the config's own parser: one for both
+    except ValueError as exc:
+        raise ValueError(f"[health] listen: {exc}") from None
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://{_authority(host, port)}"
+    return f"http://{_authority(host, str(port))}"
 
 
 def _call(

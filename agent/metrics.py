@@ -19,8 +19,11 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-#: the values of ``dvs_agent_profile_state{state}`` (DESIGN §8), one of them 1 at a time
-STATES = ("starting", "ok", "degraded", "expired", "misconfigured")
+from agent.manager import State
+
+#: the values of ``dvs_agent_profile_state{state}`` (DESIGN §8), one of them 1 at a time: the
+#: profile's states, in their order
+STATES: tuple[str, ...] = tuple(state.value for state in State)
 
 #: from a token served from a local test server (~5 ms) to retries and backoff inside one
 #: refresh (tens of seconds)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 VAULT_ADDR_ENV = "VAULT_ADDR"
 #: token auth without ``token_file``: ``$VAULT_TOKEN``, else this file
 VAULT_TOKEN_ENV = "VAULT_TOKEN"  # noqa: S105 - a variable name
+#: the token file of token auth when neither ``token_file`` nor ``$VAULT_TOKEN`` is set
 DEFAULT_TOKEN_FILE = "/run/vault/token"  # noqa: S105 - a path
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-#: the token file of token auth when neither ``token_file`` nor ``$VAULT_TOKEN`` is set
-DEFAULT_TOKEN_FILE = "/run/vault/token"  # noqa: S105 - a path
+from agent.sources.vault import DEFAULT_TOKEN_FILE
+
+__all__ = ["DEFAULT_TOKEN_FILE", "VaultAuth"]
 
 
 @dataclass(frozen=True, slots=True)
