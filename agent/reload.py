@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import msgspec
 
@@ -80,8 +81,30 @@ def changed_keys(old: ProfileConfig, new: ProfileConfig) -> tuple[str, ...]:
     return tuple(
         field.name
         for field in msgspec.structs.fields(new)
-        if getattr(old, field.name) != getattr(new, field.name)
+        if not _same(getattr(old, field.name, None), getattr(new, field.name))
     )
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values, also across the profile classes of two schemas (a third-party kind
+    added or removed by the new config gives another class with the same keys)."""
+    if a == b:
+        return True
+    try:
+        return bool(
+            msgspec.to_builtins(a, enc_hook=_plain) == msgspec.to_builtins(b, enc_hook=_plain)
+        )
+    except (TypeError, NotImplementedError):
+        return False
+
+
+def _plain(obj: object) -> object:
+    """The config's own value types (``Duration``, ``FileMode``) as plain values."""
+    if isinstance(obj, timedelta):
+        return obj.total_seconds()
+    if isinstance(obj, int):
+        return int(obj)
+    raise NotImplementedError(type(obj).__name__)
 
 
 def diff(running: Config, new: Config) -> list[Action]:
@@ -98,7 +121,7 @@ def diff(running: Config, new: Config) -> list[Action]:
         before = running.profiles.get(name)
         if before is None:
             actions.append(AddProfile(name, pc))
-        elif before == pc:
+        elif _same(before, pc):
             actions.append(Retrigger(name))
         else:
             actions.append(ChangeProfile(name, pc, changed_keys(before, pc)))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,8 @@ from agent.config import Duration, FileMode
 from agent.devserver import TokenServer
 from agent.models import Secret, Token
 from agent.sinks.file import FileSink, FileSinkConfig
+from agent.sources.vault import VaultSourceConfig
+from agent.stores.vault.settings import VaultAuth
 from tests.servers import MOTO_ENV, Bao, Moto, RedisServer, bao_server, moto_server, redis_server
 
 CLIENT_ID = "svc-client"
@@ -289,3 +292,12 @@ def file_sink(
         on_change_timeout=Duration(seconds=on_change_timeout),
     )
     return FileSink(config, profile=profile, logger=logger)
+
+
+def vault_auth(
+    address: str, *, timeout: float = 10.0, config_key: str = "vault", **keys: Any
+) -> VaultAuth:
+    """The Vault connection settings a ``[vault]`` table with these keys would give."""
+    return VaultAuth(
+        address=address, config=VaultSourceConfig(**keys), timeout=timeout, config_key=config_key
+    )

@@ -436,3 +436,20 @@ def test_configs_of_the_same_kinds_decode_into_the_same_classes() -> None:
     """A reload compares profiles: two loads of one file must be equal."""
     text = '[[profiles.dvs.sinks]]\npath = "/run/t"\n'
     assert parse_config(text, registry=Registry()) == parse_config(text, registry=Registry())
+
+
+def test_a_reload_that_adds_a_plug_in_kind_keeps_unchanged_profiles(registry: Registry) -> None:
+    """Another kind in the new config gives other profile classes: a profile whose keys did
+    not change must still count as unchanged (re-triggered, not rebuilt)."""
+    from agent.reload import Retrigger, diff
+
+    base = '[profiles.a]\n[[profiles.a.sinks]]\npath = "/run/a"\non_change_timeout = "10s"\n'
+    running = parse_config(base, registry=Registry(discover=lambda group: ()))
+    new = parse_config(
+        base + '[profiles.b]\n[[profiles.b.sinks]]\ntype = "jsonl"\npath = "/run/b"\n',
+        registry=registry,
+    )
+    assert type(new.profiles["a"]) is not type(running.profiles["a"])
+    actions = diff(running, new)
+    assert Retrigger("a") in actions
+    assert [type(action).__name__ for action in actions] == ["Retrigger", "AddProfile"]

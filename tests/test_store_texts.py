@@ -48,9 +48,9 @@ from agent.stores.aws.sink import AwsSink
 from agent.stores.aws.source import AwsSource
 from agent.stores.redis import RedisSink
 from agent.stores.vault.connection import ERROR_BODY_BYTES, VaultConnection
-from agent.stores.vault.settings import VaultAuth
 from agent.stores.vault.sink import VaultSink
 from agent.stores.vault.source import VaultSource
+from tests.conftest import vault_auth
 
 #: any raw C0 control, DEL or C1 control
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -237,7 +237,7 @@ def vault_token() -> str:
 def token_connection(
     vault: HostileVault, token: str, *, clock: Callable[[], float] = time.monotonic
 ) -> VaultConnection:
-    auth = VaultAuth(address=vault.address, auth_method="token", timeout=5)
+    auth = vault_auth(address=vault.address, auth_method="token", timeout=5)
     return VaultConnection(auth, environ={"VAULT_TOKEN": token}, clock=clock)
 
 
@@ -334,7 +334,7 @@ def test_vault_approle_login_rejection_masks_the_secret_id(
         return errors(400, hostile(sent["secret_id"], sent["role_id"]))
 
     vault.routes["POST", "/v1/auth/approle/login"] = login
-    auth = VaultAuth(
+    auth = vault_auth(
         address=vault.address,
         role_id_file=str(tmp_path / "role_id"),
         secret_id_file=str(tmp_path / "secret_id"),
@@ -376,7 +376,7 @@ def test_vault_failed_login_again_is_logged_masked(
         200, {"data": {"current_version": 1, "versions": {"1": {"created_time": "t"}}}}
     )
     now = [0.0]
-    auth = VaultAuth(
+    auth = vault_auth(
         address=vault.address,
         role_id_file=str(tmp_path / "role_id"),
         secret_id_file=str(tmp_path / "secret_id"),

@@ -33,6 +33,7 @@ from agent.sources.vault import VaultSourceConfig
 from agent.stores.vault.connection import VaultConnection
 from agent.stores.vault.settings import VaultAuth
 from agent.stores.vault.source import VaultSource
+from tests.conftest import vault_auth
 from tests.servers import Bao, _binary, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +109,7 @@ class AppRole:
     secret_id_file: Path
 
     def auth(self, address: str) -> VaultAuth:
-        return VaultAuth(
+        return vault_auth(
             address=address,
             auth_method="approle",
             role_id_file=str(self.role_id_file),
@@ -179,7 +180,7 @@ def test_token_auth_from_file(bao: Bao, root: Any, tmp_path: Path) -> None:
     write_v2(root, path, values.data())
     token_file = tmp_path / "token"
     token_file.write_text(new_token(root) + "\n")
-    auth = VaultAuth(address=bao.address, auth_method="token", token_file=str(token_file))
+    auth = vault_auth(address=bao.address, auth_method="token", token_file=str(token_file))
     # $VAULT_TOKEN is ignored when token_file is set
     source = source_for(auth, path, environ={"VAULT_TOKEN": "not-this-one"})
     credentials = source.read()
@@ -193,7 +194,7 @@ def test_token_auth_from_file(bao: Bao, root: Any, tmp_path: Path) -> None:
 def test_token_auth_from_environment(bao: Bao, root: Any) -> None:
     path, values = new_path(), Values.new()
     write_v2(root, path, values.data())
-    auth = VaultAuth(address=bao.address, auth_method="token")
+    auth = vault_auth(address=bao.address, auth_method="token")
     source = source_for(auth, path, environ={"VAULT_TOKEN": new_token(root)})
     assert source.read().client_id == values.client_id
     source.close()
@@ -340,12 +341,12 @@ def test_missing_or_empty_key_names_the_keys_not_the_values(
 
 def test_missing_auth_files(bao: Bao, tmp_path: Path, approle: Callable[..., AppRole]) -> None:
     missing = tmp_path / "nope"
-    auth = VaultAuth(address=bao.address, auth_method="token", token_file=str(missing))
+    auth = vault_auth(address=bao.address, auth_method="token", token_file=str(missing))
     with pytest.raises(SourceEmpty, match=rf"{missing} \(vault.token_file\) does not exist"):
         source_for(auth, new_path()).read()
 
     role = approle()
-    auth = VaultAuth(
+    auth = vault_auth(
         address=bao.address, role_id_file=str(missing), secret_id_file=str(role.secret_id_file)
     )
     with pytest.raises(SourceEmpty, match=r"\(vault.role_id_file\) does not exist"):
@@ -365,7 +366,10 @@ UNPRIVILEGED_SCRIPT = textwrap.dedent(
     from agent.stores.vault.connection import VaultConnection
     from agent.stores.vault.settings import VaultAuth
 
-    auth = VaultAuth(address=sys.argv[1], role_id_file=sys.argv[2], secret_id_file=sys.argv[3])
+    auth = VaultAuth(
+        address=sys.argv[1],
+        config=VaultSourceConfig(role_id_file=sys.argv[2], secret_id_file=sys.argv[3]),
+    )
     source = VaultSource(VaultConnection(auth, environ={}), VaultSourceConfig(path="dvs/x"))
     try:
         source.read()
@@ -434,7 +438,7 @@ def test_permission_denied_names_the_policy_paths(bao: Bao, root: Any, tmp_path:
     write_v2(root, path, values.data())
     token_file = tmp_path / "token"
     token_file.write_text(new_token(root, policies=["default"]))
-    auth = VaultAuth(address=bao.address, auth_method="token", token_file=str(token_file))
+    auth = vault_auth(address=bao.address, auth_method="token", token_file=str(token_file))
     source = source_for(auth, path)
     for call in (source.read, source.version):
         with pytest.raises(SourceUnavailable) as info:
@@ -460,7 +464,7 @@ def test_unreachable_address_fails_fast(approle: Callable[..., AppRole]) -> None
     assert message.startswith(f"cannot reach Vault at {address} (")
     assert "Connection refused" in message
 
-    token = VaultAuth(address=address, auth_method="token")
+    token = vault_auth(address=address, auth_method="token")
     with pytest.raises(SourceUnavailable, match=f"cannot reach Vault at {address}"):
         source_for(token, new_path(), environ={"VAULT_TOKEN": "t"}).read()
 
@@ -540,7 +544,7 @@ def tls_bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBao]:
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_tls_verification_failure_names_ca_cert(tls_bao: TlsBao) -> None:
     environ = {"VAULT_TOKEN": tls_bao.root_token}
-    plain = VaultAuth(address=tls_bao.address, auth_method="token")
+    plain = vault_auth(address=tls_bao.address, auth_method="token")
     with pytest.raises(SourceUnavailable) as info:
         source_for(plain, "dvs/tls", environ=environ).read()
     message = str(info.value)
@@ -548,14 +552,14 @@ def test_tls_verification_failure_names_ca_cert(tls_bao: TlsBao) -> None:
     assert "CERTIFICATE_VERIFY_FAILED" in message
     assert "set vault.ca_cert to the CA file" in message
 
-    pinned = VaultAuth(address=tls_bao.address, auth_method="token", ca_cert=str(tls_bao.ca_cert))
+    pinned = vault_auth(address=tls_bao.address, auth_method="token", ca_cert=str(tls_bao.ca_cert))
     assert source_for(pinned, "dvs/tls", environ=environ).read().client_id == "tls-id"
-    skip = VaultAuth(address=tls_bao.address, auth_method="token", tls_skip_verify=True)
+    skip = vault_auth(address=tls_bao.address, auth_method="token", tls_skip_verify=True)
     assert source_for(skip, "dvs/tls", environ=environ).read().client_id == "tls-id"
 
 
 def test_sealed_vault_says_unseal_it(tls_bao: TlsBao) -> None:
-    auth = VaultAuth(address=tls_bao.address, auth_method="token", ca_cert=str(tls_bao.ca_cert))
+    auth = vault_auth(address=tls_bao.address, auth_method="token", ca_cert=str(tls_bao.ca_cert))
     source = source_for(auth, "dvs/tls", environ={"VAULT_TOKEN": tls_bao.root_token})
     source.read()
     client = hvac.Client(url=tls_bao.address, token=tls_bao.root_token, verify=str(tls_bao.ca_cert))
@@ -656,7 +660,7 @@ def test_rotated_token_file_is_read_again(bao: Bao, root: Any, tmp_path: Path) -
     token_file = tmp_path / "token"
     old = new_token(root)
     token_file.write_text(old)
-    auth = VaultAuth(address=bao.address, auth_method="token", token_file=str(token_file))
+    auth = vault_auth(address=bao.address, auth_method="token", token_file=str(token_file))
     source = source_for(auth, path)
     source.read()
 
@@ -683,7 +687,7 @@ def test_token_auth_renews_or_rereads_before_expiry(
     token_file = tmp_path / "token"
     token_file.write_text(new_token(root, ttl="90s"))
     now = [0.0]
-    auth = VaultAuth(address=bao.address, auth_method="token", token_file=str(token_file))
+    auth = vault_auth(address=bao.address, auth_method="token", token_file=str(token_file))
     source = source_for(auth, path, clock=lambda: now[0])
     source.read()
 
@@ -745,7 +749,7 @@ def test_no_secret_in_messages_or_debug_logs(
 
     via_role = source_for(role.auth(bao.address), path)
     via_token = source_for(
-        VaultAuth(address=bao.address, auth_method="token", token_file=str(token_file)), path
+        vault_auth(address=bao.address, auth_method="token", token_file=str(token_file)), path
     )
     for source in (via_role, via_token):
         attempt(source.read)

@@ -38,6 +38,7 @@ from agent.stores.vault.connection import ERROR_BODY_BYTES, VaultConnection
 from agent.stores.vault.logins import LOGINS, Login, LoginContext, LoginMethod
 from agent.stores.vault.settings import DEFAULT_TOKEN_FILE, VaultAuth
 from agent.stores.vault.source import VaultSource
+from tests.conftest import vault_auth
 from tests.servers import Bao, free_port
 
 POLICY = "dvs-test-store-read"
@@ -114,9 +115,9 @@ def test_every_method_is_one_entry_with_one_signature() -> None:
     for name, method in LOGINS.items():
         assert isinstance(method, LoginMethod), name
         assert list(inspect.signature(method.login).parameters) == ["auth", "ctx"], name
-        assert method.holder and method.what(VaultAuth(address="http://v:8200")), name
+        assert method.holder and method.what(vault_auth(address="http://v:8200")), name
     assert LOGINS["token"].given and not LOGINS["approle"].given
-    assert LOGINS["approle"].what(VaultAuth(address="x", approle_mount="ar")) == (
+    assert LOGINS["approle"].what(vault_auth(address="x", approle_mount="ar")) == (
         "AppRole login at auth/ar"
     )
 
@@ -144,7 +145,7 @@ def test_token_login_returns_the_tokens_ttl_and_renewability(
     token = new_token(root, ttl="120s")
     token_file = tmp_path / "token"
     token_file.write_text(f"  {token}\n")
-    auth = VaultAuth(address=bao.address, auth_method="token", token_file=str(token_file))
+    auth = vault_auth(address=bao.address, auth_method="token", token_file=str(token_file))
     login = LOGINS["token"].login(auth, fresh.ctx())
     assert login.token == token
     assert 110 <= login.ttl_seconds <= 120
@@ -155,7 +156,7 @@ def test_token_login_returns_the_tokens_ttl_and_renewability(
 
 def test_root_token_from_the_environment_has_no_expiry(bao: Bao, fresh: Context) -> None:
     fresh.environ["VAULT_TOKEN"] = f"{bao.root_token}\n"
-    auth = VaultAuth(address=bao.address, auth_method="token")
+    auth = vault_auth(address=bao.address, auth_method="token")
     assert logins.read_token(auth, fresh.ctx()) == (bao.root_token, "$VAULT_TOKEN")
     login = logins.token(auth, fresh.ctx())
     assert (login.token, login.ttl_seconds, login.renewable) == (bao.root_token, 0, False)
@@ -167,10 +168,10 @@ def test_token_file_wins_over_the_environment_and_the_default_is_named(
     token_file = tmp_path / "token"
     token_file.write_text("from-the-file")
     fresh.environ["VAULT_TOKEN"] = "from-the-environment"
-    auth = VaultAuth(address=bao.address, auth_method="token", token_file=str(token_file))
+    auth = vault_auth(address=bao.address, auth_method="token", token_file=str(token_file))
     assert logins.read_token(auth, fresh.ctx()) == ("from-the-file", str(token_file))
     with pytest.raises(SourceEmpty) as caught:
-        logins.read_token(VaultAuth(address=bao.address, auth_method="token"), Context(None).ctx())
+        logins.read_token(vault_auth(address=bao.address, auth_method="token"), Context(None).ctx())
     assert str(caught.value) == (
         f"{DEFAULT_TOKEN_FILE} (vault.token_file) does not exist: write it, or set "
         "vault.token_file to the file that holds the token"
@@ -183,7 +184,7 @@ def test_revoked_token_is_rejected_and_the_client_left_without_one(
     token = new_token(root)
     root.auth.token.revoke(token)
     fresh.environ["VAULT_TOKEN"] = token
-    auth = VaultAuth(address=bao.address, auth_method="token", config_key="profiles.a.vault")
+    auth = vault_auth(address=bao.address, auth_method="token", config_key="profiles.a.vault")
     with pytest.raises(SourceUnavailable) as caught:
         logins.token(auth, fresh.ctx())
     assert str(caught.value) == (
@@ -214,7 +215,7 @@ def role(bao: Bao, root: Any, tmp_path: Path) -> Role:
     secret_id = root.auth.approle.generate_secret_id(name)["data"]["secret_id"]
     (tmp_path / "role_id").write_text(role_id + "\n")
     (tmp_path / "secret_id").write_text(secret_id + "\n")
-    auth = VaultAuth(
+    auth = vault_auth(
         address=bao.address,
         role_id_file=str(tmp_path / "role_id"),
         secret_id_file=str(tmp_path / "secret_id"),
@@ -236,7 +237,7 @@ def test_approle_login_rejected_shows_vaults_reason_not_the_secret_id(
     role: Role, fresh: Context, tmp_path: Path
 ) -> None:
     wrong = str(uuid.uuid4())
-    Path(role.auth.secret_id_file).write_text(wrong)
+    Path(role.auth.config.secret_id_file).write_text(wrong)
     with pytest.raises(SourceUnavailable) as caught:
         logins.approle(role.auth, fresh.ctx())
     message = str(caught.value)
@@ -250,10 +251,10 @@ def test_approle_login_rejected_shows_vaults_reason_not_the_secret_id(
 def test_approle_at_a_missing_mount_names_the_mount_key(role: Role, fresh: Context) -> None:
     """OpenBao answers 403 (not 404) for a login at a path where no auth method is mounted:
     the message names both causes, the credentials and the mount key."""
-    auth = VaultAuth(
+    auth = vault_auth(
         address=role.auth.address,
-        role_id_file=role.auth.role_id_file,
-        secret_id_file=role.auth.secret_id_file,
+        role_id_file=role.auth.config.role_id_file,
+        secret_id_file=role.auth.config.secret_id_file,
         approle_mount="nowhere",
     )
     with pytest.raises(SourceUnavailable) as caught:
@@ -264,7 +265,7 @@ def test_approle_at_a_missing_mount_names_the_mount_key(role: Role, fresh: Conte
 
 
 def test_credential_files_missing_or_empty_name_their_key(tmp_path: Path) -> None:
-    auth = VaultAuth(address="http://127.0.0.1:1", config_key="profiles.p.vault")
+    auth = vault_auth(address="http://127.0.0.1:1", config_key="profiles.p.vault")
     remembered: dict[str, str] = {}
     ctx = Context(None, remembered=remembered).ctx()
     with pytest.raises(SourceEmpty, match=r"\(profiles\.p\.vault\.role_id_file\) does not exist"):
@@ -311,7 +312,7 @@ def test_a_method_added_to_the_table_gets_renewal_and_the_403_relogin(
     path = new_path()
     write_secret(root, path, client_id="dvs", client_secret="s3cret-value")
     now = [1000.0]
-    auth = VaultAuth(address=bao.address, auth_method="userpass")  # type: ignore[arg-type]
+    auth = vault_auth(address=bao.address, auth_method="userpass")  # type: ignore[arg-type]
     connection = VaultConnection(auth, environ={}, clock=lambda: now[0])
     source = VaultSource(connection, VaultSourceConfig(path=path))
 
@@ -339,7 +340,7 @@ def test_a_method_added_to_the_table_gets_renewal_and_the_403_relogin(
 # -- the error mapping, with the failures a real server and network produce --------------------
 
 
-AUTH = VaultAuth(address="http://127.0.0.1:1", timeout=0.5)
+AUTH = vault_auth(address="http://127.0.0.1:1", timeout=0.5)
 
 
 def raised(fn: Callable[[], Any]) -> BaseException:
@@ -354,7 +355,7 @@ def test_connection_refused_says_check_the_address() -> None:
     address = f"http://127.0.0.1:{free_port()}"
     exc = raised(lambda: hvac.Client(url=address, timeout=2).sys.read_health_status())
     mapped = errors.store_error(
-        exc, VaultAuth(address=address), "read x", holder="token", secrets=()
+        exc, vault_auth(address=address), "read x", holder="token", secrets=()
     )
     assert isinstance(mapped, SourceUnavailable)
     assert str(mapped) == (
@@ -368,7 +369,7 @@ def test_a_silent_server_is_a_timeout_naming_the_seconds() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # accepts connections (the kernel does), never answers
         address = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        auth = VaultAuth(address=address, auth_method="token", timeout=0.5)
+        auth = vault_auth(address=address, auth_method="token", timeout=0.5)
         started = time.monotonic()
         connection = VaultConnection(auth, environ={"VAULT_TOKEN": "hvs.x"})
         with pytest.raises(SourceUnavailable) as caught:
@@ -383,7 +384,7 @@ def test_https_to_a_plain_http_vault_is_a_tls_failure(bao: Bao) -> None:
     address = bao.address.replace("http://", "https://")
     exc = raised(lambda: hvac.Client(url=address, timeout=2).sys.read_health_status())
     mapped = errors.store_error(
-        exc, VaultAuth(address=address, config_key="k"), "read x", holder="token", secrets=()
+        exc, vault_auth(address=address, config_key="k"), "read x", holder="token", secrets=()
     )
     message = str(mapped)
     assert message.startswith(f"TLS verification of Vault at {address} failed ([SSL")
@@ -395,14 +396,14 @@ def test_an_address_without_scheme_is_a_config_error(bao: Bao) -> None:
     address = bao.address.removeprefix("http://")
     exc = raised(lambda: hvac.Client(url=address).auth.token.lookup_self())
     mapped = errors.store_error(
-        exc, VaultAuth(address=address), "read x", holder="token", secrets=()
+        exc, vault_auth(address=address), "read x", holder="token", secrets=()
     )
     assert isinstance(mapped, ConfigError)
     assert str(mapped) == f"vault.address = {address!r} is not a Vault URL: use https://HOST:8200"
 
 
 def test_vaults_own_answers_map_to_what_to_do(bao: Bao, root: Any) -> None:
-    namespaced = VaultAuth(address=bao.address, namespace="ns", config_key="k")
+    namespaced = vault_auth(address=bao.address, namespace="ns", config_key="k")
     missing = raised(lambda: root.adapter.get("/v1/nomount/x"))
     assert isinstance(missing, hvac.exceptions.InvalidPath)
     mapped = errors.store_error(missing, namespaced, "read x", holder="token", secrets=())
@@ -498,10 +499,10 @@ def test_poll_get_sends_the_namespace(bao: Bao, root: Any) -> None:
         path=path, secret={"client_id": "a", "client_secret": "b"}, mount_point="secret"
     )
     environ = {"VAULT_TOKEN": bao.root_token}
-    auth = VaultAuth(address=bao.address, auth_method="token", namespace=NAMESPACE)
+    auth = vault_auth(address=bao.address, auth_method="token", namespace=NAMESPACE)
     polled = VaultSource(VaultConnection(auth, environ=environ), VaultSourceConfig(path=path))
     assert polled.version().startswith("kv2:1@")
-    outside = VaultAuth(address=bao.address, auth_method="token")
+    outside = vault_auth(address=bao.address, auth_method="token")
     with pytest.raises(SourceEmpty, match="no secret at"):
         VaultSource(
             VaultConnection(outside, environ=environ), VaultSourceConfig(path=path)
@@ -565,7 +566,7 @@ def test_poll_get_follows_a_redirect_with_the_token_and_stays_bounded(
     recorder.routes[METADATA] = lambda: (307, {"Location": moved}, b"")
     answer = {"data": {"current_version": 3, "versions": {"3": {}}}}
     recorder.routes[moved] = lambda: (200, JSON, json.dumps(answer).encode())
-    auth = VaultAuth(address=recorder.address, auth_method="token", namespace="team-a")
+    auth = vault_auth(address=recorder.address, auth_method="token", namespace="team-a")
     connection = VaultConnection(auth, environ={"VAULT_TOKEN": token})
     source = VaultSource(connection, VaultSourceConfig(path="dvs/x"))
     assert source.version() == "kv2:3"

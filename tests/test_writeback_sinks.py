@@ -30,9 +30,8 @@ from agent.sources.vault import VaultSourceConfig
 from agent.stores.aws.sink import AwsSink
 from agent.stores.redis import RedisSink
 from agent.stores.vault.connection import VaultConnection
-from agent.stores.vault.settings import VaultAuth
 from agent.stores.vault.sink import VaultSink
-from tests.conftest import clean_aws_env
+from tests.conftest import clean_aws_env, vault_auth
 from tests.servers import (
     REDIS_ACL_PASSWORD,
     REDIS_ACL_USER,
@@ -85,7 +84,7 @@ def root(bao: Bao) -> Iterator[Any]:
 def vault_sink(address: str, token: str, path: str, tmp_path: Path, **extra: Any) -> VaultSink:
     token_file = tmp_path / unique("vault-token-")
     token_file.write_text(token + "\n")
-    auth = VaultAuth(address=address, auth_method="token", token_file=str(token_file), timeout=3)
+    auth = vault_auth(address=address, auth_method="token", token_file=str(token_file), timeout=3)
     connection = VaultConnection(auth, environ={})
     return VaultSink(
         connection, VaultSourceConfig(path=path, **extra), config_key="profiles.dvs.sinks[1]"

@@ -169,14 +169,7 @@ def connection(config: VaultSourceConfig, context: BuildContext) -> VaultConnect
     key = context.where.key
     auth = VaultAuth(
         address=config.resolved_address(context.environ, key=f"{key}.address"),
-        auth_method=config.auth_method,
-        token_file=config.token_file,
-        role_id_file=config.role_id_file,
-        secret_id_file=config.secret_id_file,
-        approle_mount=config.approle_mount,
-        namespace=config.namespace,
-        ca_cert=config.ca_cert,
-        tls_skip_verify=config.tls_skip_verify,
+        config=config,
         timeout=context.timeout,
         config_key=key,
     )

@@ -67,7 +67,7 @@ class VaultConnection:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._auth = auth
-        self._method: LoginMethod = logins.LOGINS[auth.auth_method]
+        self._method: LoginMethod = logins.LOGINS[auth.config.auth_method]
         self._environ = os.environ if environ is None else environ
         self._log = logger if logger is not None else logging.getLogger("agent.vault")
         self._clock = clock
@@ -212,7 +212,9 @@ class VaultConnection:
 
     def _new_client(self) -> Any:
         auth = self._auth
-        verify: bool | str = auth.ca_cert if auth.ca_cert else not auth.tls_skip_verify
+        verify: bool | str = (
+            auth.config.ca_cert if auth.config.ca_cert else not auth.config.tls_skip_verify
+        )
         session = requests.Session()
         # requests' default is no retry either; say so explicitly: one layer retries (STYLE)
         adapter = requests.adapters.HTTPAdapter(max_retries=0)
@@ -235,7 +237,7 @@ class VaultConnection:
             token="",  # never hvac's fallback to $VAULT_TOKEN or ~/.vault-token
             verify=verify,
             timeout=auth.timeout,
-            namespace=auth.namespace,
+            namespace=auth.config.namespace,
             session=session,
         )
 

@@ -75,7 +75,7 @@ def store_error(
     if isinstance(exc, hvac.exceptions.RateLimitExceeded):
         return SourceUnavailable(f"Vault at {address} rate-limited {what} (429)")
     if isinstance(exc, hvac.exceptions.InvalidPath):
-        namespace = f" and {key}.namespace" if auth.namespace else ""
+        namespace = f" and {key}.namespace" if auth.config.namespace else ""
         return SourceEmpty(
             f"Vault at {address} answered 404 to {what}: check that {key}.address{namespace} "
             "name a Vault server (not a proxy or another service)"

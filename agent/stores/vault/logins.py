@@ -82,12 +82,12 @@ def token(auth: VaultAuth, ctx: LoginContext) -> Login:
 
 def read_token(auth: VaultAuth, ctx: LoginContext) -> tuple[str, str]:
     """The token for token auth and where it came from (for messages, never the value)."""
-    if auth.token_file is None:
+    if auth.config.token_file is None:
         env_token = ctx.environ.get("VAULT_TOKEN")
         if env_token:
             ctx.remember("token_file", env_token.strip())
             return env_token.strip(), "$VAULT_TOKEN"
-    path = auth.token_file or DEFAULT_TOKEN_FILE
+    path = auth.config.token_file or DEFAULT_TOKEN_FILE
     return read_credential(auth, ctx, path, "token_file"), path
 
 
@@ -113,10 +113,10 @@ def look_up(auth: VaultAuth, ctx: LoginContext, value: str) -> Login:
 
 def token_rejected(auth: VaultAuth, environ: Mapping[str, str]) -> SourceUnavailable:
     """Vault does not accept the token itself (its lookup-self is denied)."""
-    if auth.token_file is None and environ.get("VAULT_TOKEN"):
+    if auth.config.token_file is None and environ.get("VAULT_TOKEN"):
         where, fix = "$VAULT_TOKEN", "export a valid token"
     else:
-        path = auth.token_file or DEFAULT_TOKEN_FILE
+        path = auth.config.token_file or DEFAULT_TOKEN_FILE
         where = f"{path} ({auth.config_key}.token_file)"
         fix = "write a valid token there"
     return SourceUnavailable(
@@ -131,19 +131,19 @@ def token_rejected(auth: VaultAuth, environ: Mapping[str, str]) -> SourceUnavail
 
 def approle(auth: VaultAuth, ctx: LoginContext) -> Login:
     """Log in at ``auth/<approle_mount>/login`` with the role_id and secret_id files."""
-    role_id = read_credential(auth, ctx, auth.role_id_file, "role_id_file")
-    secret_id = read_credential(auth, ctx, auth.secret_id_file, "secret_id_file")
+    role_id = read_credential(auth, ctx, auth.config.role_id_file, "role_id_file")
+    secret_id = read_credential(auth, ctx, auth.config.secret_id_file, "secret_id_file")
     where = _approle_where(auth)
     try:
         response = ctx.client.auth.approle.login(
-            role_id=role_id, secret_id=secret_id, mount_point=auth.approle_mount
+            role_id=role_id, secret_id=secret_id, mount_point=auth.config.approle_mount
         )
     except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
         raise SourceUnavailable(
             f"AppRole login at {where} on Vault at {auth.address} rejected "
             f"({ctx.vault_errors(exc)}): check role_id/secret_id ({auth.config_key}.role_id_file "
-            f"= {auth.role_id_file}, {auth.config_key}.secret_id_file = "
-            f"{auth.secret_id_file}; the secret_id may have expired or reached its use "
+            f"= {auth.config.role_id_file}, {auth.config_key}.secret_id_file = "
+            f"{auth.config.secret_id_file}; the secret_id may have expired or reached its use "
             f"limit) and that AppRole is mounted at {where} ({auth.config_key}.approle_mount)"
         ) from None
     except hvac.exceptions.InvalidPath:
@@ -165,7 +165,7 @@ def approle(auth: VaultAuth, ctx: LoginContext) -> Login:
 
 
 def _approle_where(auth: VaultAuth) -> str:
-    return f"auth/{auth.approle_mount}"
+    return f"auth/{auth.config.approle_mount}"
 
 
 #: ``auth_method`` → how the agent gets its token
