@@ -296,6 +296,26 @@ class RefreshScheduler:
         slot = self._slots.get(name)
         return slot.next_at if slot else None
 
+    def next_fire(self, name: str) -> datetime | None:
+        """When APScheduler will start ``name``'s refresh job (its wall-clock fire time, which
+        :meth:`tick` re-places after a clock step); None when it has none."""
+        job = self._scheduler.get_job(f"refresh:{name}")
+        return None if job is None else job.next_run_time
+
+    def poll_schedule(self, name: str) -> tuple[timedelta, datetime] | None:
+        """``(interval, first fire)`` of ``name``'s version poll; None when it is not polled."""
+        job = self._scheduler.get_job(f"poll:{name}")
+        if job is None or not isinstance(job.trigger, IntervalTrigger):
+            return None
+        start: datetime = job.trigger.start_date
+        return job.trigger.interval, start
+
+    def set_next(self, name: str, when: datetime) -> None:
+        """Move ``name``'s next scheduled refresh to ``when`` (the elapsed clock's time)."""
+        slot = self._slots.get(name)
+        if slot is not None:
+            self._set_next(slot, when)
+
     def trigger(self, name: str, reason: Reason) -> None:
         """Re-auth ``name`` now (coalescing with a run in progress)."""
         slot = self._slots.get(name)

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from apscheduler.triggers.interval import IntervalTrigger
 
 from agent.manager import Outcome, Reason
 from agent.schedule import RefreshScheduler
@@ -76,12 +75,12 @@ def test_polls_run_at_a_fixed_period_from_a_random_phase(scheduler: RefreshSched
         _add(scheduler, FakeProfile(f"p{i}"), poll=30)
     starts = []
     for i in range(20):
-        trigger = scheduler._scheduler.get_job(f"poll:p{i}").trigger
-        assert isinstance(trigger, IntervalTrigger)
-        assert trigger.interval == timedelta(seconds=30)  # no jitter on every fire
-        assert trigger.jitter is None
-        assert before <= trigger.start_date <= now() + timedelta(seconds=30)
-        starts.append(trigger.start_date)
+        schedule = scheduler.poll_schedule(f"p{i}")
+        assert schedule is not None
+        interval, start = schedule
+        assert interval == timedelta(seconds=30)  # a fixed period: no jitter on every fire
+        assert before <= start <= now() + timedelta(seconds=30)
+        starts.append(start)
     # spread over the interval, not in step (20 uniform phases: the spread is ~27 s)
     assert max(starts) - min(starts) > timedelta(seconds=10)
 
@@ -124,10 +123,9 @@ def test_the_refresh_job_never_overlaps_a_polls_refresh(scheduler: RefreshSchedu
     _add(scheduler, profile, poll=0.2)
     scheduler.start()
     assert wait_for(lambda: profile.refreshes, timeout=10)
-    job = scheduler._scheduler.get_job("refresh:a")
-    job.modify(next_run_time=now())  # the schedule comes due meanwhile
     fired = now() + timedelta(hours=1)
-    assert wait_for(lambda: scheduler._scheduler.get_job("refresh:a").next_run_time > fired)
+    scheduler.set_next("a", now())  # the schedule comes due meanwhile
+    assert wait_for(lambda: (scheduler.next_fire("a") or fired) > fired)
     assert len(profile.polls) == 1  # polls skip while a refresh runs
     profile.hold.set()
     assert wait_for(lambda: not scheduler.busy(), timeout=10)
