@@ -301,3 +301,26 @@ def vault_auth(
     return VaultAuth(
         address=address, config=VaultSourceConfig(**keys), timeout=timeout, config_key=config_key
     )
+
+
+#: metric samples by (name, labels): what one /metrics page said
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metric_samples(text: str) -> Samples:
+    """The samples of a Prometheus text page (the one parser of the tests)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric_value(found: Samples, name: str, default: float | None = None, **labels: str) -> float:
+    """The value of one sample; ``default`` when there is none (else KeyError)."""
+    key = (name, frozenset(labels.items()))
+    if default is not None:
+        return found.get(key, default)
+    return found[key]

@@ -15,10 +15,9 @@ import promql_parser
 import pytest
 import yaml
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import STATES, Metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, metric_samples
 
 RULES = REPO / "config" / "prometheus-alerts.yaml"
 
@@ -70,11 +69,10 @@ def _exported() -> dict[str, set[str]]:
     metrics.last_success("dvs", 1.7e9)
     metrics.source_in_use("dvs", "vault", ["vault", "env"])
     text = generate_latest(metrics.registry).decode()
-    return {
-        sample.name: set(sample.labels)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    found: dict[str, set[str]] = {}
+    for name, labels in metric_samples(text):
+        found.setdefault(name, set()).update(label for label, _ in labels)
+    return found
 
 
 def _selectors(expr: promql_parser.Expr) -> list[promql_parser.VectorSelector]:

@@ -32,6 +32,8 @@ from agent.health import (
     request_refresh,
 )
 from agent.metrics import STATES, Metrics
+from tests.conftest import metric_samples as samples
+from tests.conftest import metric_value as value
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 
@@ -298,20 +300,6 @@ def test_callback_exception_is_a_generic_500_logged_once(
 
 
 # ----------------------------------------------------------------------------------- metrics
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(
-    found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    return found[(name, frozenset(labels.items()))]
 
 
 def exercise(metrics: Metrics, profile: str) -> None:

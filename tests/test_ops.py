@@ -10,15 +10,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.devserver import Fault, TokenServer
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
     REPO,
+    Samples,
     Spawn,
     agent_env,
+    metric_samples,
+    metric_value,
     run_cli,
     wait_for,
     write_config,
@@ -49,17 +51,12 @@ def _up(listen: str) -> bool:
         return False
 
 
-def _metrics(listen: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"http://{listen}/metrics", timeout=5).text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return values
+def _metrics(listen: str) -> Samples:
+    return metric_samples(httpx.get(f"http://{listen}/metrics", timeout=5).text)
 
 
-def _value(metrics: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+def _value(metrics: Samples, name: str, **labels: str) -> float:
+    return metric_value(metrics, name, 0.0, **labels)
 
 
 def test_readyz_and_metrics_follow_the_token(tmp_path: Path, spawn: Spawn) -> None:
