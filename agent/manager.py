@@ -34,7 +34,7 @@ from agent.masking import Masker
 from agent.models import Credentials, Token, rfc3339
 from agent.oauth import Fetched, TokenClient
 from agent.plugin import TokenSink
-from agent.policy import Timing as Timing  # re-exported: agent.app and agent.wiring use it
+from agent.policy import Timing
 from agent.recorder import NULL, Recorder
 from agent.sources.chain import SourceChain
 from agent.state import StateStore

@@ -2,7 +2,7 @@
 
 Every retry timescale uses it: the fast retries inside a token attempt (seconds,
 :class:`agent.oauth.RetryPolicy`), the profile's retries after a failed refresh (seconds to
-minutes, :class:`agent.manager.Timing`) and the SQS long-poll loop after an error. The jitter
+minutes, :class:`agent.policy.Timing`) and the SQS long-poll loop after an error. The jitter
 takes a random share off each wait, so that a fleet that failed together does not retry in
 lockstep.
 """

@@ -14,8 +14,9 @@ from agent.clock import Clock
 from agent.config import ProfileConfig
 from agent.kinds import build_sinks, build_sources
 from agent.logs import Redactor
-from agent.manager import Profile, Timing
+from agent.manager import Profile
 from agent.oauth import TlsContexts, TokenClient
+from agent.policy import Timing
 from agent.recorder import Recorder
 from agent.registry import Registry
 from agent.sources.chain import SourceChain

@@ -17,8 +17,8 @@ from agent.errors import (
     most_severe,
 )
 from agent.logs import REDACTED, Redactor, setup_logging
-from agent.manager import Timing
 from agent.models import Credentials, Secret, Token
+from agent.policy import Timing
 from agent.sources.chain import SourceChain
 from agent.sources.env import EnvSource, EnvSourceConfig
 
