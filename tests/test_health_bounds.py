@@ -253,7 +253,10 @@ def test_idle_flood_is_capped_and_the_rest_closed_at_once(
 
     # one thread per served connection, none for the others
     assert most_threads <= baseline_threads + cap
-    assert most_tasks <= baseline_tasks + cap
+    # the kernel's count may hold one task more for a moment: a serving thread that has ended
+    # (joined, its Python state gone, so no longer counted against the cap) leaves the kernel
+    # a moment later, while the thread that replaces it has started (seen once in ~4 runs)
+    assert most_tasks <= baseline_tasks + cap + 1
     assert len(closed) == flood, "every connection was closed by the server"
     waited = sorted(closed[sock] - opened[sock] for sock in opened)
     refused, served = waited[: flood - cap], waited[flood - cap :]
