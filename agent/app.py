@@ -47,7 +47,7 @@ from agent.reload import (
 )
 from agent.signals import SIGNALS, signals_to_main_thread
 from agent.state import StateStore
-from agent.systemd import sd_notify, start_watchdog
+from agent.systemd import Notifier, start_watchdog
 from agent.wiring import build_profile
 
 if TYPE_CHECKING:
@@ -107,11 +107,10 @@ class Agent:
         }
         self._scheduler: RefreshScheduler | None = None
         self._first_done: set[str] = set()
-        self._ready_sent = False
+        self._systemd = Notifier(self._environ)
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._listeners: list[RotationListener] = []
         self._health: HealthServer | None = None
-        self._status_line = ""
         self._last_refresh_request: dict[str, float] = {}
         #: when each profile runs next after its first attempt (see _start_first_attempts)
         self._first_runs: dict[str, datetime] = {}
@@ -234,7 +233,7 @@ class Agent:
                         reload_pending = False
                         self.reload()
                 if event == "deadline":
-                    if time.monotonic() >= ready_by and not self._ready_sent:
+                    if time.monotonic() >= ready_by and not self._systemd.ready:
                         self._first_done.update(self.profiles)
                         self._check_ready()
                 elif event == "reload" and self._scheduler is None:
@@ -266,7 +265,7 @@ class Agent:
         Until the schedule runs: until the earliest next run of a profile whose first attempt
         ended (a short token must not wait for a tenant that hangs), at most until
         ``ready_by``; then until ``ready_by`` for READY=1."""
-        if self._ready_sent:
+        if self._systemd.ready:
             return None
         now = time.monotonic()
         until = ready_by
@@ -440,14 +439,7 @@ class Agent:
         """READY=1 once every profile finished its first attempt; then STATUS= on changes."""
         if not self._first_done.issuperset(self.profiles):
             return
-        status = self._status()
-        if not self._ready_sent:
-            self._ready_sent = True
-            self._status_line = status
-            sd_notify(f"READY=1\nSTATUS={status}", self._environ)
-        elif status != self._status_line:
-            self._status_line = status
-            sd_notify(f"STATUS={status}", self._environ)
+        self._systemd.status(self._status())
 
     def _check_expiry(self) -> None:
         if any([profile.check_expiry() for profile in list(self.profiles.values())]):
@@ -555,7 +547,7 @@ class Agent:
 
     def _shutdown(self) -> RunResult:
         self._log.info("stopping; token files are left in place", extra={"event": "stopping"})
-        sd_notify("STOPPING=1", self._environ)
+        self._systemd.stopping()
         self._stopping.set()
         self._stop_listeners()
         if self._health is not None:

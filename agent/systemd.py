@@ -29,6 +29,30 @@ def sd_notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+class Notifier:
+    """What the unit hears of the agent: ``READY=1`` once, with the first ``STATUS=`` line,
+    then ``STATUS=`` whenever that line changes, and ``STOPPING=1``."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        #: READY=1 was sent
+        self.ready = False
+        self._status = ""
+
+    def status(self, line: str) -> None:
+        """``READY=1`` with ``line`` the first time, then ``line`` if it changed."""
+        if not self.ready:
+            self.ready = True
+            self._status = line
+            sd_notify(f"READY=1\nSTATUS={line}", self._environ)
+        elif line != self._status:
+            self._status = line
+            sd_notify(f"STATUS={line}", self._environ)
+
+    def stopping(self) -> None:
+        sd_notify("STOPPING=1", self._environ)
+
+
 def start_watchdog(scheduler: RefreshScheduler, environ: Mapping[str, str]) -> None:
     """``WATCHDOG=1`` from a job of ``scheduler`` at half ``$WATCHDOG_USEC``, so that systemd
     catches a hung scheduler; nothing when the unit has no watchdog (or it is another pid's)."""

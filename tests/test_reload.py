@@ -6,19 +6,28 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
 
-from agent.devserver import TokenServer
+from agent.devserver import RecordedRequest, TokenServer
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, Spawn, wait_for
 from tests.servers import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _config(directory: Path, url: str, port: int, profiles: dict[str, str]) -> Path:
-    """``profiles``: name → the token file's name (one raw file sink each)."""
+def _config(
+    directory: Path,
+    url: str,
+    port: int,
+    profiles: dict[str, str],
+    settings: dict[str, str] | None = None,
+) -> Path:
+    """``profiles``: name → the token file's name (one raw file sink each); ``settings``:
+    name → extra lines of that profile's table."""
+    settings = settings or {}
     parts = [
         f'[agent]\nlog_level = "debug"\nstate_dir = "{directory}/state"\n',
         f'[health]\nlisten = "127.0.0.1:{port}"\n',
@@ -28,6 +37,7 @@ def _config(directory: Path, url: str, port: int, profiles: dict[str, str]) -> P
             f"""
 [profiles.{name}]
 token_url = "{url}"
+{settings.get(name, "")}
 [profiles.{name}.rotation]
 poll_interval = "0"
 [[profiles.{name}.sinks]]
@@ -80,4 +90,51 @@ def test_every_reload_branch(tmp_path: Path, spawn: Spawn) -> None:
         agent.signal(signal.SIGHUP)
         assert wait_for(lambda: "keeping the running one" in agent.output(), timeout=10)
         assert set(_readyz(port)) == {"keep", "moved", "new"}
+        assert agent.stop() == 0
+
+
+def _scope(request: RecordedRequest) -> str | None:
+    values = parse_qs(request.body.decode()).get("scope") or request.query.get("scope")
+    return values[0] if values else None
+
+
+def test_a_changed_setting_an_unwritable_new_sink_and_a_restart_only_key(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    port = free_port()
+    with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=3600) as server:
+        profiles = {"plain": "plain", "scoped": "scoped"}
+        config = _config(tmp_path, server.url, port, profiles, {"scoped": 'scope = "read"'})
+        agent = spawn(config)
+        for name in profiles:
+            assert wait_for(lambda n=name: (tmp_path / n).exists(), timeout=20), agent.output()
+        assert wait_for(lambda: len(_readyz(port)) == 2)
+        plain, scoped = (tmp_path / "plain").read_text(), (tmp_path / "scoped").read_text()
+        before = len(server.token_requests())
+        # scoped: a token setting changed; broken: its sink's directory is a file (cannot be
+        # written, whoever runs the test); the listener's port: only a restart changes it
+        (tmp_path / "a-file").write_text("")
+        _config(
+            tmp_path,
+            server.url,
+            free_port(),
+            {**profiles, "broken": "a-file/token"},
+            {"scoped": 'scope = "write"'},
+        )
+        agent.signal(signal.SIGHUP)
+        assert wait_for(lambda: (tmp_path / "scoped").read_text() != scoped, timeout=20), (
+            agent.output()
+        )
+        assert wait_for(lambda: "cannot apply the new settings" in agent.output(), timeout=10)
+        time.sleep(1)
+        requests = server.token_requests()[before:]
+        # one new token, for the changed profile, with its new scope; none for the others
+        assert [_scope(r) for r in requests] == ["write"], agent.output()
+        assert (tmp_path / "plain").read_text() == plain
+        assert not (tmp_path / "a-file").read_text()
+        output = agent.output()
+        assert "health.listen changes take effect at the next restart" in output
+        assert "agent.state_dir changes" not in output
+        # the listener stays where it was; the profile that could not be built never runs
+        assert set(_readyz(port)) == {"plain", "scoped"}
         assert agent.stop() == 0
