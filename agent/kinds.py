@@ -17,31 +17,13 @@ import msgspec
 from agent.config.load import sink_kind_name
 from agent.config.schema import ProfileConfig
 from agent.errors import AgentError, ConfigError
-from agent.keypath import Segment, key_path
+from agent.keypath import Segment
 from agent.masking import outside
 from agent.plugin import BuildContext, CredentialSource, TokenSink, Where
+from agent.recorder import NULL, Recorder
 from agent.registry import Registry, Role
 
 T = TypeVar("T")
-
-
-def where(
-    profile: str,
-    rest: list[Segment],
-    pc: ProfileConfig,
-    *,
-    tables: Mapping[str, msgspec.Struct] | None = None,
-    listed: bool = True,
-) -> Where:
-    """Where a table of profile ``profile`` is: ``rest`` = ``["vault"]``, ``["sinks", 0]``."""
-    segments: tuple[Segment, ...] = ("profiles", profile, *rest)
-    return Where(
-        profile=profile,
-        key=key_path(segments),
-        segments=segments,
-        tables=pc.tables() if tables is None else tables,
-        listed=listed,
-    )
 
 
 def build_sources(
@@ -51,6 +33,7 @@ def build_sources(
     environ: Mapping[str, str],
     logger: logging.Logger,
     registry: Registry,
+    metrics: Recorder = NULL,
 ) -> list[CredentialSource]:
     """The sources of ``pc.sources``, in order. Raises ConfigError for what the config lacks."""
     tables = pc.tables()
@@ -58,7 +41,7 @@ def build_sources(
     try:
         for name in pc.sources:
             kind = registry.source(name)
-            context = _context(profile, [name], pc, tables, environ, logger)
+            context = _context(profile, [name], pc, tables, environ, logger, registry, metrics)
             built.append(_guarded(registry, "source", name, context, kind.build, tables.get(name)))
     except BaseException:
         for source in built:
@@ -74,6 +57,7 @@ def build_sinks(
     environ: Mapping[str, str],
     logger: logging.Logger,
     registry: Registry,
+    metrics: Recorder = NULL,
 ) -> list[TokenSink]:
     """The sinks of ``pc.sinks``, in order. Raises ConfigError for what the config lacks."""
     tables = pc.tables()
@@ -82,7 +66,9 @@ def build_sinks(
         for index, sink in enumerate(pc.sinks):
             name = sink_kind_name(sink)
             kind = registry.sink(name)
-            context = _context(profile, ["sinks", index], pc, tables, environ, logger)
+            context = _context(
+                profile, ["sinks", index], pc, tables, environ, logger, registry, metrics
+            )
             built.append(_guarded(registry, "sink", name, context, kind.build, sink))
     except BaseException:
         for built_sink in built:
@@ -98,13 +84,14 @@ def describe_source(registry: Registry, profile: str, pc: ProfileConfig, name: s
     kind = registry.source(name)
     if table is None:
         return name
-    return kind.describe(table, where(profile, [name], pc, tables=tables))
+    return kind.describe(table, Where.of(profile, [name], tables=tables, plugins=registry))
 
 
 def describe_sink(registry: Registry, profile: str, pc: ProfileConfig, index: int) -> str:
     """``check``'s line about sink ``index`` of a profile."""
     sink = pc.sinks[index]
-    return registry.sink(sink_kind_name(sink)).describe(sink, where(profile, ["sinks", index], pc))
+    where = Where.of(profile, ["sinks", index], tables=pc.tables(), plugins=registry)
+    return registry.sink(sink_kind_name(sink)).describe(sink, where)
 
 
 def _context(
@@ -114,12 +101,15 @@ def _context(
     tables: Mapping[str, msgspec.Struct],
     environ: Mapping[str, str],
     logger: logging.Logger,
+    registry: Registry,
+    metrics: Recorder,
 ) -> BuildContext:
     return BuildContext(
-        where=where(profile, rest, pc, tables=tables),
+        where=Where.of(profile, rest, tables=tables, plugins=registry),
         environ=environ,
         logger=logger,
         timeout=pc.request_timeout.total_seconds(),
+        report_expiry=lambda method, at: metrics.login_credential_expiry(profile, method, at),
     )
 
 

@@ -110,6 +110,13 @@ class Metrics:
             ["profile", "source"],
             registry=self.registry,
         )
+        self._login_expiry = Gauge(
+            "dvs_agent_login_credential_expiry_timestamp_seconds",
+            "Unix time at which the credential of the profile's Vault login expires (the JWT "
+            "of jwt and kubernetes logins, the client certificate of cert logins)",
+            ["profile", "method"],
+            registry=self.registry,
+        )
 
     # ------------------------------------------------------------------------------- counters
 
@@ -188,6 +195,12 @@ class Metrics:
             for each in listed:
                 self._track(self._source_in_use, profile, each)
                 self._source_in_use.labels(profile, each).set(1 if each == source else 0)
+
+    def login_credential_expiry(self, profile: str, method: str, at: float) -> None:
+        """The credential a Vault login of ``profile`` used (``method``) expires at ``at``."""
+        with self._lock:
+            self._track(self._login_expiry, profile, method)
+            self._login_expiry.labels(profile, method).set(at)
 
     # ------------------------------------------------------------------------------ lifecycle
 

@@ -1,4 +1,5 @@
-"""The public surface for source and sink plug-ins (DESIGN §11); nothing else is promised.
+"""The public surface for source, sink and Vault login plug-ins (DESIGN §11); nothing else is
+promised.
 
 A plug-in is one module holding a *kind*: its config Struct (the TOML table or sink entry it
 owns), its checks, a one-line :meth:`~SourceKind.describe`, the :class:`Target` used to find
@@ -16,6 +17,9 @@ declared with ``tag="<kind>", tag_field="type"``. Both Structs should be ``froze
 forbid_unknown_fields=True, kw_only=True``: unknown keys stay errors. A kind whose
 ``api_version`` differs from :data:`API_VERSION` is refused with a message naming it.
 
+A Vault login method (:class:`LoginKind`, entry-point group ``dvs_agent.vault_logins``) reads
+the keys of the vault table it is named in (``auth_method = "<kind>"``).
+
 Checks yield messages that start with the key path they are about (``where.at("path")``);
 ``build`` raises :class:`~agent.errors.ConfigError` for what only the environment can tell
 (a missing variable, an unreadable file). Never put a secret in a message.
@@ -24,12 +28,16 @@ Checks yield messages that start with the key path they are about (``where.at("p
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import msgspec
 
+from agent.errors import SourceEmpty, SourceUnavailable
+from agent.fsutil import read_secret_file
 from agent.keypath import Segment, key_path
 from agent.models import Credentials, Secret, Token
 
@@ -41,6 +49,10 @@ __all__ = [
     "BuildContext",
     "CredentialSource",
     "Credentials",
+    "Login",
+    "LoginContext",
+    "LoginKind",
+    "Plugins",
     "Secret",
     "SinkKind",
     "SourceKind",
@@ -139,6 +151,19 @@ class Target:
         return self.identity == other.identity
 
 
+class Plugins(Protocol):
+    """What a kind may look up in the registry that found it (:attr:`Where.plugins`)."""
+
+    def login(self, name: str) -> LoginKind:
+        """The Vault login method ``name`` (raises :class:`~agent.errors.ConfigError` when no
+        plug-in provides it, or its plug-in does not load)."""
+        ...
+
+    def names(self, role: Any) -> list[str]:
+        """Every kind of a role available ("source", "sink", "login")."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Where:
     """Where a kind's config sits, for its checks, description and target."""
@@ -154,6 +179,37 @@ class Where:
     tables: Mapping[str, msgspec.Struct] = field(default_factory=dict)
     #: sources only: the kind is listed in the profile's ``sources``
     listed: bool = True
+    #: the registry that found the kind (None: the built-ins only)
+    plugins: Plugins | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(
+        cls,
+        profile: str,
+        rest: Sequence[Segment],
+        *,
+        tables: Mapping[str, msgspec.Struct] | None = None,
+        listed: bool = True,
+        plugins: Plugins | None = None,
+    ) -> Where:
+        """Where a table of profile ``profile`` is: ``rest`` = ``["vault"]``, ``["sinks", 0]``."""
+        segments: tuple[Segment, ...] = ("profiles", profile, *rest)
+        return cls(
+            profile=profile,
+            key=key_path(segments),
+            segments=segments,
+            tables={} if tables is None else tables,
+            listed=listed,
+            plugins=plugins,
+        )
+
+    def login(self, name: str) -> LoginKind:
+        """The Vault login method ``name``, from :attr:`plugins` (else a built-in)."""
+        if self.plugins is not None:
+            return self.plugins.login(name)
+        from agent.registry import Registry  # the registry imports this module
+
+        return Registry().login(name)
 
     def at(self, *fields: Segment) -> str:
         """The key path of a key inside the table: ``where.at("path")``."""
@@ -175,6 +231,12 @@ class BuildContext:
     logger: logging.Logger
     #: the profile's ``request_timeout`` in seconds: the bound of one call to a store
     timeout: float
+    #: ``report_expiry(method, at)``: a credential that a store login uses (a JWT, a client
+    #: certificate) expires at ``at`` (Unix time), for
+    #: ``dvs_agent_login_credential_expiry_timestamp_seconds`` (DESIGN §12)
+    report_expiry: Callable[[str, float], None] = field(
+        default=lambda method, at: None, compare=False, repr=False
+    )
 
 
 class _Kind(Generic[C]):
@@ -252,3 +314,114 @@ class TriggerKind:
         """The listeners (not started) for these profiles; ``on_rotation(profile, detail)``
         is how they wake one. Imports its SDK only when a profile asks for it."""
         return []
+
+
+# -- Vault login methods (DESIGN §12): ``auth_method`` of a vault table ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A Vault token and how long it lives, as a login (or a token look-up) answered."""
+
+    token: str = field(repr=False)
+    #: seconds the token lives from now; 0: no expiry (a root token) or none known
+    ttl_seconds: int
+    #: whether ``renew-self`` can extend it
+    renewable: bool
+    #: when the credential the login used (a JWT, a client certificate) expires, Unix time;
+    #: None: it does not, or the method cannot tell
+    credential_expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginContext:
+    """What a login gets from its Vault connection besides the vault table."""
+
+    #: the connection's ``hvac.Client`` (its TLS settings, namespace and timeout)
+    client: Any
+    #: the Vault server's address, for messages
+    address: str
+    #: the key path of the vault table (or vault sink) the keys come from: ``profiles.dvs.vault``
+    config_key: str
+    #: where ``$VAULT_TOKEN`` is looked up
+    environ: Mapping[str, str]
+    log: logging.Logger
+    #: ``remember(slot, value)``: mask ``value`` in every text from Vault from now on (a newer
+    #: value in the same slot replaces it)
+    remember: Callable[[str, str], None]
+    #: Vault's error text of an hvac exception, with every remembered value and the token in
+    #: use masked
+    vault_errors: Callable[[BaseException], str]
+    #: the wall clock (Unix time), for the expiry of a JWT or a certificate
+    wall: Callable[[], float] = time.time
+
+    def read_file(self, path: str, key: str) -> str:
+        """The stripped content of the credential file ``path`` that the vault key ``key``
+        names, remembered (masked from now on). Raises SourceEmpty when it is missing or empty
+        (it may appear), SourceUnavailable when it cannot be read; both name the key."""
+        name = f"{self.config_key}.{key}"
+        try:
+            text = read_secret_file(path).strip()
+        except FileNotFoundError:
+            raise SourceEmpty(
+                f"{path} ({name}) does not exist: write it, or set {name} to the file that "
+                f"holds the {key.removesuffix('_file')}"
+            ) from None
+        except PermissionError:
+            raise SourceUnavailable(
+                f"{path} ({name}) is not readable by the agent (uid {os.geteuid()}): "
+                "fix its owner or mode"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceUnavailable(f"cannot read {path} ({name}): {exc}") from None
+        if not text:
+            raise SourceEmpty(f"{path} ({name}) is empty")
+        self.remember(key, text)
+        return text
+
+
+class LoginKind:
+    """A Vault auth method: ``auth_method = "<name>"`` in a vault table (or a vault sink).
+
+    Its keys are the vault table's (``auth_mount``, ``role``, ``jwt_file``, ``client_cert``,
+    ...: ``config`` below is that table's Struct, with a vault sink's own keys applied). A
+    third-party package names its kind in the entry-point group ``dvs_agent.vault_logins``.
+    :meth:`login` imports hvac's parts it needs only then; it reads its credential files at
+    every call (they rotate) through :meth:`LoginContext.read_file`, raises an
+    :class:`~agent.errors.AgentError` for the failures it can explain and lets other hvac and
+    requests errors through: the connection maps those, naming :meth:`what`.
+    """
+
+    #: the ``auth_method`` value
+    name: ClassVar[str]
+    #: the interface version the kind was written for
+    api_version: ClassVar[int] = API_VERSION
+    #: who holds the policy, in permission-denied hints ("the policy of the agent's HOLDER")
+    holder: ClassVar[str] = "role"
+    #: True: the token is handed to the agent, not made by a login (``token``): before it runs
+    #: out, and after a 403, the connection reads it again and renews it instead of logging in
+    given: ClassVar[bool] = False
+
+    def mount(self, config: Any) -> str:
+        """The auth method's mount: ``auth_mount``, else the method's name."""
+        mount: str | None = getattr(config, "auth_mount", None)
+        return mount or self.name
+
+    def check(self, config: Any, where: Where) -> Iterable[str]:
+        """Problems of the keys this method reads, each ``key.path: what is wrong``."""
+        return ()
+
+    def describe(self, config: Any) -> str:
+        """What ``check`` says of the login (no secrets): ``jwt login (role dvs)``."""
+        return f"{self.name} login"
+
+    def what(self, config: Any) -> str:
+        """The operation a failed login names: ``JWT login at auth/jwt``."""
+        return f"{self.name} login at auth/{self.mount(config)}"
+
+    def client_cert(self, config: Any) -> tuple[str, str] | None:
+        """``(certificate file, key file)`` the connection presents in its TLS handshakes."""
+        return None
+
+    def login(self, config: Any, ctx: LoginContext) -> Login:
+        raise NotImplementedError(f"login method {self.name} has no login()")

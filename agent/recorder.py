@@ -34,6 +34,8 @@ class Recorder(Protocol):
 
     def source_in_use(self, profile: str, source: str, sources: Sequence[str]) -> None: ...
 
+    def login_credential_expiry(self, profile: str, method: str, at: float) -> None: ...
+
     def forget(self, profile: str) -> None: ...
 
 
@@ -68,6 +70,9 @@ class NullRecorder:
         pass
 
     def source_in_use(self, profile: str, source: str, sources: Sequence[str]) -> None:
+        pass
+
+    def login_credential_expiry(self, profile: str, method: str, at: float) -> None:
         pass
 
     def forget(self, profile: str) -> None:

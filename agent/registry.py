@@ -23,14 +23,14 @@ import msgspec
 from agent import __version__
 from agent.config.schema import CORE_PROFILE_KEYS, Schema, build_schema
 from agent.errors import ConfigError
-from agent.keypath import toml_repr
+from agent.keypath import listing, toml_repr
 from agent.masking import outside
-from agent.plugin import API_VERSION, SinkKind, SourceKind, TriggerKind
+from agent.plugin import API_VERSION, LoginKind, SinkKind, SourceKind, TriggerKind
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
 
-Role = Literal["source", "sink"]
+Role = Literal["source", "sink", "login"]
 
 #: the built-in credential sources, in the order ``check`` lists them: name → module:attribute
 BUILTIN_SOURCES: Mapping[str, str] = MappingProxyType(
@@ -49,13 +49,25 @@ BUILTIN_SINKS: Mapping[str, str] = MappingProxyType(
         "redis": "agent.sinks.redis:KIND",
     }
 )
+#: the built-in Vault login methods (``auth_method``): name → module:attribute
+BUILTIN_LOGINS: Mapping[str, str] = MappingProxyType(
+    {
+        "token": "agent.logins.token:KIND",
+        "approle": "agent.logins.approle:KIND",
+        "jwt": "agent.logins.jwt:KIND",
+        "kubernetes": "agent.logins.kubernetes:KIND",
+        "cert": "agent.logins.cert:KIND",
+    }
+)
 #: the built-in rotation triggers (besides polling and SIGHUP): name → module:attribute
 BUILTIN_TRIGGERS: Mapping[str, str] = MappingProxyType({"sqs": "agent.triggers.sqs:KIND"})
 #: the entry-point group of each role
 GROUPS: Mapping[Role, str] = MappingProxyType(
-    {"source": "dvs_agent.sources", "sink": "dvs_agent.sinks"}
+    {"source": "dvs_agent.sources", "sink": "dvs_agent.sinks", "login": "dvs_agent.vault_logins"}
 )
-_BASES: Mapping[Role, type[Any]] = MappingProxyType({"source": SourceKind, "sink": SinkKind})
+_BASES: Mapping[Role, type[Any]] = MappingProxyType(
+    {"source": SourceKind, "sink": SinkKind, "login": LoginKind}
+)
 #: the distribution that ships the built-ins
 OWN_DISTRIBUTION = "dvs-agent"
 
@@ -103,9 +115,14 @@ class Registry:
         *,
         sources: Mapping[str, str] = BUILTIN_SOURCES,
         sinks: Mapping[str, str] = BUILTIN_SINKS,
+        logins: Mapping[str, str] = BUILTIN_LOGINS,
         discover: Callable[[str], Iterable[EntryPoint]] = _entry_points,
     ) -> None:
-        self._builtin: Mapping[Role, Mapping[str, str]] = {"source": sources, "sink": sinks}
+        self._builtin: Mapping[Role, Mapping[str, str]] = {
+            "source": sources,
+            "sink": sinks,
+            "login": logins,
+        }
         self._discover = discover
         self._lock = threading.RLock()
         self._third: dict[Role, dict[str, PluginInfo]] | None = None
@@ -142,7 +159,7 @@ class Registry:
     def _third_party(self) -> dict[Role, dict[str, PluginInfo]]:
         with self._lock:
             if self._third is None:
-                found: dict[Role, dict[str, PluginInfo]] = {"source": {}, "sink": {}}
+                found: dict[Role, dict[str, PluginInfo]] = {role: {} for role in GROUPS}
                 for role, group in GROUPS.items():
                     for entry in self._discover(group):
                         self._admit(role, entry, found[role])
@@ -194,6 +211,16 @@ class Registry:
         kind: SinkKind[Any] = self.kind("sink", name)
         return kind
 
+    def login(self, name: str) -> LoginKind:
+        """The Vault login method ``name`` (:class:`PluginError` listing the methods available
+        when none provides it)."""
+        if not self.provides("login", name):
+            raise PluginError(
+                f"invalid value {toml_repr(name)}; expected one of: {listing(self.names('login'))}"
+            )
+        kind: LoginKind = self.kind("login", name)
+        return kind
+
     def _load(self, info: PluginInfo) -> Any:
         def refused(why: str) -> PluginError:
             return PluginError(
@@ -217,6 +244,8 @@ class Registry:
             )
         if getattr(obj, "name", None) != info.name:
             raise refused(f"its name is {getattr(obj, 'name', None)!r}, not {info.name!r}")
+        if info.role == "login":
+            return obj
         config_type = getattr(obj, "config_type", None)
         if not (isinstance(config_type, type) and issubclass(config_type, msgspec.Struct)):
             raise refused("its config_type is not a msgspec.Struct")

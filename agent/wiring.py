@@ -17,7 +17,7 @@ from agent.logs import Redactor
 from agent.manager import Profile
 from agent.oauth import TlsContexts, TokenClient
 from agent.policy import Timing
-from agent.recorder import Recorder
+from agent.recorder import NULL, Recorder
 from agent.registry import Registry
 from agent.sources.chain import SourceChain
 from agent.state import StateStore
@@ -39,10 +39,15 @@ def build_profile(
 ) -> Profile:
     """The profile ``name``: its sources, sinks and token client (raises ConfigError or
     SinkError for settings that cannot be built; the sinks are checked by the caller)."""
-    sources = build_sources(name, pc, environ=environ, logger=logger, registry=registry)
+    recorder = NULL if metrics is None else metrics
+    sources = build_sources(
+        name, pc, environ=environ, logger=logger, registry=registry, metrics=recorder
+    )
     on_error = None if metrics is None else (lambda source: metrics.source_error(name, source))
     try:
-        sinks = build_sinks(name, pc, environ=environ, logger=logger, registry=registry)
+        sinks = build_sinks(
+            name, pc, environ=environ, logger=logger, registry=registry, metrics=recorder
+        )
     except BaseException:
         for source in sources:
             source.close()

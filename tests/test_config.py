@@ -660,10 +660,15 @@ def test_vault_defaults_match_the_design() -> None:
     assert msgspec.structs.asdict(vault) == {
         "address": None,
         "auth_method": "approle",
+        "auth_mount": None,
         "token_file": None,
         "role_id_file": "/etc/dvs-agent/role_id",
         "secret_id_file": "/etc/dvs-agent/secret_id",
-        "approle_mount": "approle",
+        "approle_mount": None,
+        "role": None,
+        "jwt_file": None,
+        "client_cert": None,
+        "client_key": None,
         "mount": "secret",
         "path": "dvs/osigu",
         "kv_version": 2,
@@ -1329,10 +1334,15 @@ def test_each_write_back_sink_type_decodes_with_defaults() -> None:
         "path": "dvs/t",
         "address": None,
         "auth_method": None,
+        "auth_mount": None,
         "token_file": None,
         "role_id_file": None,
         "secret_id_file": None,
         "approle_mount": None,
+        "role": None,
+        "jwt_file": None,
+        "client_cert": None,
+        "client_key": None,
         "namespace": None,
         "ca_cert": None,
         "tls_skip_verify": None,
@@ -1443,7 +1453,7 @@ def test_vault_sink_auth_method_lists_the_allowed_values() -> None:
     message = sink_error('type = "vault"\npath = "p"\nauth_method = "ldap"')
     assert message == (
         'agent.toml: profiles.dvs.sinks[1].auth_method: invalid value "ldap"; '
-        'expected one of: "approle", "token"'
+        'expected one of: "token", "approle", "jwt", "kubernetes", "cert"'
     )
 
 
@@ -1655,7 +1665,7 @@ def test_vault_sink_merged_without_a_vault_table_takes_the_source_defaults() -> 
         token_file=None,
         role_id_file="/etc/dvs-agent/role_id",
         secret_id_file="/etc/dvs-agent/secret_id",
-        approle_mount="approle",
+        approle_mount=None,
         namespace=None,
         ca_cert=None,
         tls_skip_verify=False,

@@ -351,7 +351,7 @@ def test_vault_approle_login_rejection_masks_the_secret_id(
         f"): check role_id/secret_id (profiles.dvs.vault.role_id_file = {tmp_path}/role_id, "
         f"profiles.dvs.vault.secret_id_file = {tmp_path}/secret_id; the secret_id may have "
         "expired or reached its use limit) and that AppRole is mounted at auth/approle "
-        "(profiles.dvs.vault.approle_mount)",
+        "(profiles.dvs.vault.auth_mount)",
     )
 
 

@@ -3,8 +3,9 @@ poll's GET, against a real OpenBao dev server wherever the behaviour is Vault's 
 
 The Vault source and sink tests (test_vault_source.py, test_writeback_sinks.py,
 test_store_texts.py) prove the connection through its callers; these prove its parts: each login
-returns the token Vault issued with its TTL, a method is one entry of ``LOGINS`` (a userpass
-login added here gets renewal by logging in again and the 403 re-login, like AppRole), and each
+returns the token Vault issued with its TTL, a method is one :class:`~agent.plugin.LoginKind` (a
+userpass login added here gets renewal by logging in again and the 403 re-login, like AppRole),
+and each
 failure becomes the agent error that says what to do, with Vault's text masked (DESIGN §10).
 """
 
@@ -30,12 +31,17 @@ import pytest
 import requests
 
 from agent.errors import ConfigError, SourceEmpty, SourceUnavailable
+from agent.logins import token as given_token
+from agent.logins.approle import KIND as APPROLE
+from agent.logins.common import ttl_seconds
+from agent.logins.token import KIND as TOKEN
 from agent.masking import MASK
 from agent.models import MAX_ANSWER_BYTES
+from agent.plugin import Login, LoginContext, LoginKind
+from agent.registry import BUILTIN_LOGINS, Registry
 from agent.sources.vault import VaultSourceConfig
-from agent.stores.vault import errors, logins
+from agent.stores.vault import errors
 from agent.stores.vault.connection import ERROR_BODY_BYTES, VaultConnection
-from agent.stores.vault.logins import LOGINS, Login, LoginContext, LoginMethod
 from agent.stores.vault.settings import DEFAULT_TOKEN_FILE, VaultAuth
 from agent.stores.vault.source import VaultSource
 from tests.conftest import vault_auth
@@ -86,9 +92,11 @@ class Context:
     environ: dict[str, str] = field(default_factory=dict)
     remembered: dict[str, str] = field(default_factory=dict)
 
-    def ctx(self) -> LoginContext:
+    def ctx(self, auth: VaultAuth | None = None) -> LoginContext:
         return LoginContext(
             client=self.client,
+            address=auth.address if auth is not None else "http://127.0.0.1:1",
+            config_key=auth.config_key if auth is not None else "vault",
             environ=self.environ,
             log=logging.getLogger("agent.vault"),
             remember=self.remembered.__setitem__,
@@ -110,22 +118,24 @@ def write_secret(root: Any, path: str, **data: str) -> None:
 # -- the table ------------------------------------------------------------------------------------
 
 
-def test_every_method_is_one_entry_with_one_signature() -> None:
-    assert set(LOGINS) == {"token", "approle"}
-    for name, method in LOGINS.items():
-        assert isinstance(method, LoginMethod), name
-        assert list(inspect.signature(method.login).parameters) == ["auth", "ctx"], name
-        assert method.holder and method.what(vault_auth(address="http://v:8200")), name
-    assert LOGINS["token"].given and not LOGINS["approle"].given
-    assert LOGINS["approle"].what(vault_auth(address="x", approle_mount="ar")) == (
-        "AppRole login at auth/ar"
-    )
+def test_every_method_is_one_kind_with_one_signature() -> None:
+    registry = Registry(discover=lambda group: ())
+    assert list(BUILTIN_LOGINS) == ["token", "approle", "jwt", "kubernetes", "cert"]
+    for name in BUILTIN_LOGINS:
+        method = registry.login(name)
+        assert isinstance(method, LoginKind) and method.name == name, name
+        assert list(inspect.signature(method.login).parameters) == ["config", "ctx"], name
+        assert method.holder and method.what(VaultSourceConfig(role="r", client_cert="c")), name
+    assert TOKEN.given and not any(registry.login(n).given for n in list(BUILTIN_LOGINS)[1:])
+    assert APPROLE.what(VaultSourceConfig(approle_mount="ar")) == "AppRole login at auth/ar"
+    assert APPROLE.what(VaultSourceConfig(auth_mount="ar2")) == "AppRole login at auth/ar2"
+    assert registry.login("jwt").mount(VaultSourceConfig()) == "jwt"
 
 
 def test_a_login_never_shows_its_token() -> None:
     login = Login("hvs.very-secret-token-value", 60, True)
     assert "very-secret" not in repr(login)
-    assert repr(login) == "Login(ttl_seconds=60, renewable=True)"
+    assert repr(login) == "Login(ttl_seconds=60, renewable=True, credential_expires_at=None)"
 
 
 @pytest.mark.parametrize(
@@ -133,7 +143,7 @@ def test_a_login_never_shows_its_token() -> None:
     [(3600, 3600), ("120", 120), (0, 0), (-5, 0), (True, 0), ("1e3", 0), ("٣", 0), (None, 0)],
 )
 def test_ttl_seconds_takes_whole_numbers_only(value: object, seconds: int) -> None:
-    assert logins.ttl_seconds(value) == seconds
+    assert ttl_seconds(value) == seconds
 
 
 # -- token ----------------------------------------------------------------------------------------
@@ -146,7 +156,7 @@ def test_token_login_returns_the_tokens_ttl_and_renewability(
     token_file = tmp_path / "token"
     token_file.write_text(f"  {token}\n")
     auth = vault_auth(address=bao.address, auth_method="token", token_file=str(token_file))
-    login = LOGINS["token"].login(auth, fresh.ctx())
+    login = TOKEN.login(auth.config, fresh.ctx(auth))
     assert login.token == token
     assert 110 <= login.ttl_seconds <= 120
     assert login.renewable
@@ -157,8 +167,8 @@ def test_token_login_returns_the_tokens_ttl_and_renewability(
 def test_root_token_from_the_environment_has_no_expiry(bao: Bao, fresh: Context) -> None:
     fresh.environ["VAULT_TOKEN"] = f"{bao.root_token}\n"
     auth = vault_auth(address=bao.address, auth_method="token")
-    assert logins.read_token(auth, fresh.ctx()) == (bao.root_token, "$VAULT_TOKEN")
-    login = logins.token(auth, fresh.ctx())
+    assert given_token.read_token(auth.config, fresh.ctx(auth)) == (bao.root_token, "$VAULT_TOKEN")
+    login = TOKEN.login(auth.config, fresh.ctx(auth))
     assert (login.token, login.ttl_seconds, login.renewable) == (bao.root_token, 0, False)
 
 
@@ -169,9 +179,12 @@ def test_token_file_wins_over_the_environment_and_the_default_is_named(
     token_file.write_text("from-the-file")
     fresh.environ["VAULT_TOKEN"] = "from-the-environment"
     auth = vault_auth(address=bao.address, auth_method="token", token_file=str(token_file))
-    assert logins.read_token(auth, fresh.ctx()) == ("from-the-file", str(token_file))
+    assert given_token.read_token(auth.config, fresh.ctx(auth)) == (
+        "from-the-file",
+        str(token_file),
+    )
     with pytest.raises(SourceEmpty) as caught:
-        logins.read_token(vault_auth(address=bao.address, auth_method="token"), Context(None).ctx())
+        given_token.read_token(VaultSourceConfig(auth_method="token"), Context(None).ctx())
     assert str(caught.value) == (
         f"{DEFAULT_TOKEN_FILE} (vault.token_file) does not exist: write it, or set "
         "vault.token_file to the file that holds the token"
@@ -186,7 +199,7 @@ def test_revoked_token_is_rejected_and_the_client_left_without_one(
     fresh.environ["VAULT_TOKEN"] = token
     auth = vault_auth(address=bao.address, auth_method="token", config_key="profiles.a.vault")
     with pytest.raises(SourceUnavailable) as caught:
-        logins.token(auth, fresh.ctx())
+        TOKEN.login(auth.config, fresh.ctx(auth))
     assert str(caught.value) == (
         f"Vault at {bao.address} does not accept the token from $VAULT_TOKEN (expired or "
         "revoked, or Vault was rebuilt; its policy must also allow the default lookup-self): "
@@ -224,7 +237,7 @@ def role(bao: Bao, root: Any, tmp_path: Path) -> Role:
 
 
 def test_approle_login_returns_a_token_with_the_roles_ttl(role: Role, fresh: Context) -> None:
-    login = LOGINS["approle"].login(role.auth, fresh.ctx())
+    login = APPROLE.login(role.auth.config, fresh.ctx(role.auth))
     assert (login.ttl_seconds, login.renewable) == (90, True)
     assert {"role_id_file": role.role_id, "secret_id_file": role.secret_id}.items() <= (
         fresh.remembered.items()
@@ -239,7 +252,7 @@ def test_approle_login_rejected_shows_vaults_reason_not_the_secret_id(
     wrong = str(uuid.uuid4())
     Path(role.auth.config.secret_id_file).write_text(wrong)
     with pytest.raises(SourceUnavailable) as caught:
-        logins.approle(role.auth, fresh.ctx())
+        APPROLE.login(role.auth.config, fresh.ctx(role.auth))
     message = str(caught.value)
     assert message.startswith(
         f"AppRole login at auth/approle on Vault at {role.auth.address} rejected (invalid role "
@@ -258,7 +271,7 @@ def test_approle_at_a_missing_mount_names_the_mount_key(role: Role, fresh: Conte
         approle_mount="nowhere",
     )
     with pytest.raises(SourceUnavailable) as caught:
-        logins.approle(auth, fresh.ctx())
+        APPROLE.login(auth.config, fresh.ctx(auth))
     message = str(caught.value)
     assert message.startswith(f"AppRole login at auth/nowhere on Vault at {auth.address} rejected")
     assert message.endswith("and that AppRole is mounted at auth/nowhere (vault.approle_mount)")
@@ -267,36 +280,38 @@ def test_approle_at_a_missing_mount_names_the_mount_key(role: Role, fresh: Conte
 def test_credential_files_missing_or_empty_name_their_key(tmp_path: Path) -> None:
     auth = vault_auth(address="http://127.0.0.1:1", config_key="profiles.p.vault")
     remembered: dict[str, str] = {}
-    ctx = Context(None, remembered=remembered).ctx()
+    ctx = Context(None, remembered=remembered).ctx(auth)
     with pytest.raises(SourceEmpty, match=r"\(profiles\.p\.vault\.role_id_file\) does not exist"):
-        logins.read_credential(auth, ctx, str(tmp_path / "absent"), "role_id_file")
+        ctx.read_file(str(tmp_path / "absent"), "role_id_file")
     (tmp_path / "empty").write_text(" \n")
     with pytest.raises(SourceEmpty) as caught:
-        logins.read_credential(auth, ctx, str(tmp_path / "empty"), "secret_id_file")
+        ctx.read_file(str(tmp_path / "empty"), "secret_id_file")
     assert str(caught.value) == f"{tmp_path / 'empty'} (profiles.p.vault.secret_id_file) is empty"
     assert remembered == {}
 
 
-# -- a method added to the table: userpass --------------------------------------------------------
+# -- a method of a plug-in: userpass -----------------------------------------------------------
 
 
-def userpass_login(username: str, password_file: Path, calls: list[str]) -> LoginMethod:
-    """What a jwt, kubernetes or cert login would look like: one function, one entry."""
+class UserpassLogin(LoginKind):
+    """What a third-party login method looks like: one class (DESIGN §11, §12)."""
 
-    def login(auth: VaultAuth, ctx: LoginContext) -> Login:
-        password = logins.read_credential(auth, ctx, str(password_file), "password_file")
-        answer = ctx.client.auth.userpass.login(username, password, mount_point="userpass")
-        calls.append(answer["auth"]["client_token"])
+    name = "userpass"
+    holder = "userpass user"
+
+    def __init__(self, username: str, password_file: Path, calls: list[str]) -> None:
+        self.username, self.password_file, self.calls = username, password_file, calls
+
+    def login(self, config: Any, ctx: LoginContext) -> Login:
+        password = ctx.read_file(str(self.password_file), "password_file")
+        answer = ctx.client.auth.userpass.login(self.username, password, mount_point="userpass")
+        self.calls.append(answer["auth"]["client_token"])
         lease = answer["auth"]
         return Login(lease["client_token"], lease["lease_duration"], lease["renewable"])
 
-    return LoginMethod(
-        login=login, holder="userpass user", what=lambda auth: "userpass login at auth/userpass"
-    )
 
-
-def test_a_method_added_to_the_table_gets_renewal_and_the_403_relogin(
-    bao: Bao, root: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_plugin_method_gets_renewal_and_the_403_relogin(
+    bao: Bao, root: Any, tmp_path: Path
 ) -> None:
     username, password = f"dvs-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
     root.auth.userpass.create_or_update_user(
@@ -304,15 +319,14 @@ def test_a_method_added_to_the_table_gets_renewal_and_the_403_relogin(
     )
     (tmp_path / "password").write_text(password)
     calls: list[str] = []
-    monkeypatch.setitem(
-        LOGINS,  # type: ignore[arg-type]
-        "userpass",
-        userpass_login(username, tmp_path / "password", calls),
-    )
     path = new_path()
     write_secret(root, path, client_id="dvs", client_secret="s3cret-value")
     now = [1000.0]
-    auth = vault_auth(address=bao.address, auth_method="userpass")  # type: ignore[arg-type]
+    auth = VaultAuth(
+        address=bao.address,
+        config=VaultSourceConfig(auth_method="userpass"),
+        login=UserpassLogin(username, tmp_path / "password", calls),
+    )
     connection = VaultConnection(auth, environ={}, clock=lambda: now[0])
     source = VaultSource(connection, VaultSourceConfig(path=path))
 

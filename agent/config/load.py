@@ -109,7 +109,7 @@ def parse_config(
         config = msgspec.convert(data, schema.config, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:
         raise _config_error(source, [explain(exc, data, schema)]) from None
-    errors = list(_check(config, schema))
+    errors = list(_check(config, schema, registry))
     if errors:
         raise _config_error(source, errors)
     return config
@@ -142,7 +142,7 @@ def config_file_warnings(
         for name, profile in config.profiles.items()
         for index, sink in enumerate(profile.sinks)
         for where, argv in registry.sink(sink_kind_name(sink)).commands(
-            sink, _where(name, ["sinks", index])
+            sink, Where.of(name, ["sinks", index], plugins=registry)
         )
     ]
     if hooks:
@@ -317,24 +317,7 @@ def _kinds_named(
 
 
 # ------------------------------------------------------------------------ cross-field checks
-def _where(
-    profile: str,
-    rest: list[Segment],
-    *,
-    tables: Mapping[str, msgspec.Struct] | None = None,
-    listed: bool = True,
-) -> Where:
-    segments: tuple[Segment, ...] = ("profiles", profile, *rest)
-    return Where(
-        profile=profile,
-        key=key_path(segments),
-        segments=segments,
-        tables=tables if tables is not None else {},
-        listed=listed,
-    )
-
-
-def _check(config: Config, schema: Schema) -> Iterator[str]:
+def _check(config: Config, schema: Schema, registry: Registry) -> Iterator[str]:
     """Every problem that msgspec's types cannot express, as ``key.path: what is wrong``."""
     state_dir = config.agent.state_dir
     if not state_dir:
@@ -370,14 +353,14 @@ def _check(config: Config, schema: Schema) -> Iterator[str]:
         tables = profile.tables()
         for kind_name, kind in schema.sources.items():
             listed = kind_name in profile.sources
-            where = _where(name, [kind_name], tables=tables, listed=listed)
+            where = Where.of(name, [kind_name], tables=tables, listed=listed, plugins=registry)
             table = tables.get(kind_name)
             yield from kind.check_table(table, where)
             if listed and table is not None:
                 read += [(name, target) for target in kind.targets(table, where)]
         for index, sink in enumerate(profile.sinks):
             sink_kind = schema.sinks[sink_kind_name(sink)]
-            where = _where(name, ["sinks", index], tables=tables)
+            where = Where.of(name, ["sinks", index], tables=tables, plugins=registry)
             yield from sink_kind.check(sink, where)
             written += [(name, target) for target in sink_kind.targets(sink, where)]
     yield from target_problems(read, written)

@@ -9,7 +9,7 @@ which imports hvac, is :mod:`agent.stores.vault.sink`, imported by :meth:`VaultS
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -21,6 +21,7 @@ from agent.sources.vault import (
     VaultSourceConfig,
     address_problem,
     connection,
+    login_problems,
     mount_path_problem,
     secret_target,
 )
@@ -47,11 +48,16 @@ class VaultSinkConfig(
     path: str
     #: None: the ``[vault]`` table's, else ``$VAULT_ADDR``
     address: str | None = None
-    auth_method: Literal["token", "approle"] | None = None
+    auth_method: str | None = None
+    auth_mount: str | None = None
     token_file: str | None = None
     role_id_file: str | None = None
     secret_id_file: str | None = None
     approle_mount: str | None = None
+    role: str | None = None
+    jwt_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
     namespace: str | None = None
     ca_cert: str | None = None
     tls_skip_verify: bool | None = None
@@ -92,18 +98,31 @@ class VaultSinkKind(SinkKind[VaultSinkConfig]):
             problem = address_problem(sink.address)
             if problem:
                 yield f"{where.at('address')}: {problem}"
-        for file_key in ("token_file", "role_id_file", "secret_id_file", "namespace", "ca_cert"):
-            if getattr(sink, file_key) == "":
-                yield (
-                    f"{where.at(file_key)}: must not be empty (leave the key out to use the "
-                    f"value of {table})"
-                )
-        for mount_key, example in (("approle_mount", "approle"), ("mount", "secret")):
-            value = getattr(sink, mount_key)
-            if value is not None:
-                problem = mount_path_problem(value, example)
-                if problem:
-                    yield f"{where.at(mount_key)}: {problem}"
+        own_empty = [
+            key
+            for key in (
+                "auth_method",
+                "token_file",
+                "role_id_file",
+                "secret_id_file",
+                "role",
+                "jwt_file",
+                "client_cert",
+                "client_key",
+                "namespace",
+                "ca_cert",
+            )
+            if getattr(sink, key) == ""
+        ]
+        for file_key in own_empty:
+            yield (
+                f"{where.at(file_key)}: must not be empty (leave the key out to use the "
+                f"value of {table})"
+            )
+        if sink.mount is not None:
+            problem = mount_path_problem(sink.mount, "secret")
+            if problem:
+                yield f"{where.at('mount')}: {problem}"
         if sink.ca_cert:
             problem = readable_file_problem(sink.ca_cert)
             if problem:
@@ -114,14 +133,11 @@ class VaultSinkKind(SinkKind[VaultSinkConfig]):
                 f"takes from {table} ({toml_repr(profile_vault.mount)}) is KV v1 there "
                 "(kv_version = 1): set mount to a KV v2 engine's mount"
             )
-        vault = merged(sink, profile_vault)
-        if vault.auth_method == "approle":
-            for file_key in ("role_id_file", "secret_id_file"):
-                if getattr(sink, file_key) is None and not getattr(vault, file_key):
-                    yield (
-                        f'{where.at(file_key)}: required with auth_method = "approle": {table} '
-                        "leaves it empty, so set it here"
-                    )
+        if "auth_method" not in own_empty:
+            reported = tuple(f"{where.at(key)}:" for key in own_empty)
+            for problem in login_problems(merged(sink, profile_vault), where):
+                if not problem.startswith(reported):
+                    yield problem
 
     def describe(self, config: VaultSinkConfig, where: Where) -> str:
         vault = merged(config, where.table("vault"))

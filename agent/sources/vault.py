@@ -48,15 +48,25 @@ class VaultSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
 
     #: ``https://vault.internal:8200``; None: ``$VAULT_ADDR`` (see :meth:`resolved_address`)
     address: str | None = None
-    #: token | approle
-    auth_method: Literal["token", "approle"] = "approle"
+    #: token | approle | jwt | kubernetes | cert, or a login plug-in's name (DESIGN §12)
+    auth_method: str = "approle"
+    #: where the auth method is mounted (``auth/<auth_mount>/login``); None: the method's name
+    auth_mount: str | None = None
     #: token auth: this file, else ``$VAULT_TOKEN``, else ``/run/vault/token``
     token_file: str | None = None
     #: approle auth: files holding the role id and the secret id (never the values here)
     role_id_file: str = "/etc/dvs-agent/role_id"
     secret_id_file: str = "/etc/dvs-agent/secret_id"  # noqa: S105 - a path
-    #: where the AppRole auth method is mounted (``auth/<approle_mount>/login``)
-    approle_mount: str = "approle"
+    #: the old name of ``auth_mount``, for AppRole only
+    approle_mount: str | None = None
+    #: jwt, kubernetes: the Vault role to log in to (optional for cert: the cert role)
+    role: str | None = None
+    #: jwt: the file holding the JWT; kubernetes: the service-account token (default
+    #: ``/var/run/secrets/kubernetes.io/serviceaccount/token``); read at every login
+    jwt_file: str | None = None
+    #: cert: the client certificate and its key (PEM files), presented in the TLS handshake
+    client_cert: str | None = None
+    client_key: str | None = None
     #: the KV secrets engine's mount
     mount: str = "secret"
     #: the secret's path inside ``mount``, without slashes at either end (``dvs/osigu``)
@@ -113,13 +123,7 @@ class VaultKind(SourceKind[VaultSourceConfig]):
                 f"{key('token_file')}: must not be empty (leave the key out to use "
                 f"${VAULT_TOKEN_ENV}, else {DEFAULT_TOKEN_FILE})"
             )
-        if vault.auth_method == "approle":
-            for file_key in ("role_id_file", "secret_id_file"):
-                if not getattr(vault, file_key):
-                    yield f'{key(file_key)}: must not be empty with auth_method = "approle"'
-            problem = mount_path_problem(vault.approle_mount, "approle")
-            if problem:
-                yield f"{key('approle_mount')}: {problem}"
+        yield from login_problems(vault, where)
         problem = mount_path_problem(vault.mount, "secret")
         if problem:
             yield f"{key('mount')}: {problem}"
@@ -139,7 +143,7 @@ class VaultKind(SourceKind[VaultSourceConfig]):
         server = config.address or f"${VAULT_ADDR_ENV}"
         return (
             f"vault {config.mount}/{config.path} (KV v{config.kv_version}) at {server}, "
-            f"{config.auth_method} login"
+            f"{login_description(config, where)}"
         )
 
     def targets(self, config: VaultSourceConfig, where: Where) -> Iterator[Target]:
@@ -172,8 +176,29 @@ def connection(config: VaultSourceConfig, context: BuildContext) -> VaultConnect
         config=config,
         timeout=context.timeout,
         config_key=key,
+        login=context.where.login(config.auth_method),
     )
-    return VaultConnection(auth, environ=context.environ, logger=context.logger)
+    return VaultConnection(
+        auth, environ=context.environ, logger=context.logger, report_expiry=context.report_expiry
+    )
+
+
+def login_problems(config: VaultSourceConfig, where: Where) -> Iterator[str]:
+    """The problems of the login keys: ``auth_method`` names a login method (built in or a
+    plug-in), whose own check runs on the keys."""
+    try:
+        login = where.login(config.auth_method)
+    except ConfigError as exc:
+        yield f"{where.at('auth_method')}: {exc}"
+        return
+    yield from login.check(config, where)
+
+
+def login_description(config: VaultSourceConfig, where: Where) -> str:
+    try:
+        return where.login(config.auth_method).describe(config)
+    except ConfigError:
+        return f"{config.auth_method} login"
 
 
 def secret_target(key: str, config: VaultSourceConfig) -> Target | None:

@@ -1,11 +1,11 @@
 """One authenticated connection to Vault (or OpenBao), shared by the Vault source and sinks.
 
 :class:`VaultConnection` owns an ``hvac.Client`` and its token. :meth:`VaultConnection.call`
-is the one path every Vault request takes: it logs in when there is no token (the method's
-function in :data:`~agent.stores.vault.logins.LOGINS`), renews or logs in again when the token
-has less than a third of its TTL left, re-authenticates once when Vault answers 403 (after a
-Vault rebuild the agent's token is gone, DESIGN §5), and turns every failure into an
-:class:`~agent.errors.AgentError` that names the address and what to do
+is the one path every Vault request takes: it logs in when there is no token (the
+:class:`~agent.plugin.LoginKind` ``auth_method`` names, :mod:`agent.logins`), renews or logs in
+again when the token has less than a third of its TTL left, re-authenticates once when Vault
+answers 403 (after a Vault rebuild the agent's token is gone, DESIGN §5), and turns every failure
+into an :class:`~agent.errors.AgentError` that names the address and what to do
 (:mod:`agent.stores.vault.errors`).
 
 Vault's own texts reach a message only through :func:`agent.masking.outside`, with the token in
@@ -35,10 +35,12 @@ import requests.adapters
 import requests.utils
 
 from agent.errors import AgentError, SourceUnavailable
+from agent.logins import token as given_token
+from agent.logins.common import ttl_seconds
 from agent.masking import outside, variants
 from agent.models import MAX_ANSWER_BYTES
-from agent.stores.vault import errors, logins
-from agent.stores.vault.logins import Login, LoginContext, LoginMethod
+from agent.plugin import Login, LoginContext, LoginKind
+from agent.stores.vault import errors
 from agent.stores.vault.settings import VaultAuth
 
 T = TypeVar("T")
@@ -65,9 +67,11 @@ class VaultConnection:
         environ: Mapping[str, str] | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        report_expiry: Callable[[str, float], None] | None = None,
     ) -> None:
         self._auth = auth
-        self._method: LoginMethod = logins.LOGINS[auth.config.auth_method]
+        self._method: LoginKind = auth.method()
+        self._report_expiry = report_expiry
         self._environ = os.environ if environ is None else environ
         self._log = logger if logger is not None else logging.getLogger("agent.vault")
         self._clock = clock
@@ -221,6 +225,9 @@ class VaultConnection:
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         session.verify = verify  # hvac prefers a session's verify over its own argument
+        client_cert = self._method.client_cert(auth.config)
+        if client_cert is not None:
+            session.cert = client_cert  # presented in every handshake (the cert login)
         # Proxies from the environment (HTTPS_PROXY, NO_PROXY) are resolved once for this one
         # address; trust_env off spares every poll requests' per-call netrc and proxy look-ups.
         session.proxies = requests.utils.get_environ_proxies(auth.address)
@@ -244,14 +251,17 @@ class VaultConnection:
     # -- the token: log in, renew, log in again ---------------------------------------------------
 
     def _authenticate(self) -> None:
-        self._use(self._login(self._method.login))
+        self._use(self._login(self._log_in))
+
+    def _log_in(self, ctx: LoginContext) -> Login:
+        return self._method.login(self._auth.config, ctx)
 
     def _reauthenticate(self) -> bool:
         """After a 403: log in again, or re-read a given token. False: nothing new to try."""
         if not self._method.given:
-            self._use(self._login(self._method.login))
+            self._use(self._login(self._log_in))
             return True
-        token, where = logins.read_token(self._auth, self._context())
+        token, where = given_token.read_token(self._auth.config, self._context())
         if token == self._token:
             return False
         self._log.info("the Vault token in %s changed: using the new one", where)
@@ -262,7 +272,7 @@ class VaultConnection:
         """Less than a third of the token's TTL is left: log in again, or renew it."""
         if not self._method.given:
             try:
-                self._use(self._login(self._method.login))
+                self._use(self._login(self._log_in))
             except AgentError as exc:
                 if self._expires_at is None or self._clock() >= self._expires_at:
                     raise
@@ -276,7 +286,7 @@ class VaultConnection:
                 )
             return
         try:
-            token, where = logins.read_token(self._auth, self._context())
+            token, where = given_token.read_token(self._auth.config, self._context())
         except AgentError as exc:
             self._log.warning("cannot read the Vault token again; using the current one: %s", exc)
             self._renew_at = None
@@ -310,7 +320,7 @@ class VaultConnection:
             return
         auth = response.get("auth") if isinstance(response, dict) else None
         auth = auth if isinstance(auth, dict) else {}
-        ttl = logins.ttl_seconds(auth.get("lease_duration"))
+        ttl = ttl_seconds(auth.get("lease_duration"))
         self._schedule(ttl, bool(auth.get("renewable")))
         if ttl <= left + 1:
             # its max TTL is reached: renewing again would not extend it
@@ -323,14 +333,14 @@ class VaultConnection:
 
     def _adopt(self, token: str) -> None:
         """Use the given ``token`` (token auth), looked up for its TTL."""
-        self._use(self._login(lambda auth, ctx: logins.look_up(auth, ctx, token)))
+        self._use(self._login(lambda ctx: given_token.look_up(self._auth.config, ctx, token)))
 
-    def _login(self, login: Callable[[VaultAuth, LoginContext], Login]) -> Login:
+    def _login(self, login: Callable[[LoginContext], Login]) -> Login:
         """Run one login; the errors it does not explain are mapped naming the method's
         operation. A given token that fails its look-up is dropped (the next call reads it
         again); a login that fails leaves the current token in use."""
         try:
-            return login(self._auth, self._context())
+            return login(self._context())
         except AgentError:
             if self._method.given:
                 self._token = None
@@ -338,11 +348,13 @@ class VaultConnection:
         except Exception as exc:
             if self._method.given:
                 self._token = None
-            raise self._error(exc, self._method.what(self._auth)) from None
+            raise self._error(exc, self._method.what(self._auth.config)) from None
 
     def _context(self) -> LoginContext:
         return LoginContext(
             client=self._client,
+            address=self._auth.address,
+            config_key=self._auth.config_key,
             environ=self._environ,
             log=self._log,
             remember=self._sensitive.__setitem__,
@@ -356,6 +368,8 @@ class VaultConnection:
         assert self._raw is not None
         self._raw.token = login.token
         self._schedule(login.ttl_seconds, login.renewable)
+        if login.credential_expires_at is not None and self._report_expiry is not None:
+            self._report_expiry(self._method.name, login.credential_expires_at)
 
     def _schedule(self, ttl: int, renewable: bool) -> None:
         now = self._clock()
@@ -374,7 +388,9 @@ class VaultConnection:
             try:
                 self._client.auth.token.lookup_self()
             except hvac.exceptions.Forbidden:
-                return logins.token_rejected(self._auth, self._environ)
+                return given_token.token_rejected(
+                    self._auth.config, self._auth.config_key, self._auth.address, self._environ
+                )
             except Exception as exc:
                 self._log.debug("looking up the Vault token failed: %s", type(exc).__name__)
         return errors.denied(self._auth, what, needs, holder=self._method.holder)

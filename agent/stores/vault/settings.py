@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.plugin import LoginKind
 from agent.sources.vault import DEFAULT_TOKEN_FILE, VaultSourceConfig
 
 __all__ = ["DEFAULT_TOKEN_FILE", "VaultAuth"]
@@ -19,10 +20,19 @@ class VaultAuth:
 
     #: ``https://vault.internal:8200`` (the table's ``address``, else ``$VAULT_ADDR``)
     address: str
-    #: the login's keys (``auth_method``, ``token_file``, ``role_id_file``, ...): a name in
-    #: :data:`agent.stores.vault.logins.LOGINS` and the files it reads
+    #: the login's keys (``auth_method``, ``token_file``, ``role_id_file``, ``jwt_file``, ...)
     config: VaultSourceConfig = field(default_factory=VaultSourceConfig)
     #: seconds, for each HTTP request to Vault
     timeout: float = 10.0
     #: the config table these settings come from, named in error messages
     config_key: str = "vault"
+    #: the login method ``config.auth_method`` names (None: the built-in of that name)
+    login: LoginKind | None = field(default=None, compare=False)
+
+    def method(self) -> LoginKind:
+        """The login method: :attr:`login`, else the built-in named ``auth_method``."""
+        if self.login is not None:
+            return self.login
+        from agent.registry import Registry
+
+        return Registry().login(self.config.auth_method)
