@@ -10,19 +10,44 @@ ever showing the JWT.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.config import parse_config
+from agent.devserver import TokenServer
 from agent.errors import ConfigError, SourceUnavailable
 from agent.logins.common import jwt_expiry
 from agent.logins.kubernetes import SERVICE_ACCOUNT_TOKEN
-from agent.plugin import LoginContext
+from agent.plugin import Login, LoginContext, LoginKind
 from agent.registry import Registry
 from agent.sources.vault import VaultSourceConfig
+from agent.stores.vault.connection import VaultConnection
+from agent.stores.vault.settings import VaultAuth
+from agent.stores.vault.source import VaultSource
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, agent_env, run_cli
+from tests.vault_logins import (
+    BaoTLS,
+    CertAuthority,
+    JwtIssuer,
+    TokenReviewServer,
+    configure_cert,
+    configure_jwt,
+    configure_kubernetes,
+    make_client_cert,
+    write_kv_read_policy,
+)
+from tests.vault_logins import bao_tls_fixture as bao_tls_fixture
+from tests.vault_logins import jwt_issuer_fixture as jwt_issuer_fixture
+from tests.vault_logins import login_ca_fixture as login_ca_fixture
+from tests.vault_logins import token_review_fixture as token_review_fixture
 
 
 def vault_toml(lines: str, *, sink: str = "") -> str:
@@ -176,3 +201,448 @@ def test_an_expired_jwt_is_an_error_naming_the_file_before_any_request(tmp_path:
     assert remembered == {"jwt_file": jwt}  # masked from the moment it was read
     assert jwt not in str(caught.value)
 
+
+# -- against a real OpenBao ---------------------------------------------------------------------
+
+POLICY = "dvs-logins-read"
+
+
+@pytest.fixture(scope="module")
+def root(bao_tls: BaoTLS) -> Iterator[Any]:
+    client = bao_tls.client()
+    write_kv_read_policy(client, POLICY, path="dvs")
+    client.sys.create_or_update_policy(
+        POLICY,
+        'path "secret/data/dvs/*" { capabilities = ["read"] }\n'
+        'path "secret/metadata/dvs/*" { capabilities = ["read"] }\n',
+    )
+    yield client
+    client.adapter.close()
+
+
+def new_secret(root: Any) -> str:
+    path = f"dvs/{uuid.uuid4().hex[:12]}"
+    root.secrets.kv.v2.create_or_update_secret(
+        path=path, secret={"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+    )
+    return path
+
+
+@dataclass
+class Counting(LoginKind):
+    """A built-in method, counting its logins and keeping the tokens it got."""
+
+    inner: LoginKind
+    tokens: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = self.inner.name  # type: ignore[misc]
+        self.holder = self.inner.holder  # type: ignore[misc]
+
+    def mount(self, config: Any) -> str:
+        return self.inner.mount(config)
+
+    def what(self, config: Any) -> str:
+        return self.inner.what(config)
+
+    def client_cert(self, config: Any) -> tuple[str, str] | None:
+        return self.inner.client_cert(config)
+
+    def login(self, config: Any, ctx: LoginContext) -> Login:
+        login = self.inner.login(config, ctx)
+        self.tokens.append(login.token)
+        return login
+
+
+@dataclass
+class Rig:
+    """A Vault source on one connection with an injected clock, its logins counted."""
+
+    source: VaultSource
+    method: Counting
+    now: list[float]
+    expiries: list[tuple[str, float]]
+
+    def read_id(self) -> str:
+        return self.source.read().client_id
+
+
+def rig(address: str, path: str, **keys: Any) -> Rig:
+    config = VaultSourceConfig(address=address, path=path, **keys)
+    method = Counting(Registry().login(config.auth_method))
+    now = [1000.0]
+    expiries: list[tuple[str, float]] = []
+    auth = VaultAuth(address=address, config=config, config_key="profiles.dvs.vault", login=method)
+    connection = VaultConnection(
+        auth,
+        environ={},
+        clock=lambda: now[0],
+        report_expiry=lambda m, at: expiries.append((m, at)),
+    )
+    return Rig(
+        VaultSource(connection, config, config_key="profiles.dvs.vault"), method, now, expiries
+    )
+
+
+def renews_and_relogs_in(r: Rig, root: Any, ttl: int) -> None:
+    """The token is replaced by a login before it runs out, and after a 403."""
+    assert r.read_id() == CLIENT_ID
+    assert len(r.method.tokens) == 1
+    r.now[0] += ttl * 0.6  # more than a third left: no login
+    r.source.version()
+    assert len(r.method.tokens) == 1
+    r.now[0] += ttl * 0.1  # less than a third left: log in again before it runs out
+    r.source.version()
+    assert len(r.method.tokens) == 2
+    root.auth.token.revoke(r.method.tokens[-1])  # a rebuilt Vault: the token is gone
+    assert r.read_id() == CLIENT_ID
+    assert len(r.method.tokens) == 3  # the 403, one login, the retry
+
+
+def once_config(tmp_path: Path, server: TokenServer, vault: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f"""
+[agent]
+state_dir = "{tmp_path}/state"
+log_level = "debug"
+log_format = "text"
+
+[health]
+listen = ""
+
+[profiles.dvs]
+token_url = "{server.url}"
+sources = ["vault"]
+
+[profiles.dvs.vault]
+{vault}
+
+[[profiles.dvs.sinks]]
+path = "{tmp_path}/token"
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def token_server() -> Iterator[TokenServer]:
+    with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}) as server:
+        yield server
+
+
+# -- jwt --
+
+
+@pytest.fixture(scope="module")
+def jwt_mount(root: Any, jwt_issuer: JwtIssuer) -> str:
+    configure_jwt(
+        root,
+        pubkey_pem=jwt_issuer.public_key_pem,
+        mount="jwt-logins",
+        role="dvs",
+        policies=(POLICY,),
+        ttl=dt.timedelta(seconds=60),
+    )
+    return "jwt-logins"
+
+
+def test_jwt_login_renews_relogs_in_and_reads_the_rotated_jwt(
+    bao_tls: BaoTLS, root: Any, jwt_issuer: JwtIssuer, jwt_mount: str, tmp_path: Path
+) -> None:
+    jwt_file = tmp_path / "vault.jwt"
+    first = jwt_issuer.mint(ttl=dt.timedelta(minutes=10))
+    jwt_file.write_text(first + "\n")
+    r = rig(
+        bao_tls.address,
+        new_secret(root),
+        auth_method="jwt",
+        auth_mount=jwt_mount,
+        role="dvs",
+        jwt_file=str(jwt_file),
+    )
+    renews_and_relogs_in(r, root, 60)
+    (method, at) = r.expiries[-1]
+    assert method == "jwt" and abs(at - jwt_issuer_exp(first)) < 1
+    # the identity provider rotates the file: the next login reads the new JWT
+    second = jwt_issuer.mint(ttl=dt.timedelta(minutes=20))
+    jwt_file.write_text(second)
+    root.auth.token.revoke(r.method.tokens[-1])
+    assert r.read_id() == CLIENT_ID
+    assert abs(r.expiries[-1][1] - jwt_issuer_exp(second)) < 1
+    # a JWT nobody renewed: the error names the file; the token in hand stays in use until then
+    jwt_file.write_text(jwt_issuer.expired())
+    root.auth.token.revoke(r.method.tokens[-1])
+    with pytest.raises(SourceUnavailable) as caught:
+        r.read_id()
+    message = str(caught.value)
+    assert f"the JWT in {jwt_file} (profiles.dvs.vault.jwt_file) expired at " in message
+    assert first not in message and second not in message
+
+
+def jwt_issuer_exp(token: str) -> float:
+    payload = token.split(".")[1]
+    return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+
+
+def test_jwt_rejected_names_address_mount_role_file_and_vaults_reason(
+    bao_tls: BaoTLS, root: Any, jwt_issuer: JwtIssuer, jwt_mount: str, tmp_path: Path
+) -> None:
+    jwt_file = tmp_path / "vault.jwt"
+    wrong = jwt_issuer.mint(aud="someone-else")
+    jwt_file.write_text(wrong)
+    r = rig(
+        bao_tls.address,
+        new_secret(root),
+        auth_method="jwt",
+        auth_mount=jwt_mount,
+        role="dvs",
+        jwt_file=str(jwt_file),
+    )
+    with pytest.raises(SourceUnavailable) as caught:
+        r.read_id()
+    message = str(caught.value)
+    assert message.startswith(
+        f"JWT login at auth/{jwt_mount} (role dvs) on Vault at {bao_tls.address} rejected "
+        "(error validating token: invalid audience (aud) claim: audience claim does not match "
+        "any expected audience"
+    )
+    assert f"check the JWT in {jwt_file} (profiles.dvs.vault.jwt_file)" in message
+    assert "(profiles.dvs.vault.role)" in message and "(profiles.dvs.vault.auth_mount)" in message
+    assert wrong not in message
+    r2 = rig(
+        bao_tls.address,
+        new_secret(root),
+        auth_method="jwt",
+        auth_mount="no-such-jwt",
+        role="dvs",
+        jwt_file=str(jwt_file),
+    )
+    jwt_file.write_text(jwt_issuer.mint())
+    with pytest.raises(SourceUnavailable) as caught:
+        r2.read_id()
+    # OpenBao answers 403 for a path with no auth method: the message names both causes
+    assert "auth/no-such-jwt" in str(caught.value)
+
+
+def test_jwt_end_to_end_once_and_no_jwt_in_the_output(
+    bao_tls: BaoTLS,
+    root: Any,
+    jwt_issuer: JwtIssuer,
+    jwt_mount: str,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    jwt = jwt_issuer.mint()
+    (tmp_path / "vault.jwt").write_text(jwt)
+    config = once_config(
+        tmp_path,
+        token_server,
+        f'address = "{bao_tls.address}"\npath = "{new_secret(root)}"\nauth_method = "jwt"\n'
+        f'auth_mount = "{jwt_mount}"\nrole = "dvs"\njwt_file = "{tmp_path}/vault.jwt"',
+    )
+    check = run_cli("check", "-c", str(config), env=agent_env())
+    assert check.returncode == 0, check.stderr
+    assert f"jwt login (role dvs, auth/{jwt_mount})" in check.stdout
+    result = run_cli("once", "-c", str(config), env=agent_env())
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "token").read_text() in token_server.issued()
+    assert jwt not in result.stdout + result.stderr + check.stdout + check.stderr
+    assert jwt.split(".")[1] not in result.stderr
+
+
+# -- kubernetes --
+
+
+@pytest.fixture(scope="module")
+def k8s_mount(root: Any, token_review: TokenReviewServer) -> str:
+    configure_kubernetes(
+        root,
+        host=token_review.host,
+        ca_pem=token_review.ca_pem,
+        mount="k8s-logins",
+        role="dvs",
+        bound_service_account_names=("dvs-agent",),
+        bound_service_account_namespaces=("payments",),
+        policies=(POLICY,),
+        ttl=dt.timedelta(seconds=60),
+    )
+    return "k8s-logins"
+
+
+def test_kubernetes_login_renews_relogs_in_and_reads_the_rotated_token(
+    bao_tls: BaoTLS, root: Any, token_review: TokenReviewServer, k8s_mount: str, tmp_path: Path
+) -> None:
+    account = token_review.service_account("payments", "dvs-agent")
+    token_review.grant_review(account)
+    token_file = tmp_path / "token"
+    first = token_review.mint(account)
+    token_file.write_text(first)
+    r = rig(
+        bao_tls.address,
+        new_secret(root),
+        auth_method="kubernetes",
+        auth_mount=k8s_mount,
+        role="dvs",
+        jwt_file=str(token_file),
+    )
+    reviews = token_review.review_count
+    renews_and_relogs_in(r, root, 60)
+    assert token_review.review_count - reviews == 3  # Vault asked the API server at each login
+    assert r.expiries[-1][0] == "kubernetes"
+    # the kubelet rotates the projected token; the old one is revoked
+    second = token_review.mint(account)
+    token_file.write_text(second)
+    token_review.revoke(first)
+    root.auth.token.revoke(r.method.tokens[-1])
+    assert r.read_id() == CLIENT_ID
+    assert abs(r.expiries[-1][1] - jwt_issuer_exp(second)) < 1
+    # a revoked token (the pod's service account deleted): a rejection naming the file
+    token_review.revoke(second)
+    root.auth.token.revoke(r.method.tokens[-1])
+    with pytest.raises(SourceUnavailable) as caught:
+        r.read_id()
+    message = str(caught.value)
+    assert message.startswith(
+        f"Kubernetes login at auth/{k8s_mount} (role dvs) on Vault at {bao_tls.address} "
+        "rejected (permission denied): check that the service account of the token in "
+        f"{token_file} (profiles.dvs.vault.jwt_file)"
+    )
+    assert second not in message
+
+
+def test_kubernetes_wrong_namespace_is_named(
+    bao_tls: BaoTLS, root: Any, token_review: TokenReviewServer, k8s_mount: str, tmp_path: Path
+) -> None:
+    account = token_review.service_account("elsewhere", "dvs-agent")
+    token_review.grant_review(account)
+    (tmp_path / "token").write_text(token_review.mint(account))
+    r = rig(
+        bao_tls.address,
+        new_secret(root),
+        auth_method="kubernetes",
+        auth_mount=k8s_mount,
+        role="dvs",
+        jwt_file=str(tmp_path / "token"),
+    )
+    with pytest.raises(SourceUnavailable, match=r"rejected \(namespace not authorized\)"):
+        r.read_id()
+
+
+# -- cert --
+
+
+@pytest.fixture(scope="module")
+def cert_mount(root: Any, login_ca: CertAuthority) -> str:
+    configure_cert(
+        root,
+        ca_pem=login_ca.cert_pem,
+        mount="cert-logins",
+        name="dvs",
+        policies=(POLICY,),
+        ttl=dt.timedelta(seconds=60),
+    )
+    return "cert-logins"
+
+
+def cert_keys(bao_tls: BaoTLS, cert_mount: str, files: Any) -> dict[str, Any]:
+    return {
+        "auth_method": "cert",
+        "auth_mount": cert_mount,
+        "role": "dvs",
+        "client_cert": str(files.cert),
+        "client_key": str(files.key),
+        "ca_cert": str(bao_tls.ca_file),
+    }
+
+
+def test_cert_login_renews_relogs_in_and_uses_the_renewed_certificate(
+    bao_tls: BaoTLS, root: Any, login_ca: CertAuthority, cert_mount: str, tmp_path: Path
+) -> None:
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    files = make_client_cert(login_ca, "host42.internal", tmp_path, not_after=soon, stem="client")
+    r = rig(bao_tls.tls_address, new_secret(root), **cert_keys(bao_tls, cert_mount, files))
+    renews_and_relogs_in(r, root, 60)
+    assert r.expiries[-1] == ("cert", float(int(soon.timestamp())))
+    # renewed in place (same paths): the next login presents the new certificate
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+    first = root.auth.token.lookup(r.method.tokens[-1])["data"]
+    assert first["meta"]["common_name"] == "host42.internal"
+    make_client_cert(login_ca, "host42-renewed.internal", tmp_path, not_after=later, stem="client")
+    root.auth.token.revoke(r.method.tokens[-1])
+    assert r.read_id() == CLIENT_ID
+    assert r.expiries[-1] == ("cert", float(int(later.timestamp())))
+    # Vault saw the renewed certificate in the handshake, not a kept-alive old connection's
+    renewed = root.auth.token.lookup(r.method.tokens[-1])["data"]
+    assert renewed["meta"]["common_name"] == "host42-renewed.internal"
+
+
+def test_cert_expired_or_untrusted_or_mismatched_names_the_file(
+    bao_tls: BaoTLS, root: Any, login_ca: CertAuthority, cert_mount: str, tmp_path: Path
+) -> None:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    expired = make_client_cert(login_ca, "host42.internal", tmp_path, not_after=past, stem="old")
+    r = rig(bao_tls.tls_address, new_secret(root), **cert_keys(bao_tls, cert_mount, expired))
+    with pytest.raises(SourceUnavailable) as caught:
+        r.read_id()
+    assert str(caught.value).startswith(
+        f"the client certificate {expired.cert} (profiles.dvs.vault.client_cert) expired at "
+    )
+    assert r.method.tokens == []
+    stranger = make_client_cert(CertAuthority.create("not trusted"), "h", tmp_path, stem="odd")
+    r = rig(bao_tls.tls_address, new_secret(root), **cert_keys(bao_tls, cert_mount, stranger))
+    with pytest.raises(SourceUnavailable) as caught:
+        r.read_id()
+    message = str(caught.value)
+    assert message.startswith(
+        f"certificate login at auth/{cert_mount} (role dvs) on Vault at {bao_tls.tls_address} "
+        "rejected (invalid certificate or no client certificate supplied): check that "
+        f"{stranger.cert} (profiles.dvs.vault.client_cert) is issued by a CA that the cert role"
+    )
+    good = make_client_cert(login_ca, "h", tmp_path, stem="good")
+    mixed = {**cert_keys(bao_tls, cert_mount, good), "client_key": str(stranger.key)}
+    r = rig(bao_tls.tls_address, new_secret(root), **mixed)
+    with pytest.raises(SourceUnavailable) as caught:
+        r.read_id()
+    assert str(caught.value).startswith(
+        f"cannot use the client certificate {good.cert} (profiles.dvs.vault.client_cert) with "
+        f"the key {stranger.key} (profiles.dvs.vault.client_key): KEY_VALUES_MISMATCH"
+    )
+    assert "PRIVATE KEY" not in str(caught.value)
+
+
+def test_cert_end_to_end_once_with_a_vault_sink_taking_the_tables_login(
+    bao_tls: BaoTLS,
+    root: Any,
+    login_ca: CertAuthority,
+    cert_mount: str,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    files = make_client_cert(login_ca, "host42.internal", tmp_path, stem="client")
+    root.sys.create_or_update_policy(
+        "dvs-logins-write",
+        'path "secret/data/dvs-out/*" { capabilities = ["create", "update", "read"] }\n',
+    )
+    configure_cert(
+        root,
+        ca_pem=login_ca.cert_pem,
+        mount=cert_mount,
+        name="dvs",
+        policies=(POLICY, "dvs-logins-write"),
+        ttl=dt.timedelta(seconds=60),
+    )
+    keys = cert_keys(bao_tls, cert_mount, files)
+    vault = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
+    config = once_config(
+        tmp_path,
+        token_server,
+        f'address = "{bao_tls.tls_address}"\npath = "{new_secret(root)}"\n{vault}\n'
+        '\n[[profiles.dvs.sinks]]\ntype = "vault"\npath = "dvs-out/token"',
+    )
+    result = run_cli("once", "-c", str(config), env=agent_env())
+    assert result.returncode == 0, result.stderr
+    stored = root.secrets.kv.v2.read_secret_version(
+        path="dvs-out/token", raise_on_deleted_version=True
+    )
+    assert stored["data"]["data"]["access_token"] == (tmp_path / "token").read_text()

@@ -70,6 +70,12 @@ class CertLogin(LoginKind):
             response = ctx.client.login(f"/v1/auth/{mount}/login", use_token=False, json=body)
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
             raise rejected(self.what(config), ctx, exc, self._fix(config, ctx)) from None
+        except hvac.exceptions.InternalServerError as exc:
+            # OpenBao answers 500 "failed to verify client's certificate: x509: ..." for a
+            # certificate it cannot verify (expired on its clock): a rejection, not an outage
+            if "certificate" not in str(exc):
+                raise
+            raise rejected(self.what(config), ctx, exc, self._fix(config, ctx)) from None
         except hvac.exceptions.InvalidPath:
             raise not_mounted(
                 self, config, ctx, "cert", f"bao auth enable -path={mount} cert"
