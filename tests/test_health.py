@@ -49,6 +49,7 @@ DESIGN_METRICS = {
     "dvs_agent_profile_state",
     "dvs_agent_last_success_timestamp_seconds",
     "dvs_agent_source_in_use",
+    "dvs_agent_login_credential_expiry_timestamp_seconds",
 }
 
 PROFILE_KEYS = {
@@ -321,6 +322,7 @@ def exercise(metrics: Metrics, profile: str) -> None:
     metrics.token(profile, "osigu-sandbox", 1_800_000_000.0)
     metrics.last_success(profile, 1_799_990_000.0)
     metrics.source_in_use(profile, "aws", ["vault", "aws", "env"])
+    metrics.login_credential_expiry(profile, "jwt", 1_800_000_100.0)
 
 
 def test_metrics_endpoint_has_every_design_metric(health: Running) -> None:

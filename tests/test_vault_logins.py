@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent.config import parse_config
@@ -32,7 +33,17 @@ from agent.sources.vault import VaultSourceConfig
 from agent.stores.vault.connection import VaultConnection
 from agent.stores.vault.settings import VaultAuth
 from agent.stores.vault.source import VaultSource
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, agent_env, run_cli
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Spawn,
+    agent_env,
+    metric_samples,
+    metric_value,
+    run_cli,
+    wait_for,
+)
+from tests.servers import free_port
 from tests.vault_logins import (
     BaoTLS,
     CertAuthority,
@@ -449,6 +460,46 @@ def test_jwt_end_to_end_once_and_no_jwt_in_the_output(
     assert (tmp_path / "token").read_text() in token_server.issued()
     assert jwt not in result.stdout + result.stderr + check.stdout + check.stderr
     assert jwt.split(".")[1] not in result.stderr
+
+
+def test_run_exports_the_jwts_expiry(
+    bao_tls: BaoTLS,
+    root: Any,
+    jwt_issuer: JwtIssuer,
+    jwt_mount: str,
+    token_server: TokenServer,
+    tmp_path: Path,
+    spawn: Spawn,
+) -> None:
+    jwt = jwt_issuer.mint(ttl=dt.timedelta(minutes=30))
+    (tmp_path / "vault.jwt").write_text(jwt)
+    config = once_config(
+        tmp_path,
+        token_server,
+        f'address = "{bao_tls.address}"\npath = "{new_secret(root)}"\nauth_method = "jwt"\n'
+        f'auth_mount = "{jwt_mount}"\nrole = "dvs"\njwt_file = "{tmp_path}/vault.jwt"',
+    )
+    listen = f"127.0.0.1:{free_port()}"
+    config.write_text(config.read_text().replace('listen = ""', f'listen = "{listen}"'))
+    agent = spawn(config)
+    name = "dvs_agent_login_credential_expiry_timestamp_seconds"
+
+    def exported() -> float | None:
+        try:
+            text = httpx.get(f"http://{listen}/metrics", timeout=2).text
+        except httpx.HTTPError:
+            return None
+        found = metric_samples(text)
+        return (
+            metric_value(found, name, profile="dvs", method="jwt")
+            if any(key[0] == name for key in found)
+            else None
+        )
+
+    assert wait_for(lambda: exported() is not None), agent.output()
+    assert exported() == jwt_issuer_exp(jwt)
+    agent.stop()
+    assert jwt not in agent.output()
 
 
 # -- kubernetes --
