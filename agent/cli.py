@@ -15,6 +15,7 @@ from agent.config import (
     CONFIG_PATH_ENV,
     DEFAULT_CONFIG_PATH,
     Config,
+    ProfileConfig,
     config_file_warnings,
     load_config,
     sink_kind_name,
@@ -196,6 +197,21 @@ def _error(message: str) -> None:
         print(f"dvs-agent: error: {message}", file=sys.stderr)
 
 
+def _logins(pc: ProfileConfig) -> set[str]:
+    """The Vault login methods (``auth_method``) a profile's tables and sinks use."""
+    tables = pc.tables()
+    vault = tables.get("vault")
+    found: set[str] = set()
+    default = getattr(vault, "auth_method", None)
+    if vault is not None and "vault" in pc.sources and default:
+        found.add(default)
+    for sink in pc.sinks:
+        if sink_kind_name(sink) == "vault":
+            method = getattr(sink, "auth_method", None) or default or "approle"
+            found.add(method)
+    return found
+
+
 def _check(config: Config, path: Path, *, connect: bool, registry: Registry) -> int:
     out = sys.stdout
     names = ", ".join(config.profiles)
@@ -216,6 +232,7 @@ def _check(config: Config, path: Path, *, connect: bool, registry: Registry) -> 
             print(f"  sink {kinds.describe_sink(registry, name, pc, index)}", file=out)
     used = {("source", source) for pc in config.profiles.values() for source in pc.sources}
     used |= {("sink", sink_kind_name(sink)) for pc in config.profiles.values() for sink in pc.sinks}
+    used |= {("login", method) for pc in config.profiles.values() for method in _logins(pc)}
     print("plug-ins in use:", file=out)
     for role, kind in sorted(used, key=lambda rk: (rk[0], registry.names(rk[0]).index(rk[1]))):  # type: ignore[arg-type]
         info = registry.info(role, kind)  # type: ignore[arg-type]

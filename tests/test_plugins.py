@@ -16,6 +16,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import hvac
+import hvac.exceptions
 import msgspec
 import pytest
 
@@ -25,6 +27,7 @@ from agent.errors import ConfigError
 from agent.plugin import API_VERSION, SinkKind, SourceKind
 from agent.registry import BUILTIN_SINKS, BUILTIN_SOURCES, PluginError, Registry
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, agent_env, run_cli
+from tests.servers import Bao
 
 PLUGIN_MODULE = '''
 """A tiny third-party plug-in: a source reading a file, a sink appending JSON lines."""
@@ -40,6 +43,9 @@ from agent.errors import ConfigError, SinkError, SourceEmpty
 from agent.plugin import (
     BuildContext,
     Credentials,
+    Login,
+    LoginContext,
+    LoginKind,
     Secret,
     SinkKind,
     SourceKind,
@@ -156,6 +162,31 @@ SOURCE = KeyfileKind()
 SINK = JsonlKind()
 
 
+class UserpassLogin(LoginKind):
+    """A Vault login method: userpass, the user in ``role``, its password in ``secret_id_file``."""
+
+    name = "userpass"
+    holder = "userpass user"
+
+    def check(self, config, where: Where):
+        if not config.role:
+            yield f'{where.at("role")}: required with auth_method = "userpass" (the user name)'
+
+    def describe(self, config) -> str:
+        return f"userpass login as {config.role}"
+
+    def login(self, config, ctx: LoginContext) -> Login:
+        password = ctx.read_file(config.secret_id_file, "secret_id_file")
+        answer = ctx.client.auth.userpass.login(
+            config.role, password, mount_point=self.mount(config), use_token=False
+        )
+        auth = answer["auth"]
+        return Login(auth["client_token"], auth["lease_duration"], auth["renewable"])
+
+
+LOGIN = UserpassLogin()
+
+
 class NotAKind:
     pass
 
@@ -179,6 +210,10 @@ py-modules = ["dvs_example_plugins", "dvs_broken_plugin"]
 
 [project.entry-points."dvs_agent.sources"]
 keyfile = "dvs_example_plugins:SOURCE"
+
+[project.entry-points."dvs_agent.vault_logins"]
+userpass = "dvs_example_plugins:LOGIN"
+approle = "dvs_example_plugins:LOGIN"
 
 [project.entry-points."dvs_agent.sinks"]
 jsonl = "dvs_example_plugins:SINK"
@@ -322,6 +357,54 @@ def test_the_built_in_file_sink_is_not_replaced(plugin_site: Path, tmp_path: Pat
     result = run_cli("check", "-c", str(config), env=plugin_env(plugin_site))
     assert result.returncode == 0, result.stderr
     assert f"  sink file {tmp_path}/token (raw, 0640)" in result.stdout
+
+
+def test_an_agent_logs_in_to_vault_with_a_third_party_login_method(
+    plugin_site: Path, server: TokenServer, bao: Bao, tmp_path: Path
+) -> None:
+    root = bao.client()
+    try:
+        root.sys.enable_auth_method("userpass", path="userpass-plugin")
+    except hvac.exceptions.InvalidRequest as exc:
+        assert "already in use" in str(exc)
+    root.sys.create_or_update_policy(
+        "dvs-plugin-read", 'path "secret/data/dvs-plugin/*" { capabilities = ["read"] }\n'
+    )
+    password = "pl4gin-pa55word-value"
+    root.auth.userpass.create_or_update_user(
+        "dvs-agent", password, policies=["dvs-plugin-read"], mount_point="userpass-plugin"
+    )
+    root.secrets.kv.v2.create_or_update_secret(
+        path="dvs-plugin/osigu", secret={"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+    )
+    (tmp_path / "password").write_text(password + "\n")
+    vault = (
+        f'[profiles.dvs.vault]\naddress = "{bao.address}"\npath = "dvs-plugin/osigu"\n'
+        'auth_method = "userpass"\nauth_mount = "userpass-plugin"\nrole = "dvs-agent"\n'
+        f'secret_id_file = "{tmp_path}/password"\n'
+    )
+    config = plugin_config(tmp_path, server.url)
+    text = config.read_text().replace('sources = ["keyfile"]', 'sources = ["vault"]')
+    config.write_text(text + vault)
+    env = plugin_env(plugin_site)
+    check = run_cli("check", "-c", str(config), env=env)
+    assert check.returncode == 0, check.stderr
+    assert "userpass login as dvs-agent" in check.stdout
+    assert "login userpass: dvs-agent-example-plugins 1.2.3 (dvs_example_plugins:LOGIN)" in (
+        check.stdout
+    )
+    # the entry point that takes a built-in method's name is ignored, and said so
+    assert "approle is a built-in login, and a plug-in never replaces a built-in" in check.stdout
+    result = run_cli("once", "-c", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    (request,) = server.token_requests()
+    assert (request.client_id, request.client_secret) == (CLIENT_ID, CLIENT_SECRET)
+    assert password not in result.stderr + check.stdout + check.stderr
+    # a check the plug-in owns, as a config error naming the key
+    config.write_text(text + vault.replace('role = "dvs-agent"\n', ""))
+    failed = run_cli("check", "-c", str(config), env=env)
+    assert failed.returncode == 78
+    assert 'profiles.dvs.vault.role: required with auth_method = "userpass"' in failed.stderr
 
 
 # ---------------------------------------------------------------- the registry, in-process
