@@ -9,8 +9,8 @@ distribution; the built-ins' errors are their own (:class:`~agent.errors.AgentEr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -37,17 +37,13 @@ def build_sources(
 ) -> list[CredentialSource]:
     """The sources of ``pc.sources``, in order. Raises ConfigError for what the config lacks."""
     tables = pc.tables()
-    built: list[CredentialSource] = []
-    try:
-        for name in pc.sources:
-            kind = registry.source(name)
-            context = _context(profile, [name], pc, tables, environ, logger, registry, metrics)
-            built.append(_guarded(registry, "source", name, context, kind.build, tables.get(name)))
-    except BaseException:
-        for source in built:
-            source.close()
-        raise
-    return built
+
+    def build(name: str) -> CredentialSource:
+        context = _context(profile, [name], pc, tables, environ, logger, registry, metrics)
+        kind = registry.source(name)
+        return _guarded(registry, "source", name, context, kind.build, tables.get(name))
+
+    return _all_or_none(build, pc.sources)
 
 
 def build_sinks(
@@ -61,18 +57,35 @@ def build_sinks(
 ) -> list[TokenSink]:
     """The sinks of ``pc.sinks``, in order. Raises ConfigError for what the config lacks."""
     tables = pc.tables()
-    built: list[TokenSink] = []
+
+    def build(index: int) -> TokenSink:
+        sink = pc.sinks[index]
+        name = sink_kind_name(sink)
+        context = _context(
+            profile, ["sinks", index], pc, tables, environ, logger, registry, metrics
+        )
+        return _guarded(registry, "sink", name, context, registry.sink(name).build, sink)
+
+    return _all_or_none(build, range(len(pc.sinks)))
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+K = TypeVar("K")
+
+
+def _all_or_none(build: Callable[[K], C], keys: Iterable[K]) -> list[C]:
+    """``build(key)`` for each key, in order; when one fails, those built are closed."""
+    built: list[C] = []
     try:
-        for index, sink in enumerate(pc.sinks):
-            name = sink_kind_name(sink)
-            kind = registry.sink(name)
-            context = _context(
-                profile, ["sinks", index], pc, tables, environ, logger, registry, metrics
-            )
-            built.append(_guarded(registry, "sink", name, context, kind.build, sink))
+        for key in keys:
+            built.append(build(key))
     except BaseException:
-        for built_sink in built:
-            built_sink.close()
+        for each in built:
+            each.close()
         raise
     return built
 

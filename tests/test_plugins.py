@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import hvac
 import hvac.exceptions
@@ -24,7 +26,8 @@ import pytest
 from agent.config import parse_config
 from agent.devserver import TokenServer
 from agent.errors import ConfigError
-from agent.plugin import API_VERSION, SinkKind, SourceKind
+from agent.kinds import build_sinks
+from agent.plugin import API_VERSION, BuildContext, SinkKind, SourceKind
 from agent.registry import BUILTIN_SINKS, BUILTIN_SOURCES, PluginError, Registry
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, agent_env, run_cli
 from tests.servers import Bao
@@ -536,3 +539,45 @@ def test_a_reload_that_adds_a_plug_in_kind_keeps_unchanged_profiles(registry: Re
     actions = diff(running, new)
     assert Retrigger("a") in actions
     assert [type(action).__name__ for action in actions] == ["Retrigger", "AddProfile"]
+
+
+def test_sinks_built_before_one_that_fails_are_closed() -> None:
+    closed: list[str] = []
+
+    class Entry(
+        msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="rec", tag_field="type"
+    ):
+        name: str
+
+    class Built:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def close(self) -> None:
+            closed.append(self.name)
+
+    class RecKind(SinkKind[Entry]):
+        name = "rec"
+        config_type = Entry
+
+        def build(self, config: Entry, context: BuildContext) -> Any:
+            if config.name == "bad":
+                raise ConfigError(f"{context.where.key}: cannot build")
+            return Built(config.name)
+
+    module = type(sys)("dvs_test_closing")
+    module.KIND = RecKind()  # type: ignore[attr-defined]
+    sys.modules["dvs_test_closing"] = module
+    try:
+        registry = Registry(
+            sinks={**BUILTIN_SINKS, "rec": "dvs_test_closing:KIND"}, discover=lambda group: ()
+        )
+        text = "".join(
+            f'[[profiles.dvs.sinks]]\ntype = "rec"\nname = "{name}"\n' for name in ("a", "b", "bad")
+        )
+        pc = parse_config(text, registry=registry).profiles["dvs"]
+        with pytest.raises(ConfigError, match=r"profiles\.dvs\.sinks\[2\]: cannot build"):
+            build_sinks("dvs", pc, environ={}, logger=logging.getLogger("t"), registry=registry)
+        assert closed == ["a", "b"]
+    finally:
+        del sys.modules["dvs_test_closing"]
