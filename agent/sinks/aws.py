@@ -1,6 +1,8 @@
 """The ``aws`` sink: the token document written back to a Secrets Manager secret (DESIGN §4, §11).
 
-``region`` and ``endpoint_url`` default to the profile's ``[aws]`` table (:func:`merged`). The
+``region``, ``endpoint_url`` and the role keys (``role_arn``, ``role_session_name``,
+``external_id``, DESIGN §12) default to the profile's ``[aws]`` table (:func:`merged`);
+``role_arn = ""`` writes with the agent's own AWS credentials whatever the table says. The
 writer, which imports boto3, is :mod:`agent.stores.aws.sink`, imported by :meth:`AwsSinkKind.build`.
 """
 
@@ -11,12 +13,16 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from agent.keypath import header, toml_repr
+from agent.keypath import header, key_path, toml_repr
 from agent.plugin import BuildContext, SinkKind, Target, Where
 from agent.sources.aws import (
     AWS_REGION_RE,
+    AssumedRole,
     AwsSourceConfig,
+    as_role,
+    default_session_name,
     endpoint_problem,
+    role_problems,
     secret_id_problem,
     secret_target,
 )
@@ -43,16 +49,60 @@ class AwsSinkConfig(
     endpoint_url: str | None = None
     #: create the secret (``CreateSecret``, by name) when it does not exist yet
     create: bool = False
+    #: None: the ``[aws]`` table's, else none (the agent's own AWS credentials write); "": none
+    #: whatever the table says
+    role_arn: str | None = None
+    #: None: the ``[aws]`` table's, else ``dvs-agent-<profile>``
+    role_session_name: str | None = None
+    #: None: the ``[aws]`` table's, else none
+    external_id: str | None = None
 
 
 def merged(sink: AwsSinkConfig, table: msgspec.Struct | None) -> AwsSinkConfig:
-    """The sink with ``region`` and ``endpoint_url`` taken from the profile's ``[aws]`` table
-    where it sets none."""
+    """The sink with ``region``, ``endpoint_url`` and the role keys taken from the profile's
+    ``[aws]`` table where it sets none; ``role_arn = ""`` leaves all three role keys unset."""
     base = table if isinstance(table, AwsSourceConfig) else AwsSourceConfig()
+    if sink.role_arn == "":
+        role: tuple[str | None, str | None, str | None] = (None, None, None)
+    else:
+        role = (
+            sink.role_arn if sink.role_arn is not None else base.role_arn,
+            _either(sink.role_session_name, base.role_session_name),
+            _either(sink.external_id, base.external_id),
+        )
     return msgspec.structs.replace(
         sink,
-        region=sink.region if sink.region is not None else base.region,
-        endpoint_url=sink.endpoint_url if sink.endpoint_url is not None else base.endpoint_url,
+        region=_either(sink.region, base.region),
+        endpoint_url=_either(sink.endpoint_url, base.endpoint_url),
+        role_arn=role[0],
+        role_session_name=role[1],
+        external_id=role[2],
+    )
+
+
+def _either(own: str | None, default: str | None) -> str | None:
+    return own if own is not None else default
+
+
+def sink_role(sink: AwsSinkConfig, where: Where) -> AssumedRole | None:
+    """The role the sink at ``where`` writes as (None: the agent's own credentials); each key
+    path named in messages is where the value was set (the sink entry, else ``[aws]``)."""
+    aws = merged(sink, where.table("aws"))
+    if not aws.role_arn:
+        return None
+
+    def key(field: str, in_sink: bool) -> str:
+        return where.at(field) if in_sink else key_path(["profiles", where.profile, "aws", field])
+
+    arn_in_sink = sink.role_arn is not None
+    # external_id: where it was set; when set nowhere, beside the role_arn that applies
+    id_in_sink = sink.external_id is not None or (aws.external_id is None and arn_in_sink)
+    return AssumedRole(
+        arn=aws.role_arn,
+        session_name=aws.role_session_name or default_session_name(where.profile),
+        external_id=aws.external_id,
+        key=key("role_arn", arn_in_sink),
+        external_id_key=key("external_id", id_in_sink),
     )
 
 
@@ -81,9 +131,20 @@ class AwsSinkKind(SinkKind[AwsSinkConfig]):
             problem = endpoint_problem(sink.endpoint_url, exposed="the token")
             if problem:
                 yield f"{where.at('endpoint_url')}: {problem}"
+        base = where.table("aws")
+        yield from role_problems(
+            where,
+            sink.role_arn,
+            sink.role_session_name,
+            sink.external_id,
+            role_from=base.role_arn if isinstance(base, AwsSourceConfig) else None,
+        )
 
     def describe(self, config: AwsSinkConfig, where: Where) -> str:
-        return f"aws {config.secret_id}" + (" (created if missing)" if config.create else "")
+        created = " (created if missing)" if config.create else ""
+        return f"aws {config.secret_id}{created}" + as_role(
+            merged(config, where.table("aws")).role_arn
+        )
 
     def targets(self, config: AwsSinkConfig, where: Where) -> Iterator[Target]:
         aws = merged(config, where.table("aws"))
@@ -99,6 +160,7 @@ class AwsSinkKind(SinkKind[AwsSinkConfig]):
             timeout=context.timeout,
             profile=context.where.profile,
             config_key=context.where.key,
+            role=sink_role(config, context.where),
             logger=context.logger,
         )
 

@@ -2,15 +2,21 @@
 
 ``[profiles.NAME.aws]`` is this plug-in's table. The table is checked whenever it is present;
 ``secret_id`` is required only when ``"aws"`` is listed in ``sources`` (an aws write-back sink
-takes its region and endpoint from the table). ``events_queue_url`` feeds the SQS rotation
+takes its region, endpoint and role from the table). ``events_queue_url`` feeds the SQS rotation
 trigger (:mod:`agent.triggers.sqs`). The reader itself, which imports boto3, is
 :mod:`agent.stores.aws.source`, imported by :meth:`AwsKind.build`.
+
+``role_arn`` (DESIGN §12): the secret is read as an IAM role, assumed through STS
+(``sts:AssumeRole``) with the agent's own AWS credentials (boto3's default chain) as the base;
+the session is renewed before it expires (:mod:`agent.stores.aws.client`). The target identity
+stays the secret: the same secret read or written through two roles is one secret.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -32,6 +38,17 @@ SECRET_ARN_RE = re.compile(
     r"arn:(?P<partition>[^:]+):secretsmanager:(?P<region>[^:]*):(?P<account>[^:]*)"
     r":secret:(?P<name>[^:]+)"
 )
+#: an IAM role's ARN: arn:PARTITION:iam::ACCOUNT_ID:role/[PATH/]NAME (aws, aws-cn, aws-us-gov…)
+ROLE_ARN_RE = re.compile(
+    r"arn:(?P<partition>aws(?:-[a-z]+)*):iam::(?P<account>[0-9]{12}):role/"
+    r"(?P<path>(?:[!-.0-~]+/){0,64})(?P<name>[\w+=,.@-]{1,64})",
+    re.ASCII,
+)
+#: what STS accepts as a RoleSessionName and as an ExternalId
+ROLE_SESSION_NAME_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
+EXTERNAL_ID_RE = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
+_NOT_IN_SESSION_NAME_RE = re.compile(r"[^\w+=,.@-]", re.ASCII)
+_ROLE_EXAMPLE = '"arn:aws:iam::123456789012:role/dvs-agent-reader"'
 
 
 class AwsSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -47,6 +64,14 @@ class AwsSourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     region: str | None = None
     #: a VPC endpoint or a test server; absolute http(s), plain http only for loopback hosts
     endpoint_url: str | None = None
+    #: an IAM role to read the secret as (``sts:AssumeRole``, with the agent's own AWS
+    #: credentials as the base); None: the agent's own credentials read it
+    role_arn: str | None = None
+    #: the role session's name (CloudTrail shows it); None: ``dvs-agent-<profile>``
+    #: (:func:`default_session_name`); only with ``role_arn``
+    role_session_name: str | None = None
+    #: the ``sts:ExternalId`` the role's trust policy asks for; only with ``role_arn``
+    external_id: str | None = None
     #: the staging label of the version read
     version_stage: str = "AWSCURRENT"
     #: the keys of the secret's JSON object that hold the client id and the client secret
@@ -86,6 +111,12 @@ class AwsKind(SourceKind[AwsSourceConfig]):
             problem = endpoint_problem(aws.endpoint_url, exposed="the client secret")
             if problem:
                 yield f"{where.at('endpoint_url')}: {problem}"
+        if aws.role_arn == "":
+            yield (
+                f"{where.at('role_arn')}: must not be empty: give the role's ARN, e.g. "
+                f"{_ROLE_EXAMPLE}, or leave the key out to use the agent's own AWS credentials"
+            )
+        yield from role_problems(where, aws.role_arn, aws.role_session_name, aws.external_id)
         if not aws.version_stage:
             yield f'{where.at("version_stage")}: must not be empty (the default is "AWSCURRENT")'
         yield from key_names_problems(where.key, aws.client_id_key, aws.client_secret_key)
@@ -96,7 +127,9 @@ class AwsKind(SourceKind[AwsSourceConfig]):
 
     def describe(self, config: AwsSourceConfig, where: Where) -> str:
         region = config.region or "default region"
-        return f"aws secret {config.secret_id} ({config.version_stage}, {region})"
+        return f"aws secret {config.secret_id} ({config.version_stage}, {region})" + as_role(
+            config.role_arn
+        )
 
     def targets(self, config: AwsSourceConfig, where: Where) -> Iterator[Target]:
         if config.secret_id is not None:
@@ -111,7 +144,11 @@ class AwsKind(SourceKind[AwsSourceConfig]):
 
         assert config is not None and config.secret_id is not None  # check_table says so
         return AwsSource(
-            config, timeout=context.timeout, profile=context.where.profile, logger=context.logger
+            config,
+            timeout=context.timeout,
+            profile=context.where.profile,
+            role=assumed_role(config, context.where),
+            logger=context.logger,
         )
 
 
@@ -128,6 +165,109 @@ def secret_id_problem(secret_id: str) -> str | None:
             "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME); or give the secret's name"
         )
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class AssumedRole:
+    """The role a store client signs its requests as, and the keys that said so (for messages)."""
+
+    #: the role's ARN (``role_arn``)
+    arn: str
+    #: the session's name (``role_session_name``, else :func:`default_session_name`)
+    session_name: str
+    #: ``external_id``, None when not set
+    external_id: str | None
+    #: the key path of ``role_arn`` (``profiles.dvs.aws.role_arn``, or a sink's own)
+    key: str
+    #: the key path of ``external_id``, set or to set
+    external_id_key: str
+
+
+def assumed_role(config: AwsSourceConfig, where: Where) -> AssumedRole | None:
+    """The role of the ``[aws]`` table at ``where``; None without ``role_arn``."""
+    if not config.role_arn:
+        return None
+    return AssumedRole(
+        arn=config.role_arn,
+        session_name=config.role_session_name or default_session_name(where.profile),
+        external_id=config.external_id,
+        key=where.at("role_arn"),
+        external_id_key=where.at("external_id"),
+    )
+
+
+def default_session_name(profile: str) -> str:
+    """``dvs-agent-<profile>``: characters STS refuses become ``-``, cut to 64 characters."""
+    return _NOT_IN_SESSION_NAME_RE.sub("-", f"dvs-agent-{profile}")[:64]
+
+
+def as_role(role_arn: str | None) -> str:
+    """`` as role ARN`` for a ``describe()`` line; "" without a role."""
+    return f" as role {role_arn}" if role_arn else ""
+
+
+def role_arn_problem(role_arn: str) -> str | None:
+    """What is wrong with a ``role_arn`` (None: an IAM role's ARN)."""
+    if ROLE_ARN_RE.fullmatch(role_arn):
+        return None
+    shown = toml_repr(role_arn)
+    if ":sts::" in role_arn and ":assumed-role/" in role_arn:
+        return (
+            f"{shown} is a role session's ARN (what GetCallerIdentity shows), not the role's: "
+            f"give arn:PARTITION:iam::ACCOUNT_ID:role/NAME, e.g. {_ROLE_EXAMPLE}"
+        )
+    if ":instance-profile/" in role_arn:
+        return (
+            f"{shown} is an instance profile's ARN: give the ARN of the role to assume, e.g. "
+            f"{_ROLE_EXAMPLE} (the instance profile's own role is used without role_arn)"
+        )
+    if not role_arn.startswith("arn:"):
+        return (
+            f"{shown} is not an ARN: give the role's ARN, e.g. {_ROLE_EXAMPLE} (a role name "
+            "alone does not say the account)"
+        )
+    return (
+        f"{shown} is not an IAM role's ARN (arn:PARTITION:iam::ACCOUNT_ID:role/[PATH/]NAME, "
+        f"the partition aws, aws-cn, aws-us-gov…), e.g. {_ROLE_EXAMPLE}"
+    )
+
+
+def role_problems(
+    where: Where,
+    role_arn: str | None,
+    session_name: str | None,
+    external_id: str | None,
+    *,
+    role_from: str | None = None,
+) -> Iterator[str]:
+    """The checks of ``role_arn``, ``role_session_name`` and ``external_id`` at ``where``.
+
+    ``role_from``: the ``role_arn`` that applies when ``role_arn`` is None (a sink's default,
+    the ``[aws]`` table's); "" or None: no role.
+    """
+    if role_arn:
+        problem = role_arn_problem(role_arn)
+        if problem:
+            yield f"{where.at('role_arn')}: {problem}"
+    if session_name is not None and not ROLE_SESSION_NAME_RE.fullmatch(session_name):
+        yield (
+            f"{where.at('role_session_name')}: {toml_repr(session_name)} is not a role "
+            "session name: 2 to 64 characters of letters, digits and + = , . @ _ - (leave the "
+            f'key out for "{default_session_name(where.profile)}")'
+        )
+    if external_id is not None and not EXTERNAL_ID_RE.fullmatch(external_id):
+        yield (
+            f"{where.at('external_id')}: must be 2 to 1224 characters of letters, digits and "
+            "+ = , . @ : / _ - (the sts:ExternalId of the role's trust policy)"
+        )
+    effective = role_arn if role_arn is not None else role_from
+    if not effective:
+        for field, value in (("role_session_name", session_name), ("external_id", external_id)):
+            if value is not None:
+                yield (
+                    f"{where.at(field)}: only with role_arn (the role to assume): set "
+                    f"{where.at('role_arn')}, or leave {field} out"
+                )
 
 
 def endpoint_problem(url: str, *, exposed: str) -> str | None:

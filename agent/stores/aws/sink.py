@@ -15,6 +15,9 @@ through :func:`agent.masking.outside`, with the token being written, the token r
 AWS credentials the client holds masked (DESIGN §10). The stored ``SecretString``, which the
 agent parses itself, is read only up to :data:`~agent.models.MAX_ANSWER_BYTES`.
 
+With ``role_arn`` (the sink's or the profile's ``[aws]`` table's) the client signs as the
+assumed role (DESIGN §12, :func:`agent.stores.aws.client.make_client`).
+
 This module imports boto3: the aws sink kind imports it in its build().
 """
 
@@ -26,17 +29,24 @@ from collections.abc import Iterable
 from typing import Any
 
 import botocore.exceptions as bx
+from botocore import xform_name
 
+from agent.clock import Clock
 from agent.errors import ConfigError, SinkError
 from agent.masking import outside
 from agent.models import MAX_ANSWER_BYTES, Token
 from agent.sinks.aws import AwsSinkConfig
 from agent.sinks.base import keep_stored
+from agent.sources.aws import AssumedRole
 from agent.stores.aws.client import (
     DENIED_CODES,
     REJECTED_CREDENTIAL_CODES,
     UNNAMED_PROFILE,
+    RoleUnavailable,
+    close_client,
     describe_location,
+    error_code,
+    error_message,
     guard_botocore_logs,
     held_credentials,
     make_client,
@@ -58,12 +68,18 @@ class AwsSink:
         timeout: float = 10.0,
         profile: str = UNNAMED_PROFILE,
         config_key: str = "sinks[0]",
+        role: AssumedRole | None = None,
         client: Any | None = None,
+        clock: Clock | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         """``settings`` with the profile's ``[aws]`` defaults applied (the kind's build()
-        does that); ``config_key`` is the sink's key path, named in messages."""
+        does that); ``config_key`` is the sink's key path, named in messages; ``role``: the
+        role to write as; ``client``: a client to use instead (the caller's: not closed
+        here); ``clock``: the time line of the role's sessions."""
         self._settings = settings
+        self._role = role
+        self._clock = clock
         self._timeout = timeout
         self._profile = profile
         self._key = config_key
@@ -115,22 +131,23 @@ class AwsSink:
 
     def close(self) -> None:
         if self._owns_client and self._client is not None:
-            self._client.close()
+            close_client(self._client)
             self._client = None
 
     # -- requests -------------------------------------------------------------------------------
 
     def _read_current(self, client: Any, secrets: Iterable[str]) -> dict[str, Any] | None:
         """The secret's current document; None when it has none (or does not exist)."""
-        try:
-            response = client.get_secret_value(SecretId=self._settings.secret_id)
-        except bx.ClientError as exc:
-            if _code(exc) == "ResourceNotFoundException":
-                # no secret, or a secret without a value yet: PutSecretValue tells which
-                return None
-            raise self._error(exc, "GetSecretValue", secrets) from None
-        except Exception as exc:
-            raise self._error(exc, "GetSecretValue", secrets) from None
+        # NotFound: no secret, or a secret without a value yet: PutSecretValue tells which
+        response = self._request(
+            client,
+            "GetSecretValue",
+            secrets,
+            unless="ResourceNotFoundException",
+            SecretId=self._settings.secret_id,
+        )
+        if response is None:
+            return None
         text = response.get("SecretString")
         if not isinstance(text, str):
             return None
@@ -154,15 +171,15 @@ class AwsSink:
 
     def _put(self, client: Any, text: str, secrets: Iterable[str]) -> bool:
         """True once written; False when the secret does not exist (create it)."""
-        try:
-            client.put_secret_value(SecretId=self._settings.secret_id, SecretString=text)
-        except bx.ClientError as exc:
-            if _code(exc) == "ResourceNotFoundException":
-                return False
-            raise self._error(exc, "PutSecretValue", secrets) from None
-        except Exception as exc:
-            raise self._error(exc, "PutSecretValue", secrets) from None
-        return True
+        written = self._request(
+            client,
+            "PutSecretValue",
+            secrets,
+            unless="ResourceNotFoundException",
+            SecretId=self._settings.secret_id,
+            SecretString=text,
+        )
+        return written is not None
 
     def _create(self, client: Any, text: str, secrets: Iterable[str]) -> bool:
         """True once created; False when it was created meanwhile by someone else."""
@@ -172,20 +189,33 @@ class AwsSink:
                 f"aws sink {self._key}: secret {s.secret_id} in {self._where()} does not "
                 f"exist; create it or set create = true ({self._key}.create)"
             )
-        try:
-            client.create_secret(
-                Name=s.secret_id,
-                SecretString=text,
-                Description="dvs-agent token document (written by dvs-agent)",
-            )
-        except bx.ClientError as exc:
-            if _code(exc) == "ResourceExistsException":
-                return False
-            raise self._error(exc, "CreateSecret", secrets) from None
-        except Exception as exc:
-            raise self._error(exc, "CreateSecret", secrets) from None
+        created = self._request(
+            client,
+            "CreateSecret",
+            secrets,
+            unless="ResourceExistsException",
+            Name=s.secret_id,
+            SecretString=text,
+            Description="dvs-agent token document (written by dvs-agent)",
+        )
+        if created is None:
+            return False
         self._log.info("created secret %s in %s", s.secret_id, self._where())
         return True
+
+    def _request(
+        self, client: Any, operation: str, secrets: Iterable[str], *, unless: str, **params: Any
+    ) -> dict[str, Any] | None:
+        """AWS's answer to ``operation``; None when AWS answers with the error code ``unless``
+        (the one the caller handles); any other failure is the :class:`SinkError` of
+        :meth:`_error`."""
+        try:
+            response = getattr(client, xform_name(operation))(**params)
+        except Exception as exc:
+            if error_code(exc) == unless:
+                return None
+            raise self._error(exc, operation, secrets) from None
+        return response if isinstance(response, dict) else {}
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -199,6 +229,8 @@ class AwsSink:
                     endpoint_url=s.endpoint_url,
                     timeout=self._timeout,
                     profile=self._profile,
+                    role=self._role,
+                    clock=self._clock,
                 )
             except ConfigError:
                 raise SinkError(
@@ -229,15 +261,20 @@ class AwsSink:
         needs = "secretsmanager:GetSecretValue and secretsmanager:PutSecretValue" + (
             " and secretsmanager:CreateSecret" if s.create else ""
         )
+        identity = "the agent's IAM identity"
+        if self._role is not None:
+            identity = f"the role {self._role.arn} ({self._role.key})"
+        if isinstance(exc, RoleUnavailable):
+            return SinkError(f"{prefix}{operation} on {what}: {exc}")
         if isinstance(exc, bx.ClientError):
-            code = _code(exc) or "Unknown"
-            message = str(_error_field(exc, "Message") or "").strip()
+            code = error_code(exc) or "Unknown"
+            message = error_message(exc)
             said = shown(f"{code}: {message}" if message else code)
             if code in DENIED_CODES:
                 return SinkError(
-                    f"{prefix}AWS denied {operation} on {what} ({said}): the agent's IAM "
-                    f"identity needs {needs} on the secret's ARN, and kms:GenerateDataKey and "
-                    "kms:Decrypt on its KMS key if it is a customer managed key"
+                    f"{prefix}AWS denied {operation} on {what} ({said}): {identity} needs "
+                    f"{needs} on the secret's ARN, and kms:GenerateDataKey and kms:Decrypt on "
+                    "its KMS key if it is a customer managed key"
                 )
             if code in REJECTED_CREDENTIAL_CODES:
                 return SinkError(
@@ -275,14 +312,3 @@ class AwsSink:
         if isinstance(exc, bx.BotoCoreError):
             return SinkError(f"{prefix}{operation} on {what} failed: {shown(exc)}")
         return SinkError(f"{prefix}{operation} on {what} failed: {type(exc).__name__}")
-
-
-def _code(exc: bx.ClientError) -> str | None:
-    code = _error_field(exc, "Code")
-    return str(code) if code is not None else None
-
-
-def _error_field(exc: bx.ClientError, name: str) -> object:
-    response = exc.response if isinstance(exc.response, dict) else {}
-    error = response.get("Error")
-    return error.get(name) if isinstance(error, dict) else None

@@ -5,6 +5,7 @@
 reads only when the version changed, and a re-read after a 401 must reach the store. The
 ``SecretString``, which the agent parses itself, is refused above
 :data:`~agent.models.MAX_ANSWER_BYTES`; AWS's texts are masked (:mod:`agent.stores.aws.client`).
+With ``role_arn`` the client signs as the assumed role (DESIGN §12, :func:`make_client`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import json
 import logging
 from typing import Any
 
+from agent.clock import Clock
 from agent.errors import AgentError, ConfigError, SourceEmpty, SourceUnavailable
 from agent.masking import outside
 from agent.models import MAX_ANSWER_BYTES, Credentials, Secret
-from agent.sources.aws import AwsSourceConfig
+from agent.sources.aws import AssumedRole, AwsSourceConfig
 from agent.stores.aws.client import (
     UNNAMED_PROFILE,
+    close_client,
     describe_location,
     error_code,
     guard_botocore_logs,
@@ -46,12 +49,18 @@ class AwsSource:
         *,
         timeout: float = 10.0,
         profile: str = UNNAMED_PROFILE,
+        role: AssumedRole | None = None,
         client: Any | None = None,
+        clock: Clock | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
+        """``role``: the role to read as (the kind's build() makes it from ``role_arn``);
+        ``client``: a client to use instead (the caller's: not closed here); ``clock``: the
+        time line of the role's sessions."""
         if settings.secret_id is None:
             raise ConfigError(f"profiles.{profile}.aws.secret_id: required: name the secret")
         self._settings = settings
+        self._role = role
         self._secret_id: str = settings.secret_id
         self._profile = profile
         #: the source's table, named in messages
@@ -65,6 +74,8 @@ class AwsSource:
                 endpoint_url=settings.endpoint_url,
                 timeout=timeout,
                 profile=profile,
+                role=role,
+                clock=clock,
             )
         else:
             guard_botocore_logs()
@@ -119,7 +130,7 @@ class AwsSource:
 
     def close(self) -> None:
         if self._owns_client:
-            self._client.close()
+            close_client(self._client)
 
     def _map(self, exc: BaseException, operation: str) -> AgentError:
         return map_error(
@@ -129,6 +140,7 @@ class AwsSource:
             profile=self._profile,
             operation=operation,
             secrets=held_credentials(self._client),
+            role=self._role,
         )
 
     def _read_error(self, exc: BaseException) -> AgentError:
