@@ -41,18 +41,15 @@ from agent.sinks.aws import KIND as SINK_KIND
 from agent.sinks.aws import AwsSinkConfig, merged, sink_role
 from agent.sources.aws import KIND as SOURCE_KIND
 from agent.sources.aws import AssumedRole, AwsSourceConfig, assumed_role, default_session_name
-from agent.stores.aws.client import (
+from agent.stores.aws.client import close_client, make_client, role_session
+from agent.stores.aws.credentials import (
     ROLE_RENEW_BEFORE,
     ROLE_RENEW_BY,
     ROLE_SESSION_SECONDS,
     RoleSession,
-    RoleUnavailable,
-    close_client,
     held_credentials,
-    make_client,
-    map_error,
-    role_session,
 )
+from agent.stores.aws.errors import RoleUnavailable, map_error
 from agent.stores.aws.sink import AwsSink
 from agent.stores.aws.source import AwsSource
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, agent_env, clean_aws_env, run_cli

@@ -15,7 +15,8 @@ from botocore.exceptions import ClientError
 
 from agent.errors import ConfigError, SourceEmpty, SourceUnavailable
 from agent.sources.aws import AwsSourceConfig
-from agent.stores.aws.client import make_client, map_error
+from agent.stores.aws.client import make_client
+from agent.stores.aws.errors import map_error
 from agent.stores.aws.source import AwsSource
 from tests.conftest import clean_aws_env
 from tests.servers import MOTO_ENV, Moto, free_port

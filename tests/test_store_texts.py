@@ -42,7 +42,8 @@ from agent.sinks.aws import AwsSinkConfig
 from agent.sinks.redis import RedisSinkConfig
 from agent.sources.aws import AwsSourceConfig
 from agent.sources.vault import VaultSourceConfig
-from agent.stores.aws.client import held_credentials, map_error
+from agent.stores.aws.credentials import held_credentials
+from agent.stores.aws.errors import map_error
 from agent.stores.aws.events import SqsRotationListener
 from agent.stores.aws.sink import AwsSink
 from agent.stores.aws.source import AwsSource

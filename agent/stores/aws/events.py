@@ -31,12 +31,9 @@ import botocore.exceptions as bx
 from agent.masking import outside
 from agent.models import MAX_ANSWER_BYTES
 from agent.retry import Backoff
-from agent.stores.aws.client import (
-    describe_location,
-    guard_botocore_logs,
-    held_credentials,
-    make_client,
-)
+from agent.stores.aws.client import guard_botocore_logs, make_client
+from agent.stores.aws.credentials import held_credentials
+from agent.stores.aws.errors import describe_location
 
 #: the events that mean "the secret's value (or which version is current) changed", by detail-type
 ROTATION_EVENTS: Mapping[str, frozenset[str]] = {

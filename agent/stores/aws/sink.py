@@ -38,18 +38,16 @@ from agent.models import MAX_ANSWER_BYTES, Token
 from agent.sinks.aws import AwsSinkConfig
 from agent.sinks.base import keep_stored
 from agent.sources.aws import AssumedRole
-from agent.stores.aws.client import (
+from agent.stores.aws.client import close_client, guard_botocore_logs, make_client
+from agent.stores.aws.credentials import held_credentials
+from agent.stores.aws.errors import (
     DENIED_CODES,
     REJECTED_CREDENTIAL_CODES,
     UNNAMED_PROFILE,
     RoleUnavailable,
-    close_client,
     describe_location,
     error_code,
     error_message,
-    guard_botocore_logs,
-    held_credentials,
-    make_client,
 )
 
 #: how many times a write reads again after another writer created the secret meanwhile

@@ -19,16 +19,9 @@ from agent.errors import AgentError, ConfigError, SourceEmpty, SourceUnavailable
 from agent.masking import outside
 from agent.models import MAX_ANSWER_BYTES, Credentials, Secret
 from agent.sources.aws import AssumedRole, AwsSourceConfig
-from agent.stores.aws.client import (
-    UNNAMED_PROFILE,
-    close_client,
-    describe_location,
-    error_code,
-    guard_botocore_logs,
-    held_credentials,
-    make_client,
-    map_error,
-)
+from agent.stores.aws.client import close_client, guard_botocore_logs, make_client
+from agent.stores.aws.credentials import held_credentials
+from agent.stores.aws.errors import UNNAMED_PROFILE, describe_location, error_code, map_error
 
 #: how many key names of the secret's JSON object a message lists at most
 _MAX_KEYS_SHOWN = 20
