@@ -35,7 +35,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
+# agent/examples/ links to the example files in config/, which the wheel carries (the only
+# part of config/ it takes)
+COPY config ./config
 COPY agent ./agent
 
 # The project's wheel and a wheel of every runtime dependency (all of them publish binary

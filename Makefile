@@ -1,30 +1,44 @@
-# Every target creates .venv and installs the project into it first, so each is one command
-# on a fresh clone.
+# Every target creates .venv and installs what it needs into it first, so each is one command
+# on a fresh clone. `make run` installs only the agent and its runtime dependencies; the dev
+# toolchain (pytest, ruff, mypy, the test servers, the man page and completion generators) comes
+# with the first target that needs it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+BUILD := build
+# Two stamps, each older than pyproject.toml when its install is due. Installing the dev extra
+# installs the runtime too, so it touches both: `make test` then `make run` reinstalls nothing.
+VENV_STAMP := $(VENV)/.venv-stamp
+RUN_STAMP := $(VENV)/.run-stamp
+DEV_STAMP := $(VENV)/.dev-stamp
 
-.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll system-deps
+.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll system-deps man completions
 
-$(STAMP): pyproject.toml
+$(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "dvs-agent needs Python 3.11 or newer" or 0)'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
+	@touch $@
 
-run: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(VENV_STAMP)
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(VENV_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@ $(RUN_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/dvs-agent dev
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check agent tests bench
 	$(BIN)/ruff format --check agent tests bench
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy agent
 
-unit: $(STAMP)
+unit: $(DEV_STAMP)
 	$(BIN)/pytest
 
 # Debian packages the tests need: faketime (libfaketime steps the running daemon's wall clock).
@@ -41,21 +55,41 @@ unit: system-deps
 
 test: lint typecheck unit
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python bench/compare.py
 
-bench-rotation: $(STAMP)
+bench-rotation: $(DEV_STAMP)
 	$(BIN)/python bench/rotation_latency.py
 
-bench-scale: $(STAMP)
+bench-scale: $(DEV_STAMP)
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/scale.py --secret-files
 
-bench-hostile: $(STAMP)
+bench-hostile: $(DEV_STAMP)
 	$(BIN)/python bench/hostile.py
 
-bench-vault-poll: $(STAMP)
+bench-vault-poll: $(DEV_STAMP)
 	$(BIN)/python bench/vault_poll.py
+
+# Generated from the argument parser (agent/cli.py build_parser), never edited by hand and not
+# committed: the .deb build installs them from here. `man -l build/man/dvs-agent.8` reads it;
+# SOURCE_DATE_EPOCH, where set (dpkg-buildpackage sets it), dates the page reproducibly.
+man: $(DEV_STAMP)
+	@mkdir -p $(BUILD)/man
+	$(BIN)/argparse-manpage --module agent.cli --function build_parser --prog dvs-agent \
+	  --manual-section 8 --manual-title "System Manager's Manual" --project-name dvs-agent \
+	  --version "$$($(BIN)/python -c 'import agent; print(agent.__version__)')" \
+	  --description "keep a fresh OSIGU/DVS access token on disk for the services next to it" \
+	  --output $(BUILD)/man/dvs-agent.8
+
+# bash: source it, or install as /usr/share/bash-completion/completions/dvs-agent;
+# zsh: install _dvs-agent into a directory of $fpath (/usr/share/zsh/vendor-completions).
+completions: $(DEV_STAMP)
+	@mkdir -p $(BUILD)/completions
+	$(BIN)/shtab --error-unimportable --prefix dvs_agent --shell bash agent.cli.build_parser \
+	  --output $(BUILD)/completions/dvs-agent.bash
+	$(BIN)/shtab --error-unimportable --prefix dvs_agent --shell zsh agent.cli.build_parser \
+	  --output $(BUILD)/completions/_dvs-agent
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

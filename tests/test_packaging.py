@@ -8,12 +8,14 @@ installs is built and installed into a fresh venv, where the image's start comma
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import http.server
 import io
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ import pytest
 from dockerfile_parse import DockerfileParser  # type: ignore[import-untyped]
 
 import agent
+from agent.examples import EXAMPLES
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -303,7 +306,7 @@ def test_oci_labels() -> None:
         assert labels.get(f"org.opencontainers.image.{key}"), f"label {key}"
     assert labels["org.opencontainers.image.title"] == "dvs-agent"
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert labels["org.opencontainers.image.licenses"] == pyproject["license"]["text"]
+    assert labels["org.opencontainers.image.licenses"] == pyproject["license"]
 
 
 def test_no_remote_add_and_no_secret_in_the_image() -> None:
@@ -362,6 +365,7 @@ class Installed:
     wheel: Path
     venv: Path
     workdir: Path  # outside the checkout, so that nothing imports the checkout's agent/
+    build_output: str  # what pip and the build backend printed while building the wheel
 
 
 def _run(
@@ -382,30 +386,42 @@ def _run(
     return result
 
 
+def _build_wheel(src: Path, wheels: Path) -> subprocess.CompletedProcess[str]:
+    """``pip wheel`` as the Dockerfile's builder runs it (in an isolated build environment with
+    pyproject.toml's build-system requires); pip passes the build backend's warnings through."""
+    return _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, src])
+
+
+def _copy_checkout(dest: Path) -> Path:
+    shutil.copytree(
+        REPO,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+        symlinks=True,
+    )
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     root = tmp_path_factory.mktemp("packaging")
     # Build from a copy of the checkout (with tests/, bench/, dev/ and all), never in place:
     # setuptools leaves build/ and *.egg-info in the source tree, and a stale build/lib would
     # let a deleted module slip into the wheel.
-    src = root / "src"
-    shutil.copytree(
-        REPO,
-        src,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
-        ),
-        symlinks=True,
-    )
+    src = _copy_checkout(root / "src")
     wheels = root / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, src])
+    built = _build_wheel(src, wheels)
     (wheel,) = wheels.glob("dvs_agent-*.whl")
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", venv])
     _run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel])
     workdir = root / "work"
     workdir.mkdir()
-    yield Installed(wheel=wheel, venv=venv, workdir=workdir)
+    yield Installed(
+        wheel=wheel, venv=venv, workdir=workdir, build_output=built.stdout + built.stderr
+    )
 
 
 def test_wheel_holds_the_package_and_nothing_else(installed: Installed) -> None:
@@ -463,3 +479,116 @@ def test_installed_wheel_runs_what_the_image_runs(installed: Installed) -> None:
         env=env | {"DVS_AGENT_CONFIG": str(EXAMPLE_CONFIG)},
     )
     _run([bin_dir / "python", "-m", "pip", "check"], cwd=cwd, env=env)
+
+
+# --- what the wheel carries beside the code (issue 14) -----------------------------------------
+
+BUILD_WARNING = re.compile(r"warn|deprecat", re.IGNORECASE)
+
+
+def test_the_wheel_builds_without_a_warning(installed: Installed) -> None:
+    assert not BUILD_WARNING.search(installed.build_output), installed.build_output
+
+
+def test_a_build_warning_would_be_seen(tmp_path: Path) -> None:
+    """The check above is not vacuous: the same build of the same tree, with the license given
+    the deprecated way (a TOML table), prints setuptools' deprecation warning."""
+    src = _copy_checkout(tmp_path / "src")
+    pyproject = src / "pyproject.toml"
+    text = pyproject.read_text()
+    assert 'license = "Apache-2.0"\n' in text
+    pyproject.write_text(
+        text.replace('license = "Apache-2.0"\n', 'license = { text = "Apache-2.0" }\n').replace(
+            'license-files = ["LICENSE"]\n', ""
+        )
+    )
+    built = _build_wheel(src, tmp_path / "wheels")
+    assert BUILD_WARNING.search(built.stdout + built.stderr), built.stdout + built.stderr
+
+
+def test_the_editable_install_of_make_run_prints_no_warning(tmp_path: Path) -> None:
+    """`make run` and `make test` install the checkout editable (`pip install -e`): that build
+    prints no warning either, and the installed agent finds its examples in the checkout."""
+    src = _copy_checkout(tmp_path / "src")
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", venv])
+    python = venv / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps"]
+    built = _run([*pip, "-e", src])
+    assert not BUILD_WARNING.search(built.stdout + built.stderr), built.stdout + built.stderr
+    # the runtime dependencies are not installed here: ask importlib.resources directly
+    code = "from agent.examples import example_text; print(example_text('systemd'), end='')"
+    shown = _run([python, "-c", code], cwd=tmp_path, env=_clean_env())
+    assert shown.stdout == (src / "config" / "dvs-agent.service").read_text()
+
+
+def test_the_license_is_the_apache_2_text_and_the_wheel_carries_it(installed: Installed) -> None:
+    text = (REPO / "LICENSE").read_bytes()
+    # the standard text as the ASF publishes it (LICENSE-2.0.txt); Debian ships the same bytes
+    digest = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
+    assert hashlib.sha256(text).hexdigest() == digest
+    debian = Path("/usr/share/common-licenses/Apache-2.0")
+    if debian.is_file():
+        assert debian.read_bytes() == text
+    wheel = zipfile.ZipFile(installed.wheel)
+    dist_info = f"dvs_agent-{agent.__version__}.dist-info"
+    assert wheel.read(f"{dist_info}/licenses/LICENSE") == text
+    metadata = wheel.read(f"{dist_info}/METADATA").decode()
+    assert re.search(r"^License-Expression: Apache-2.0$", metadata, re.MULTILINE), metadata[:800]
+    assert re.search(r"^License-File: LICENSE$", metadata, re.MULTILINE)
+
+
+def test_the_wheel_carries_the_examples_as_files(installed: Installed) -> None:
+    """agent/examples/ holds links into config/; the wheel holds the files themselves, the
+    same bytes as the originals."""
+    wheel = zipfile.ZipFile(installed.wheel)
+    for filename in EXAMPLES.values():
+        info = wheel.getinfo(f"agent/examples/{filename}")
+        assert stat.S_ISREG(info.external_attr >> 16), f"{filename} is not a regular file"
+        assert wheel.read(info) == (REPO / "config" / filename).read_bytes(), filename
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_installed_wheel_prints_its_examples(installed: Installed, name: str) -> None:
+    """`pipx install` or a wheel install, then `dvs-agent example NAME`: no checkout needed."""
+    result = _run(
+        [installed.venv / "bin" / "dvs-agent", "example", name],
+        cwd=installed.workdir,
+        env=_clean_env(),
+    )
+    assert result.stdout == (REPO / "config" / EXAMPLES[name]).read_text()
+
+
+def test_the_image_builders_context_makes_the_same_wheel(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """The Dockerfile's builder sees only what it COPYs: a link into a directory it does not
+    copy would dangle there, and setuptools would leave the example out without an error. So
+    build from exactly those sources: the same files as the wheel built from the checkout,
+    and no warning (a missing LICENSE is one)."""
+    context = tmp_path / "src"
+    context.mkdir()
+    for copy in _stages()[0].all("COPY"):
+        if "--from=" in copy:
+            continue
+        *sources, dest = copy.split()
+        for source in sources:
+            # each lands at its own path under WORKDIR (the simulation relies on it)
+            assert dest in {"./", f"./{source}"}, copy
+            origin = REPO / source
+            if origin.is_dir():
+                shutil.copytree(
+                    origin,
+                    context / source,
+                    symlinks=True,  # as docker COPY does
+                    ignore=shutil.ignore_patterns("__pycache__"),
+                )
+            else:
+                shutil.copy2(origin, context / source)
+    built = _build_wheel(context, tmp_path / "wheels")
+    assert not BUILD_WARNING.search(built.stdout + built.stderr), built.stdout + built.stderr
+    (wheel,) = (tmp_path / "wheels").glob("dvs_agent-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for filename in EXAMPLES.values():
+        assert f"agent/examples/{filename}" in names, f"the image's wheel lacks {filename}"
+    assert names == set(zipfile.ZipFile(installed.wheel).namelist())
