@@ -26,10 +26,11 @@ from agent.errors import (
     AgentError,
     ConfigError,
     SinkError,
+    SourceEmpty,
     SourceUnavailable,
     most_severe,
 )
-from agent.logs import Redactor, set_level
+from agent.logs import LogFlags, Redactor, set_format, set_level
 from agent.manager import Outcome, Profile, Reason, State
 from agent.oauth import TlsContexts
 from agent.plugin import RotationListener
@@ -42,13 +43,14 @@ from agent.reload import (
     NeedsRestart,
     RemoveProfile,
     Retrigger,
+    SetLogFormat,
     SetLogLevel,
     diff,
 )
 from agent.signals import SIGNALS, signals_to_main_thread
 from agent.state import StateStore
 from agent.systemd import Notifier, start_watchdog
-from agent.wiring import build_profile
+from agent.wiring import build_profile, checked
 
 if TYPE_CHECKING:
     from agent.health import HealthServer, ProfileStatus, RefreshAnswer
@@ -88,8 +90,11 @@ class Agent:
         logger: logging.Logger | None = None,
         metrics: Metrics | None = None,
         registry: Registry | None = None,
+        log_flags: LogFlags | None = None,
     ) -> None:
-        self.config = config
+        #: --log-level/--log-format: they win over the config's, also at every reload
+        self._log_flags = log_flags if log_flags is not None else LogFlags()
+        self.config = self._flagged(config)
         #: the kinds the config names (agent.registry); a reload finds them here too
         self._registry = registry if registry is not None else Registry()
         self.metrics = metrics
@@ -188,17 +193,17 @@ class Agent:
         logged and the refresh reads them again."""
         if reason is not Reason.FORCE:
             try:
-                if profile.restore():
-                    due = profile.due()
-                    if not exit_after or due > self._clock():
-                        return Outcome(ok=True, next_at=due)
+                if profile.restore() and (not exit_after or profile.due() > self._clock()):
+                    return profile.standing()  # not ok while a sink lacks it
             except AgentError as exc:
                 held = profile.token is not None
                 if exit_after:
-                    if isinstance(exc, SourceUnavailable) and held:
-                        due = profile.due()
-                        if due > self._clock():  # the sinks hold the recorded token (warned)
-                            return Outcome(ok=True, next_at=due)
+                    if (
+                        isinstance(exc, SourceUnavailable)
+                        and held
+                        and profile.due() > self._clock()
+                    ):
+                        return profile.standing()  # the recorded token is kept (warned)
                     self._log.error("%s", exc, extra={"profile": profile.name})
                     return Outcome(ok=False, next_at=self._clock(), error=exc)
                 self._log.error("%s", exc, extra={"profile": profile.name, "event": "source_error"})
@@ -206,7 +211,7 @@ class Agent:
                     reason = Reason.SCHEDULE  # the recorded token is held (degraded)
         if reason is None:
             return Outcome(ok=profile.token is not None, next_at=self._clock())
-        return profile.refresh(reason)
+        return profile.refresh(reason, final=exit_after)
 
     # ----------------------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -283,10 +288,34 @@ class Agent:
 
     def _begin(self) -> None:
         """Check the sinks, open the health listener, start each profile's first attempt."""
+        self._check_fixed_credentials()
         self.prepare()
         with signals_to_main_thread():
             self._start_health()
             self._start_first_attempts()
+
+    def _check_fixed_credentials(self) -> None:
+        """Exit 78 at start for a profile whose credentials can never be read: every source
+        of its chain says they cannot change while the process lives (plain environment
+        values) and they are missing now. Retrying for ever would hide a broken unit; 78
+        lets systemd's RestartPreventExitStatus=78 apply (DESIGN §7). A profile with a
+        source that can change (a ``_FILE``, Vault, AWS) keeps retrying as before."""
+        problems = []
+        for name, profile in self.profiles.items():
+            if profile.chain.can_change():
+                continue  # what is missing may appear later: a file, a store
+            try:
+                profile.chain.read()  # cannot change: what it says now, it says for ever
+            except (SourceEmpty, ConfigError) as exc:
+                problems.append(f"profile {name}: {exc}")
+            except AgentError:
+                continue  # unavailable now (not missing): retried as before
+        if problems:
+            raise ConfigError(
+                "; ".join(problems) + "; exiting (78) instead of retrying for ever, as the "
+                "agent's own environment cannot change while it runs: fix the environment it "
+                "starts with (systemd: systemctl edit dvs-agent), then start it again"
+            )
 
     def _start_first_attempts(self) -> None:
         """Each profile's recorded or first token, each on a short-lived thread of its own (no
@@ -581,7 +610,7 @@ class Agent:
         new = self.config
         if self._config_path is not None:
             try:
-                new = load_config(self._config_path, registry=self._registry)
+                new = self._flagged(load_config(self._config_path, registry=self._registry))
             except ConfigError as exc:
                 self._log.error(
                     "the new config is invalid, keeping the running one: %s",
@@ -589,6 +618,18 @@ class Agent:
                     extra={"event": "reload_failed"},
                 )
         self._apply(new, diff(self.config, new))
+
+    def _flagged(self, config: Config) -> Config:
+        """``config`` with the command line's log level and format in place of its own."""
+        flags = self._log_flags
+        if flags.level is None and flags.format is None:
+            return config
+        section = msgspec.structs.replace(
+            config.agent,
+            log_level=flags.level or config.agent.log_level,
+            log_format=flags.format or config.agent.log_format,
+        )
+        return msgspec.structs.replace(config, agent=section)
 
     def _apply(self, new: Config, actions: list[Action]) -> None:
         """Apply what :func:`agent.reload.diff` found; a profile whose new settings cannot be
@@ -604,6 +645,10 @@ class Agent:
                     )
                 case SetLogLevel(level):
                     set_level(level)
+                    self._log.info("log level now %s", level, extra={"event": "reload"})
+                case SetLogFormat(fmt):
+                    set_format(fmt)  # in place: this very line is in the new format
+                    self._log.info("log format now %s", fmt, extra={"event": "reload"})
                 case RemoveProfile(name):
                     self._scheduler.remove(name)
                     self.profiles.pop(name).close()
@@ -630,8 +675,7 @@ class Agent:
         they cannot be built, and what ran before runs on)."""
         assert self._scheduler is not None
         try:
-            profile = self._build(name, pc)
-            profile.check_sinks()
+            profile = checked(self._build(name, pc))  # closed when its sinks cannot write
         except (SinkError, ConfigError) as exc:
             self._log.error(
                 "cannot apply the new settings, keeping the running ones: %s",

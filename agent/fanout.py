@@ -64,8 +64,9 @@ class FanOut:
 
     def put_back(self, token: Token) -> None:
         """A token recorded in state_dir back into every sink (files may be gone after a
-        reboot). A sink that fails is logged and counted; it gets the next new token."""
-        self._write(token, self.sinks)
+        reboot): for the sinks it is as a new token is, so one that fails owes it and is
+        written again by :meth:`retry` until it holds it or a newer token replaces it."""
+        self.publish(token)
 
     def seen_until(self, held: Token | None) -> datetime | None:
         """Until when consumers find a valid token: the expiry of ``held``, or earlier when a

@@ -137,6 +137,14 @@ class Profile:
         self.last_refresh: datetime | None = None
         #: failed refreshes (or sink fan-outs) in a row: the retry delays grow with it
         self._failures = 0
+        #: the held token's refresh time, drawn once per token (policy.refresh_at's jitter), so
+        #: every caller (the schedule, due(), a sink retry's gate) sees one target
+        self._planned: tuple[Token, datetime] | None = None
+        #: when the sinks that missed the token held are tried again (None: none missed it)
+        self._sink_retry_at: datetime | None = None
+        #: the last attempt to obtain a token failed, or none could be made (the recorded
+        #: token kept with every source down): writing the sinks again does not stand for it
+        self._owes_refresh = False
         #: credentials read a moment ago by restore(): the first refresh need not read again
         self._just_read = False
 
@@ -244,6 +252,7 @@ class Profile:
             now = self._clock()
             if token is None or not token.is_valid(now):
                 return False
+            self._owes_refresh = False
             self._adopt_recorded(token, State.OK)
             self._succeeded(token)
             self._log.info(
@@ -262,6 +271,7 @@ class Profile:
         token = self._load(None)
         if token is None or not token.is_valid(self._clock()):
             return
+        self._owes_refresh = True
         self._adopt_recorded(token, State.DEGRADED)
         self.last_error = self._error_text(exc)
         self._log.warning(
@@ -272,23 +282,47 @@ class Profile:
         )
 
     def _adopt_recorded(self, token: Token, state: State) -> None:
-        """Hold a token from state_dir and put it back into the sinks (not a new token)."""
+        """Hold a token from state_dir and put it back into the sinks (not a new token): a
+        sink that fails owes it, and the profile is degraded until every sink holds it."""
         self._hold(token)
-        self._fanout.put_back(token)
-        self._set_state(state)
         self.last_refresh = token.obtained_at
+        self._fanout.put_back(token)
+        self._written(token, self._refresh_at(token), new=False, state=state)
 
     def due(self) -> datetime:
-        """When the held token should be refreshed (now if none)."""
+        """When the held token should be refreshed (now if none); the same time at every call
+        for one token."""
         if self.token is None:
             return self._clock()
         return self._refresh_at(self.token)
 
+    def standing(self) -> Outcome:
+        """What the token held amounts to without a refresh (after :meth:`restore`): ok when
+        every sink holds it; ``next_at`` is when it is due, or the sinks' retry before that."""
+        with self._lock:
+            token = self.token
+            if token is None:
+                return Outcome(ok=False, next_at=self._clock())
+            due = self._refresh_at(token)
+            retry_at = self._sink_retry_at
+            if not self._fanout.unwritten or retry_at is None:
+                return Outcome(ok=True, next_at=due)
+            return Outcome(ok=False, next_at=min(due, retry_at), error=self._unwritten_error())
+
     def _refresh_at(self, token: Token) -> datetime:
-        return policy.refresh_at(self._timing, token, self._rng)
+        """When ``token`` is due: drawn (with its jitter) once, then the same until another
+        token is held, so that repeated calls agree and the schedule has one target."""
+        planned = self._planned
+        if planned is not None and planned[0] == token:
+            return planned[1]
+        at = policy.refresh_at(self._timing, token, self._rng)
+        self._planned = (token, at)
+        return at
 
     # ---------------------------------------------------------------- refresh
-    def refresh(self, reason: Reason) -> Outcome:
+    def refresh(self, reason: Reason, *, final: bool = False) -> Outcome:
+        """One refresh for ``reason``; ``final``: no other attempt follows (``once`` exits
+        after it), so a failure is reported without a time for the next one."""
         with self._lock:
             trigger = ROTATION_TRIGGERS.get(reason)
             if trigger is not None:
@@ -297,13 +331,14 @@ class Profile:
             try:
                 return self._refresh(reason)
             except AgentError as exc:
-                return self._failed(exc)
+                return self._failed(exc, final=final)
             except Exception as exc:  # a bug must not stop the schedule
                 self._log.exception(
                     "unexpected error while refreshing", extra=self._extra("internal_error")
                 )
                 try:
-                    return self._failed(AgentError(f"internal error: {type(exc).__name__}"))
+                    error = AgentError(f"internal error: {type(exc).__name__}")
+                    return self._failed(error, final=final)
                 except Exception:  # nothing may escape a refresh, or the profile would freeze
                     self._log.exception("unexpected error", extra=self._extra("internal_error"))
                     return Outcome(
@@ -318,14 +353,17 @@ class Profile:
         """One refresh: credentials → token request → sinks → the next run (raises AgentError)."""
         now = self._clock()
         held = self.token if self.token is not None and self.token.is_valid(now) else None
-        # 1. sinks that missed the token held get it again, until it is due for replacement
+        # 1. sinks that missed the token held get it again; that is the whole run until the
+        #    token is due for replacement, unless a refresh is owed (the last one failed)
         if (
             reason in (Reason.SCHEDULE, Reason.RETRY)
             and self._fanout.unwritten
             and held is not None
-            and now < self._refresh_at(held)
         ):
-            return self._deliver(held, new=False)
+            if not self._owes_refresh and now < self._refresh_at(held):
+                return self._deliver(held, new=False)
+            if self._owes_refresh:  # consumers get it even if the refresh fails again
+                self._fanout.retry(held)
 
         # 2. the credentials: read again, unless a scheduled refresh may use those in use
         credentials = self._credentials_for(reason)
@@ -348,7 +386,7 @@ class Profile:
 
         # 4. a new token: recorded, then written to every sink; scheduled by policy.refresh_at
         token = fetched.token
-        self._failures, self.last_error = 0, None
+        self._failures, self.last_error, self._owes_refresh = 0, None, False
         self._hold(token)
         self.last_refresh = self._clock()
         self._store.save(
@@ -463,21 +501,26 @@ class Profile:
         overdue = policy.reuse_overdue(self._timing, token, now)
         if overdue is not None:
             # the server keeps handing back a token past its expiry: stop polling fast
-            return self._failed(
-                AuthServerUnavailable(
-                    f"the auth server still returns the token that expired "
-                    f"{overdue.total_seconds():.0f}s ago instead of a new one"
-                )
+            raise AuthServerUnavailable(
+                f"the auth server still returns the token that expired "
+                f"{overdue.total_seconds():.0f}s ago instead of a new one"
             )
-        self._failures, self.last_error = 0, None
-        self._set_state(State.OK if token.is_valid(now) else State.EXPIRED)
+        self.last_error, self._owes_refresh = None, False
+        self._fanout.retry(token)  # sinks that missed it get it now (it is still the newest)
+        if not self._fanout.unwritten:
+            self._failures = 0
         self._succeeded(token)
         self._log.info(
             "the auth server returned the token already held; asking again at its expiry %s",
             self._when(token.expires_at),
             extra=self._extra("token_unchanged", expires_at=self._when(token.expires_at)),
         )
-        return Outcome(ok=True, next_at=policy.reuse_next_at(self._timing, token, now))
+        return self._written(
+            token,
+            policy.reuse_next_at(self._timing, token, now),
+            new=False,
+            state=State.OK if token.is_valid(now) else State.EXPIRED,
+        )
 
     def _deliver(self, token: Token, *, new: bool) -> Outcome:
         """Write ``token`` (the token held) to the sinks: every sink for a new token, else
@@ -487,19 +530,34 @@ class Profile:
             self._fanout.publish(token)
         else:
             self._fanout.retry(token)
-        next_at = self._refresh_at(token)
         if new:
             self._succeeded(token)
+        return self._written(token, self._refresh_at(token), new=new)
+
+    def _written(
+        self, token: Token, next_at: datetime, *, new: bool, state: State = State.OK
+    ) -> Outcome:
+        """The state and outcome once ``token``, the token held, went to the sinks (new,
+        handed back, restored or retried): ``state`` and ``next_at`` when every sink holds it;
+        else the profile is degraded (expired once the token is) and the sinks that missed it
+        are tried again on a backoff, before ``next_at``."""
         unwritten = self._fanout.unwritten
         if not unwritten:
-            self._set_state(State.OK)
+            self._sink_retry_at = None
+            if state is State.OK:
+                self.last_error = None
+            self._set_state(state)
             return Outcome(ok=True, next_at=next_at, new_token=new)
         self._failures += 1
-        error = SinkError(f"not written: {', '.join(sink.name for sink in unwritten)}")
+        error = self._unwritten_error()
         self.last_error = self._error_text(error)
-        self._set_state(State.DEGRADED)
-        retry_at = self._clock() + policy.sink_retry_delay(self._timing, self._failures, self._rng)
+        self._set_state(State.DEGRADED if token.is_valid(self._clock()) else State.EXPIRED)
+        delay = policy.sink_retry_delay(self._timing, self._failures, self._rng)
+        self._sink_retry_at = retry_at = self._clock() + delay
         return Outcome(ok=False, next_at=min(next_at, retry_at), new_token=new, error=error)
+
+    def _unwritten_error(self) -> SinkError:
+        return SinkError(f"not written: {', '.join(s.name for s in self._fanout.unwritten)}")
 
     # ---------------------------------------------------------------- failure
     def _count_request(self, exc: AgentError | None, *, reused: bool = False) -> None:
@@ -515,10 +573,11 @@ class Profile:
             outcome = "error"
         self._metrics.token_request(self.name, outcome)
 
-    def _failed(self, exc: AgentError) -> Outcome:
+    def _failed(self, exc: AgentError, *, final: bool = False) -> Outcome:
         """Every failed refresh ends here: the state, the wait (policy.retry_delay), one log
-        line; the token held is kept."""
+        line; the token held is kept. ``final`` (``once``): the line names no next attempt."""
         self._failures += 1
+        self._owes_refresh = True
         now = self._clock()
         held = self.token
         valid = held is not None and held.is_valid(now)
@@ -535,6 +594,14 @@ class Profile:
             if valid and held is not None
             else "; no valid token is held"
         )
+        if final:
+            self._log.error(
+                "refresh failed: %s%s",
+                exc,
+                kept,
+                extra=self._extra("refresh_failed", reason=type(exc).__name__),
+            )
+            return Outcome(ok=False, next_at=now + delay, error=exc)
         self._log.error(
             "refresh failed: %s%s; next attempt in %ds",
             exc,

@@ -49,7 +49,10 @@ class Timing:
 # ------------------------------------------------------------------------- the schedule
 def refresh_at(timing: Timing, token: Token, rng: random.Random) -> datetime:
     """When ``token`` should be replaced: :meth:`Timing.refresh_delay` after it was obtained,
-    less a random share of up to ``timing.jitter`` of that delay, and never sooner than 1 s."""
+    less a random share of up to ``timing.jitter`` of that delay, and never sooner than 1 s.
+
+    Each call draws the jitter again: call it once per token and keep the answer (the profile
+    does, :meth:`agent.manager.Profile.due`), so that the schedule has one target."""
     delay = timing.refresh_delay(token.lifetime)
     delay -= delay * rng.uniform(0, timing.jitter)
     return token.obtained_at + max(delay, ONE_SECOND)

@@ -1,7 +1,8 @@
 """Config → objects: one :class:`~agent.manager.Profile` from one ``[profiles.NAME]`` table.
 
 Nothing here starts anything: the :class:`~agent.app.Agent` decides when to build (at start,
-at a reload), checks the sinks and owns what it gets."""
+at a reload), checks the sinks (:func:`checked`) and owns what it gets. A profile that cannot
+be built or checked is closed before the error is raised: nothing built for it leaks."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from datetime import timedelta
 
 from agent.clock import Clock
 from agent.config import ProfileConfig
+from agent.errors import ConfigError
+from agent.keypath import toml_repr
 from agent.kinds import build_sinks, build_sources
 from agent.logs import Redactor
 from agent.manager import Profile
 from agent.oauth import TlsContexts, TokenClient
+from agent.plugin import TokenSink
 from agent.policy import Timing
 from agent.recorder import NULL, Recorder
 from agent.registry import Registry
@@ -44,26 +48,20 @@ def build_profile(
         name, pc, environ=environ, logger=logger, registry=registry, metrics=recorder
     )
     on_error = None if metrics is None else (lambda source: metrics.source_error(name, source))
+    sinks: list[TokenSink] = []
     try:
-        sinks = build_sinks(
-            name, pc, environ=environ, logger=logger, registry=registry, metrics=recorder
+        sinks.extend(
+            build_sinks(
+                name, pc, environ=environ, logger=logger, registry=registry, metrics=recorder
+            )
         )
-    except BaseException:
+        client = _token_client(name, pc, clock=clock, tls=tls, stopping=stopping)
+    except BaseException:  # what was built for it is closed: nothing of it may leak
         for source in sources:
             source.close()
+        for sink in sinks:
+            sink.close()
         raise
-    client = TokenClient(
-        token_url=pc.resolved_token_url,
-        profile=name,
-        grant_type_location=pc.grant_type_location,
-        scope=pc.scope,
-        timeout=pc.request_timeout,
-        ca_bundle=pc.ca_bundle,
-        tls=tls,
-        clock=clock,
-        stopping=stopping,
-        logger=logging.getLogger("agent.oauth"),
-    )
     timing = Timing(
         refresh_before_expiry=pc.refresh_before_expiry,
         reread_on_schedule=pc.rotation.poll_interval <= timedelta(0),
@@ -80,3 +78,38 @@ def build_profile(
         logger=logger,
         metrics=metrics,
     )
+
+
+def checked(profile: Profile) -> Profile:
+    """``profile`` once each of its sinks proved that it can write; when one cannot, the
+    profile is closed (its sources, sinks and token client: connections, threads) and the
+    error raised (SinkError, or ConfigError)."""
+    try:
+        profile.check_sinks()
+    except BaseException:
+        profile.close()
+        raise
+    return profile
+
+
+def _token_client(
+    name: str, pc: ProfileConfig, *, clock: Clock, tls: TlsContexts, stopping: threading.Event
+) -> TokenClient:
+    try:
+        return TokenClient(
+            token_url=pc.resolved_token_url,
+            profile=name,
+            grant_type_location=pc.grant_type_location,
+            scope=pc.scope,
+            timeout=pc.request_timeout,
+            ca_bundle=pc.ca_bundle,
+            tls=tls,
+            clock=clock,
+            stopping=stopping,
+            logger=logging.getLogger("agent.oauth"),
+        )
+    except OSError as exc:  # ssl.SSLError too: a CA bundle that is readable but not PEM
+        raise ConfigError(
+            f"profiles.{name}.ca_bundle: {toml_repr(pc.ca_bundle or '')} cannot be loaded "
+            f"({exc.strerror or exc}): give a file of PEM certificates"
+        ) from None

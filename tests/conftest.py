@@ -154,12 +154,14 @@ class AgentProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     logs: list[str] = field(default_factory=list)
+    #: more arguments of ``run`` (e.g. ``--log-format text``)
+    args: tuple[str, ...] = ()
 
     def start(self) -> AgentProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "agent", "run", "-c", str(self.config), *self.args],
             env=self.env,
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -199,11 +201,14 @@ Spawn = Callable[..., AgentProcess]
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
     started: list[AgentProcess] = []
 
-    def _spawn(config: Path, env: dict[str, str] | None = None) -> AgentProcess:
+    def _spawn(
+        config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> AgentProcess:
         proc = AgentProcess(
             config=config,
             env=agent_env() if env is None else env,
             log_path=tmp_path / f"agent-{len(started)}.log",
+            args=args,
         ).start()
         started.append(proc)
         return proc
@@ -324,3 +329,22 @@ def metric_value(found: Samples, name: str, default: float | None = None, **labe
     if default is not None:
         return found.get(key, default)
     return found[key]
+
+
+def new_approle(
+    root: Any, name: str, directory: Path, *, policy: str, ttl: str = "60s"
+) -> tuple[str, str, Path, Path]:
+    """An AppRole role ``name`` whose tokens carry ``policy`` for ``ttl`` (also their max TTL),
+    made with the root hvac client ``root`` (AppRole enabled at auth/approle), and its values in
+    files of ``directory`` (each value and a newline, as ops write them):
+    ``(role_id, secret_id, role_id_file, secret_id_file)``."""
+    root.auth.approle.create_or_update_approle(
+        name, token_policies=[policy], token_ttl=ttl, token_max_ttl=ttl
+    )
+    role_id = str(root.auth.approle.read_role_id(name)["data"]["role_id"])
+    secret_id = str(root.auth.approle.generate_secret_id(name)["data"]["secret_id"])
+    role_id_file = directory / f"{name}.role_id"
+    secret_id_file = directory / f"{name}.secret_id"
+    role_id_file.write_text(role_id + "\n")
+    secret_id_file.write_text(secret_id + "\n")
+    return role_id, secret_id, role_id_file, secret_id_file

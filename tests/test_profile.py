@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -198,6 +199,7 @@ class World:
         timing: Timing | None = None,
         state_dir: Path | None = None,
         policy: RetryPolicy | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.clock = Clock()
         self.server = AuthServer()
@@ -221,6 +223,7 @@ class World:
             store=StateStore(state_dir or tmp_path / "state"),
             timing=timing or Timing(),
             clock=self.clock,
+            rng=rng,
             logger=log,
             metrics=self.metrics,
         )
@@ -310,6 +313,44 @@ def test_the_same_token_back_is_neither_rewritten_nor_a_new_token(world: World) 
     assert [sink.written for sink in world.sinks] == [["tok-1"], ["tok-1"]]
     assert world.metrics.of("token_request")[-1] == ("p", "reused")
     assert outcome.next_at == world.clock.now + timedelta(seconds=100)  # at its (earlier) expiry
+
+
+class Drifting(random.Random):
+    """A random source whose every ``uniform`` lands elsewhere in its range: a jitter drawn
+    again shows as another time."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.draws = 0
+
+    def uniform(self, a: float, b: float) -> float:
+        self.draws += 1
+        return a + (b - a) * ((self.draws * 0.37) % 1)
+
+
+def test_the_refresh_time_is_drawn_once_per_token(make_world: MakeWorld) -> None:
+    """The jitter is drawn when a token is obtained; asking again (due(), a coalesced SIGHUP,
+    a sink retry before it is due) gives the same time, so the schedule has one target."""
+    world = make_world(rng=Drifting())
+    world.sinks[1].fail = SinkError("disk full")
+    first = world.refresh(Reason.START)
+    planned = world.profile.due()
+    assert world.profile.due() == world.profile.due() == planned
+    assert first.next_at < planned  # the sink retry comes first
+    world.clock.advance(2)
+    assert world.refresh(Reason.RETRY).next_at < planned  # still failing: retried again
+    world.sinks[1].fail = None
+    world.clock.advance(4)
+    retried = world.refresh(Reason.RETRY)
+    assert retried.ok and not retried.new_token and retried.next_at == planned
+    world.clock.advance(11)
+    coalesced = world.refresh(Reason.SIGHUP)  # older than 10 s: a new token
+    assert coalesced.new_token and world.profile.due() == coalesced.next_at
+    assert world.refresh(Reason.SIGHUP).next_at == coalesced.next_at  # coalesced: the same
+    assert world.profile.due() == coalesced.next_at
+    # the next token draws its own
+    obtained = world.clock.now
+    assert coalesced.next_at - obtained != planned - (obtained - timedelta(seconds=17))
 
 
 # ------------------------------------------------------------------------------- failures
@@ -545,7 +586,8 @@ def test_a_sighup_is_coalesced_only_when_every_sink_has_the_token(world: World) 
     world.refresh(Reason.START)
     world.clock.advance(3)  # due (half of 4 s): the server hands the same token back
     world.server.then(body(token_body("short", expires_in=1)))
-    assert world.refresh(Reason.SCHEDULE).ok and world.profile.state is State.OK
+    handed_back = world.refresh(Reason.SCHEDULE)
+    assert not handed_back.ok and world.profile.state is State.DEGRADED  # sink-1 lacks it
     world.sinks[1].fail = None
     assert world.refresh(Reason.SIGHUP).new_token  # sink-1 never had it: not coalesced
     assert world.sinks[1].written == ["tok-1"]
@@ -580,6 +622,98 @@ def test_with_every_source_down_a_recorded_token_is_kept_degraded(
     assert again.held() == "tok-1" and again.profile.state is State.DEGRADED
     assert [sink.holds for sink in again.sinks] == ["tok-1", "tok-1"]
     assert "vault is sealed" in (again.profile.last_error or "")
+
+
+def test_a_sink_that_fails_while_the_recorded_token_is_put_back_is_retried(
+    make_world: MakeWorld, tmp_path: Path
+) -> None:
+    """A restart whose put-back fails for one sink: that sink owes the recorded token, the
+    profile is degraded until it holds it, and it is retried soon, without a request."""
+    make_world(state_dir=tmp_path / "shared").refresh(Reason.START)
+    again = make_world(state_dir=tmp_path / "shared")  # a restart
+    again.clock.advance(60)
+    again.sinks[1].fail = SinkError("disk full")
+    assert again.profile.restore()
+    assert again.held() == "tok-1" and [s.written for s in again.sinks] == [["tok-1"], []]
+    assert again.profile.state is State.DEGRADED
+    assert "sink-1" in (again.profile.last_error or "")
+    assert again.metrics.of("state")[-1] == ("p", "degraded")
+    assert again.profile.seen_until() is None  # consumers of sink-1 have no token
+    standing = again.profile.standing()
+    assert not standing.ok and isinstance(standing.error, SinkError)
+    assert 1.5 <= again.wait(standing) <= 2  # a sink retry, not the token's refresh time
+    again.clock.advance(2)
+    still = again.refresh(Reason.RETRY)
+    assert not still.ok and again.profile.state is State.DEGRADED
+    again.sinks[1].fail = None
+    again.clock.now = still.next_at
+    outcome = again.refresh(Reason.RETRY)
+    assert outcome.ok and not outcome.new_token and again.profile.state is State.OK
+    assert [s.written for s in again.sinks] == [["tok-1"], ["tok-1"]]  # newest wins, once each
+    assert again.server.sent == [] and again.profile.last_error is None
+    assert again.profile.standing().ok
+
+
+def test_with_every_source_down_a_sink_that_missed_the_recorded_token_does_not_wait(
+    make_world: MakeWorld, tmp_path: Path
+) -> None:
+    """The sink retry does not stand in for the refresh the profile owes: the sink gets the
+    recorded token and the sources are read again on their own backoff."""
+    make_world(state_dir=tmp_path / "shared").refresh(Reason.START)
+    again = make_world(state_dir=tmp_path / "shared")
+    again.server.issued.append("tok-1")  # the first run's: this server issues tok-2 next
+    again.source.error = SourceUnavailable("vault is sealed")
+    again.sinks[1].fail = SinkError("disk full")
+    with pytest.raises(SourceUnavailable):
+        again.profile.restore()
+    assert again.profile.state is State.DEGRADED and not again.profile.standing().ok
+    again.sinks[1].fail = None
+    reads = again.source.reads
+    outcome = again.refresh(Reason.SCHEDULE)  # what the daemon runs next
+    assert [s.written for s in again.sinks] == [["tok-1"], ["tok-1"]]
+    assert again.source.reads == reads + 1 and isinstance(outcome.error, SourceUnavailable)
+    assert again.profile.state is State.DEGRADED and again.wait(outcome) <= 4  # a backoff
+    again.source.error = None
+    again.clock.now = outcome.next_at
+    assert again.refresh(Reason.RETRY).new_token and again.profile.state is State.OK
+    assert [s.holds for s in again.sinks] == ["tok-2", "tok-2"]
+
+
+def test_a_put_back_failure_is_forgotten_for_a_newer_token(
+    make_world: MakeWorld, tmp_path: Path
+) -> None:
+    make_world(state_dir=tmp_path / "shared").refresh(Reason.START)
+    again = make_world(state_dir=tmp_path / "shared")
+    again.server.issued.append("tok-1")  # the first run's: this server issues tok-2 next
+    again.sinks[0].fail = SinkError("disk full")
+    assert again.profile.restore()
+    again.sinks[0].fail = None
+    again.clock.advance(60)
+    assert again.refresh(Reason.REFRESH).new_token  # the recorded one is superseded
+    assert [s.written for s in again.sinks] == [["tok-2"], ["tok-1", "tok-2"]]
+    assert again.profile.state is State.OK
+    again.clock.advance(2)
+    assert again.refresh(Reason.RETRY).ok  # nothing owed: a refresh as usual
+    assert [s.holds for s in again.sinks] == ["tok-3", "tok-3"]
+
+
+def test_a_token_handed_back_again_is_degraded_while_a_sink_lacks_it(world: World) -> None:
+    world.sinks[1].fail = SinkError("disk full")
+    world.refresh(Reason.START)
+    world.clock.now = world.profile.due()
+    world.server.then(body(token_body("tok-1", expires_in=300)))
+    outcome = world.refresh(Reason.SCHEDULE)  # the same token back: not a new token
+    assert not outcome.ok and not outcome.new_token and isinstance(outcome.error, SinkError)
+    assert world.profile.state is State.DEGRADED
+    assert world.metrics.of("state")[-1] == ("p", "degraded")
+    assert "sink-1" in (world.profile.last_error or "")
+    assert world.wait(outcome) < 300  # the sink is retried before the token's expiry
+    world.sinks[1].fail = None
+    world.clock.now = outcome.next_at
+    world.server.then(body(token_body("tok-1", expires_in=290)))
+    outcome = world.refresh(Reason.RETRY)
+    assert outcome.ok and world.profile.state is State.OK and world.profile.last_error is None
+    assert [s.written for s in world.sinks] == [["tok-1"], ["tok-1"]]
 
 
 # ---------------------------------------------------------------------- triggers, metrics

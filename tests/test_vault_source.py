@@ -33,7 +33,7 @@ from agent.sources.vault import VaultSourceConfig
 from agent.stores.vault.connection import VaultConnection
 from agent.stores.vault.settings import VaultAuth
 from agent.stores.vault.source import VaultSource
-from tests.conftest import vault_auth
+from tests.conftest import new_approle, vault_auth
 from tests.servers import Bao, _binary, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,16 +124,7 @@ def approle(root: Any, tmp_path: Path) -> Callable[..., AppRole]:
 
     def make(token_ttl: str = "60s") -> AppRole:  # noqa: S107 - a duration
         name = f"dvs-test-{uuid.uuid4().hex[:10]}"
-        root.auth.approle.create_or_update_approle(
-            name, token_policies=[READ_POLICY], token_ttl=token_ttl, token_max_ttl=token_ttl
-        )
-        role_id = root.auth.approle.read_role_id(name)["data"]["role_id"]
-        secret_id = root.auth.approle.generate_secret_id(name)["data"]["secret_id"]
-        role_id_file = tmp_path / f"{name}.role_id"
-        secret_id_file = tmp_path / f"{name}.secret_id"
-        role_id_file.write_text(role_id + "\n")
-        secret_id_file.write_text(secret_id + "\n")
-        return AppRole(name, role_id, secret_id, role_id_file, secret_id_file)
+        return AppRole(name, *new_approle(root, name, tmp_path, policy=READ_POLICY, ttl=token_ttl))
 
     return make
 

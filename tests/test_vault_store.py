@@ -44,7 +44,7 @@ from agent.stores.vault import errors
 from agent.stores.vault.connection import ERROR_BODY_BYTES, VaultConnection
 from agent.stores.vault.settings import DEFAULT_TOKEN_FILE, VaultAuth
 from agent.stores.vault.source import VaultSource
-from tests.conftest import vault_auth
+from tests.conftest import new_approle, vault_auth
 from tests.servers import Bao, free_port
 
 POLICY = "dvs-test-store-read"
@@ -221,17 +221,11 @@ class Role:
 @pytest.fixture
 def role(bao: Bao, root: Any, tmp_path: Path) -> Role:
     name = f"dvs-store-{uuid.uuid4().hex[:8]}"
-    root.auth.approle.create_or_update_approle(
-        name, token_policies=[POLICY], token_ttl="90s", token_max_ttl="90s"
+    role_id, secret_id, role_id_file, secret_id_file = new_approle(
+        root, name, tmp_path, policy=POLICY, ttl="90s"
     )
-    role_id = root.auth.approle.read_role_id(name)["data"]["role_id"]
-    secret_id = root.auth.approle.generate_secret_id(name)["data"]["secret_id"]
-    (tmp_path / "role_id").write_text(role_id + "\n")
-    (tmp_path / "secret_id").write_text(secret_id + "\n")
     auth = vault_auth(
-        address=bao.address,
-        role_id_file=str(tmp_path / "role_id"),
-        secret_id_file=str(tmp_path / "secret_id"),
+        address=bao.address, role_id_file=str(role_id_file), secret_id_file=str(secret_id_file)
     )
     return Role(auth, role_id, secret_id)
 

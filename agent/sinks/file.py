@@ -1,11 +1,12 @@
 """The file sink: the token on local disk, written atomically (DESIGN §4).
 
-A write goes to a temp file in the same directory (``O_CREAT|O_EXCL|O_NOFOLLOW``, 0600), gets
-its ``mode`` and ``owner``/``group``, is filled and ``fsync``-ed, and is then renamed onto the
-path, after which the directory is ``fsync``-ed. A reader therefore sees the old token or the new
-one, never a partial file, even when the agent is killed mid-write. Temp files left by a kill -9
-are named ``.<basename>.dvs-agent.<16 hex>.tmp`` (the writer's pid, then random) and removed by
-:meth:`FileSink.check`, except this process's own (a write in flight).
+A write is :func:`agent.fsutil.atomic_write`, the one atomic writer: a temp file in the same
+directory (``O_CREAT|O_EXCL|O_NOFOLLOW``, 0600) gets the ``mode`` and ``owner``/``group``, is
+filled and ``fsync``-ed, and is then renamed onto the path, after which the directory is
+``fsync``-ed. A reader therefore sees the old token or the new one, never a partial file, even
+when the agent is killed mid-write. Temp files left by a kill -9 (``.<basename>.dvs-agent.<16
+hex>.tmp``: the writer's pid, then random) are removed by :meth:`FileSink.check`, except this
+process's own (a write in flight).
 
 After a write that changed the file, ``on_change`` is handed to an
 :class:`agent.hooks.HookRunner`: it runs beside the refresh, never in it (DESIGN §10), with the
@@ -23,7 +24,6 @@ import logging
 import os
 import pwd
 import re
-import secrets
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +36,14 @@ import msgspec
 from agent.config.checks import normalised_path
 from agent.config.values import Duration, FileMode
 from agent.errors import SinkError
-from agent.fsutil import fsync_dir, unlink_quietly, write_all
+from agent.fsutil import (
+    NotDurable,
+    OwnershipError,
+    access_hint,
+    atomic_write,
+    probe_write,
+    stale_temps,
+)
 from agent.hooks import MAX_TIMEOUT, HookRunner, hook_environment
 from agent.keypath import toml_repr
 from agent.models import Token, rfc3339
@@ -47,9 +54,6 @@ Format = Literal["raw", "json", "env"]
 #: the longest an ``on_change`` command may run before it is killed (DESIGN §10)
 MAX_ON_CHANGE_TIMEOUT = timedelta(seconds=MAX_TIMEOUT)
 
-_TMP_MARK = ".dvs-agent."
-_TMP_SUFFIX = ".tmp"
-_TMP_RANDOM_HEX = 16
 _DIR_MODE = 0o750
 #: characters that would break a ``KEY=VALUE`` line of an env file
 _ENV_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
@@ -205,11 +209,6 @@ class FileSink:
                 logger=self._log,
             )
         self._dir = self.path.parent
-        self._tmp_pattern = re.compile(
-            re.escape("." + self.path.name + _TMP_MARK)
-            + f"[0-9a-f]{{{_TMP_RANDOM_HEX}}}"
-            + re.escape(_TMP_SUFFIX)
-        )
         self._ids: tuple[int, int] | None = None
         self._lock = threading.Lock()
 
@@ -235,14 +234,10 @@ class FileSink:
         self._remove_stale_temp_files()
         self._refuse_sticky_replace()
         # the probe goes through the same steps as a write, minus the rename
-        tmp, fd = self._create_temp()
         try:
-            self._apply_attributes(fd, uid, gid)
+            probe_write(self.path, self.mode, uid=uid, gid=gid)
         except OSError as exc:
-            raise SinkError(f"cannot write {self.path}: {self._explain(exc)}") from None
-        finally:
-            os.close(fd)
-            unlink_quietly(tmp)
+            raise self._write_error(exc) from None
 
     def write(self, token: Token) -> None:
         """Replace the file with ``token`` atomically, then start ``on_change``.
@@ -262,28 +257,10 @@ class FileSink:
                 return
             if not self._dir.is_dir():
                 self._ensure_dir(gid)
-            tmp, fd = self._create_temp()
             try:
-                try:
-                    self._apply_attributes(fd, uid, gid)
-                    write_all(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)
+                atomic_write(self.path, data, self.mode, uid=uid, gid=gid)
             except OSError as exc:
-                unlink_quietly(tmp)
-                raise SinkError(f"cannot write {self.path}: {self._explain(exc)}") from None
-            except BaseException:
-                unlink_quietly(tmp)
-                raise
-            try:
-                fsync_dir(self._dir)
-            except OSError as exc:
-                # the new file is in place but may not survive a power loss: report it
-                raise SinkError(
-                    f"wrote {self.path} but could not fsync {self._dir}: {self._explain(exc)}"
-                ) from None
+                raise self._write_error(exc) from None
             self._log.debug("wrote %s (%s, mode %#o)", self.path, self.fmt, self.mode)
         if self._hook is not None:
             self._hook.submit((token.access_token.reveal(),))
@@ -367,29 +344,24 @@ class FileSink:
             raise SinkError(f"{self._dir} (the directory of {self.path}) is not a directory")
 
     def _remove_stale_temp_files(self) -> None:
+        # a temp of this process is a write in flight (a reload checks a rebuilt sink while
+        # another profile's refresh may be writing): stale_temps never lists one
         try:
-            names = os.listdir(self._dir)
+            stale = stale_temps(self._dir, self.path.name)
         except OSError as exc:
             raise SinkError(
                 f"cannot list {self._dir} (for {self.path}): {self._explain(exc)}"
             ) from None
-        ours = _own_temp_prefix()
-        for name in names:
-            # a temp of this process is a write in flight (a reload checks a rebuilt sink while
-            # another profile's refresh may be writing): never removed
-            if self._tmp_pattern.fullmatch(name) and not name.removeprefix(
-                "." + self.path.name + _TMP_MARK
-            ).startswith(ours):
-                stale = self._dir / name
-                try:
-                    os.unlink(stale)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    raise SinkError(
-                        f"cannot remove stale temp file {stale}: {self._explain(exc)}"
-                    ) from None
-                self._log.info("removed stale temp file %s", stale)
+        for temp in stale:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise SinkError(
+                    f"cannot remove stale temp file {temp}: {self._explain(exc)}"
+                ) from None
+            self._log.info("removed stale temp file %s", temp)
 
     def _refuse_sticky_replace(self) -> None:
         """In a sticky directory (like /tmp) only the file's owner may replace it."""
@@ -410,40 +382,32 @@ class FileSink:
                 "choose another sinks.path"
             )
 
-    def _create_temp(self) -> tuple[Path, int]:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        while True:
-            random_part = secrets.token_hex((_TMP_RANDOM_HEX - len(_own_temp_prefix())) // 2)
-            tmp = self._dir / (
-                f".{self.path.name}{_TMP_MARK}{_own_temp_prefix()}{random_part}{_TMP_SUFFIX}"
-            )
-            try:
-                return tmp, os.open(tmp, flags, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise SinkError(f"cannot write {self.path}: {self._explain(exc)}") from None
-
-    def _apply_attributes(self, fd: int, uid: int, gid: int) -> None:
-        try:
-            os.fchmod(fd, self.mode)
-            if uid != -1 or gid != -1:
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, self.mode)  # chown clears setuid/setgid bits; put them back
-        except PermissionError as exc:
-            if exc.errno != errno.EPERM:
-                raise
-            raise SinkError(
+    def _write_error(self, exc: OSError) -> SinkError:
+        """The SinkError of a failed :func:`~agent.fsutil.atomic_write` (or its probe)."""
+        if isinstance(exc, OwnershipError):
+            return SinkError(
                 f"cannot set owner/group of {self.path} (owner={self.owner!r}, "
                 f"group={self.group!r}): operation not permitted: the agent runs as uid "
                 f"{os.geteuid()}; changing the owner needs root (CAP_CHOWN) and the group needs "
                 "membership of it"
-            ) from None
+            )
+        if isinstance(exc, NotDurable):
+            # the new file is in place but may not survive a power loss: report it
+            return SinkError(
+                f"wrote {self.path} but could not fsync {self._dir}: {self._explain(exc)}"
+            )
+        return SinkError(f"cannot write {self.path}: {self._explain(exc)}")
 
     def _explain(self, exc: OSError) -> str:
         """The errno text and, where there is one, the likely fix."""
         text = exc.strerror or type(exc).__name__
         if exc.errno in (errno.EACCES, errno.EPERM):
+            hint = access_hint(self.path)  # the existing directory, not a missing one below it
+            if hint is not None:
+                return (
+                    f"{text.lower()}: {hint}: grant it (chmod, chown or setfacl) or choose "
+                    "another sinks.path"
+                )
             return (
                 f"{text.lower()}: the agent runs as uid {os.geteuid()}; give it write access "
                 f"to {self._dir} or choose another sinks.path"
@@ -451,11 +415,6 @@ class FileSink:
         if exc.errno == errno.EROFS:
             return f"{text.lower()}: {self._dir} is on a read-only file system"
         return text
-
-
-def _own_temp_prefix() -> str:
-    """The start of this process's temp names: its pid in 8 hex digits (of the 16)."""
-    return f"{os.getpid() & 0xFFFFFFFF:08x}"
 
 
 def _resolve(key: str, value: str | None, lookup: Callable[[str], int]) -> int:

@@ -80,8 +80,25 @@ class EnvSource:
         return self.read().version
 
     def can_change(self) -> bool:
-        """Only through a ``_FILE``: a process's own environment does not change under it."""
-        return any(f"{var}_FILE" in self._environ for var in (self._id_var, self._secret_var))
+        """Only through a ``_FILE``: a process's own environment does not change under it.
+
+        So False also when one value comes from a file but the other is a plain variable that
+        is unset or empty (or set beside its ``_FILE``): ``read`` fails the same way for as
+        long as the process lives, and ``run`` exits 78 at start instead of retrying.
+        """
+        names = (self._id_var, self._secret_var)
+        if not any(f"{var}_FILE" in self._environ for var in names):
+            return False
+        return not any(self._fixed_problem(var) for var in names)
+
+    def _fixed_problem(self, var: str) -> bool:
+        """``var`` is given (or missing) in a way that no file can change."""
+        direct = self._environ.get(var)
+        path = self._environ.get(f"{var}_FILE")
+        if path is not None:
+            # both set (an error until the environment changes), or a file with no name
+            return direct is not None or not path
+        return not direct  # unset or empty, with no file to appear later
 
     def close(self) -> None:
         return None
@@ -101,12 +118,19 @@ class EnvSource:
             value = direct
         else:
             raise SourceEmpty(
-                f"{var} is not set (nor {file_var}): export it in the agent's environment "
-                f"(systemd: Environment=/EnvironmentFile=, or LoadCredential= with {file_var})"
+                f"{var} is not set (nor {file_var}), and a plain variable cannot appear or change "
+                f"in a running agent's environment: set {file_var} to a file holding the value "
+                f"(re-read, so it may appear or rotate later; systemd: "
+                f"Environment={file_var}=/etc/dvs-agent/..., or LoadCredential= with "
+                f"{file_var}=%d/...), or set {var} itself"
             )
+        if not value and path is not None:
+            raise SourceEmpty(f"the file {path} ({file_var}) is empty")
         if not value:
-            where = f"the file {path} ({file_var})" if path is not None else var
-            raise SourceEmpty(f"{where} is empty")
+            raise SourceEmpty(
+                f"{var} is empty, and a plain variable cannot appear or change in a running "
+                f"agent's environment: set {file_var} to a file holding the value instead"
+            )
         return value
 
 
