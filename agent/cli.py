@@ -8,20 +8,32 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, get_args
+
+import msgspec
 
 from agent import __version__, kinds
 from agent.config import (
     CONFIG_PATH_ENV,
     DEFAULT_CONFIG_PATH,
+    AgentSection,
     Config,
     ProfileConfig,
     config_file_warnings,
     load_config,
     sink_kind_name,
 )
-from agent.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE, AgentError, most_severe
-from agent.logs import setup_logging
+from agent.errors import (
+    EX_CONFIG,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    AgentError,
+    most_severe,
+)
+from agent.examples import EXAMPLES
+from agent.logs import LogFlags, setup_logging
 from agent.process import release_sighup
 from agent.registry import Registry
 
@@ -34,11 +46,18 @@ at once when the credentials are rotated."""
 EPILOG = f"""\
 config: -c PATH, else ${CONFIG_PATH_ENV}, else {DEFAULT_CONFIG_PATH}
 exit codes: 0 ok, 64 usage, 69 auth server or source unavailable, 73 a sink could not be
-written, 77 credentials rejected (401), 78 configuration invalid or missing
+written, 75 refresh refused by the rate limit (try later), 77 credentials rejected (401),
+78 configuration invalid or missing
 signals (run): SIGHUP re-reads the config and credentials and re-authenticates now;
 SIGTERM/SIGINT stop within 5 s, leaving the token files in place
 
 try it: dvs-agent dev   (a local token issuer and an agent against it, in ./dev/)"""
+
+
+def _agent_choices(key: str) -> tuple[str, ...]:
+    """The values ``agent.KEY`` may take in the config: a flag that overrides it takes those."""
+    types = {field.name: field.type for field in msgspec.structs.fields(AgentSection)}
+    return tuple(get_args(types[key]))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,16 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"config file (default: ${CONFIG_PATH_ENV}, else {DEFAULT_CONFIG_PATH})",
     )
+    log_opts = _Parser(add_help=False)
+    log_opts.add_argument(
+        "--log-level",
+        choices=_agent_choices("log_level"),
+        help="log this much and more severe (overrides agent.log_level, also after a SIGHUP)",
+    )
+    log_opts.add_argument(
+        "--log-format",
+        choices=_agent_choices("log_format"),
+        help="one JSON object or one text line per event (overrides agent.log_format, also "
+        "after a SIGHUP)",
+    )
 
     commands.add_parser(
         "run",
-        parents=[config_opt],
+        parents=[config_opt, log_opts],
         help="run the agent in the foreground (systemd Type=notify aware)",
         description="Run the agent: keep every profile's token fresh until SIGTERM/SIGINT.",
     )
     once = commands.add_parser(
         "once",
-        parents=[config_opt],
+        parents=[config_opt, log_opts],
         help="write one token per profile into its sinks, then exit",
         description="Write one token per profile into its sinks, then exit. A recorded token "
         "that is still valid for the same credentials is reused (no request).",
@@ -100,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser(
         "check",
-        parents=[config_opt],
+        parents=[config_opt, log_opts],
         help="validate the config (and with --connect, the sources and sinks)",
         description="Validate the config file. With --connect, also read each profile's "
         "credential sources (never printing a secret) and check that every sink is writable.",
@@ -110,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev = commands.add_parser(
         "dev",
+        parents=[log_opts],
         help="try it out: a local token issuer and an agent against it",
         description="Serve a token endpoint with the auth server's behaviour on loopback "
         "(demo credentials, short-lived tokens), write a ready config under --dir and run an "
@@ -125,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve only the token endpoint (for consumers' own integration tests)",
     )
+    example = commands.add_parser(
+        "example",
+        help=f"print an example file shipped in the package: {', '.join(EXAMPLES)}",
+        description="Print an example file shipped in the package, to start an install "
+        "without a checkout: config (the config file, every key at its default), systemd (the "
+        "hardened unit), alerts (Prometheus alert rules), kubernetes (the agent as a sidecar). "
+        "For example: dvs-agent example config > agent.toml",
+    )
+    # a tuple, not the dict: shtab takes a dict of choices for subcommands
+    example.add_argument("name", metavar="NAME", choices=tuple(EXAMPLES), help=" | ".join(EXAMPLES))
     return parser
 
 
@@ -133,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: str = args.command
     if command != "run" and not (command == "dev" and not args.issuer_only):
         release_sighup()  # only the daemon serves SIGHUP (it unblocks it with its handler)
+    if command == "example":
+        from agent.examples import example_text
+
+        sys.stdout.write(example_text(args.name))
+        return EX_OK
     try:
         if command == "dev":
             from agent.dev import run_dev
@@ -142,17 +189,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 port=args.port,
                 expires_in=args.expires_in,
                 issuer_only=args.issuer_only,
+                log_flags=LogFlags(args.log_level, args.log_format),
             )
         path = _config_path(args.config)
         registry = Registry()
         config = load_config(path, registry=registry)
         if command == "check":
-            return _check(config, path, connect=args.connect, registry=registry)
+            flags = LogFlags(args.log_level, args.log_format)
+            return _check(config, path, connect=args.connect, registry=registry, log_flags=flags)
         if command == "status":
             return _status(config)
         if command == "refresh":
             return _refresh(config, args.profile)
-        redactor = setup_logging(config.agent.log_level, config.agent.log_format)
+        flags = LogFlags(args.log_level, args.log_format)
+        redactor = setup_logging(
+            flags.level or config.agent.log_level, flags.format or config.agent.log_format
+        )
         for warning in config_file_warnings(
             path, config, registry=registry
         ):  # at every start (DESIGN §10)
@@ -165,7 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             metrics = Metrics()
         agent = Agent(
-            config, config_path=path, redactor=redactor, metrics=metrics, registry=registry
+            config,
+            config_path=path,
+            redactor=redactor,
+            metrics=metrics,
+            registry=registry,
+            log_flags=flags,
         )
         if command == "once":
             try:
@@ -192,8 +249,12 @@ def _config_path(cli_value: str | None) -> Path:
 
 
 def _error(message: str) -> None:
-    logging.getLogger("agent").error("%s", message)
-    if not logging.getLogger().handlers:
+    """The error that ends a command, printed once: a log line (in the log format) once
+    logging is set up, else one plain line (not also through the logger, whose last-resort
+    handler prints to stderr as well)."""
+    if logging.getLogger().handlers:
+        logging.getLogger("agent").error("%s", message)
+    else:
         print(f"dvs-agent: error: {message}", file=sys.stderr)
 
 
@@ -212,7 +273,9 @@ def _logins(pc: ProfileConfig) -> set[str]:
     return found
 
 
-def _check(config: Config, path: Path, *, connect: bool, registry: Registry) -> int:
+def _check(
+    config: Config, path: Path, *, connect: bool, registry: Registry, log_flags: LogFlags
+) -> int:
     out = sys.stdout
     names = ", ".join(config.profiles)
     print(f"{path}: ok, {len(config.profiles)} profile(s): {names}", file=out)
@@ -242,7 +305,7 @@ def _check(config: Config, path: Path, *, connect: bool, registry: Registry) -> 
         print(f"  warning: {message}", file=out)
     if not connect:
         return EX_OK
-    setup_logging("warning", "text")
+    setup_logging(log_flags.level or "warning", log_flags.format or "text")
     from agent.app import Agent
 
     agent = Agent(config, config_path=path, registry=registry)
@@ -310,4 +373,5 @@ def _refresh(config: Config, profile: str | None) -> int:
     retry = body.get("retry_after")
     suffix = f" (retry in {float(retry):.0f}s)" if isinstance(retry, int | float) else ""
     print(f"dvs-agent: not accepted: {message}{suffix}", file=sys.stderr)
-    return EX_UNAVAILABLE
+    # 429: the agent's rate limit, nothing is wrong: try later (75); 503 and others: 69
+    return EX_TEMPFAIL if code == 429 else EX_UNAVAILABLE

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agent.devserver import TokenServer
 from agent.errors import EX_OK, EX_UNAVAILABLE
-from agent.logs import setup_logging
+from agent.logs import LogFlags, setup_logging
 from agent.signals import signals_to_main_thread
 
 DEMO_CLIENT_ID = "demo-client"
@@ -76,7 +76,14 @@ class _SecretFile:
             _say(f"client secret rotated (from {self._path}); the old one is now rejected")
 
 
-def run_dev(directory: Path, *, port: int, expires_in: int, issuer_only: bool) -> int:
+def run_dev(
+    directory: Path,
+    *,
+    port: int,
+    expires_in: int,
+    issuer_only: bool,
+    log_flags: LogFlags | None = None,
+) -> int:
     try:
         server = TokenServer(
             port=port,
@@ -103,13 +110,13 @@ def run_dev(directory: Path, *, port: int, expires_in: int, issuer_only: bool) -
                 signal.signal(signum, lambda *_: stop.set())
             stop.wait()
             return EX_OK
-        return _run_agent(directory, server)
+        return _run_agent(directory, server, log_flags or LogFlags())
     finally:
         stop.set()
         server.stop()
 
 
-def _run_agent(directory: Path, server: TokenServer) -> int:
+def _run_agent(directory: Path, server: TokenServer, log_flags: LogFlags) -> int:
     from agent.app import Agent
     from agent.config import load_config
 
@@ -126,7 +133,7 @@ def _run_agent(directory: Path, server: TokenServer) -> int:
         )
     )
     config = load_config(config_path)
-    redactor = setup_logging("info", "text")
+    redactor = setup_logging(log_flags.level or "info", log_flags.format or "text")
     server.before_request = _SecretFile(secret_file, server).sync
     _say(f"agent config {config_path}")
     _say(f"the agent keeps {directory / 'token'} and {directory / 'token.json'} fresh")
@@ -141,7 +148,12 @@ def _run_agent(directory: Path, server: TokenServer) -> int:
     from agent.metrics import Metrics
 
     agent = Agent(
-        config, config_path=config_path, environ=environ, redactor=redactor, metrics=Metrics()
+        config,
+        config_path=config_path,
+        environ=environ,
+        redactor=redactor,
+        metrics=Metrics(),
+        log_flags=log_flags,
     )
     result = agent.run()
     return result.code

@@ -10,6 +10,8 @@ EX_OK = 0
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
+#: `refresh` refused by the running agent's rate limit: try again later (nothing is wrong)
+EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -96,27 +97,55 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+@dataclass(frozen=True, slots=True)
+class LogFlags:
+    """``--log-level`` and ``--log-format``: they win over ``[agent]`` at start and at every
+    SIGHUP reload (DESIGN §7)."""
+
+    #: debug | info | warning | error; None: the config's ``agent.log_level``
+    level: str | None = None
+    #: json | text; None: the config's ``agent.log_format``
+    format: str | None = None
+
+
 def setup_logging(
     level: str = "info", fmt: str = "json", *, stream: TextIO | None = None
 ) -> Redactor:
     """Route every logger to one stderr handler with the redaction filter; returns the filter."""
     redactor = Redactor()
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _AgentHandler(stream or sys.stderr)
     handler.addFilter(redactor)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(_formatter(fmt))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    numeric = getattr(logging, level.upper(), logging.INFO)
-    root.setLevel(numeric)
-    # APScheduler's own INFO lines ("Added job", "Running job") are noise for ops.
-    logging.getLogger("apscheduler").setLevel(max(numeric, logging.WARNING))
-    if numeric > logging.DEBUG:
-        for noisy in ("httpx", "httpcore"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    set_level(level)
     return redactor
 
 
+class _AgentHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`setup_logging` installs (the one :func:`set_format` switches)."""
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
 def set_level(level: str) -> None:
-    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
+    """The level of every logger from now on (at start, and when a reload changes it)."""
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    logging.getLogger().setLevel(numeric)
+    # APScheduler's own INFO lines ("Added job", "Running job") are noise for ops.
+    logging.getLogger("apscheduler").setLevel(max(numeric, logging.WARNING))
+    quiet = logging.WARNING if numeric > logging.DEBUG else logging.NOTSET
+    for noisy in ("httpx", "httpcore"):  # their request lines only at debug
+        logging.getLogger(noisy).setLevel(quiet)
+
+
+def set_format(fmt: str) -> None:
+    """Switch the handlers :func:`setup_logging` installed to ``fmt`` (json | text) in place:
+    the same stream and redaction filter, the next line in the new format (a SIGHUP reload)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _AgentHandler):  # not a test's capture handler
+            handler.setFormatter(_formatter(fmt))

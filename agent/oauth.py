@@ -380,9 +380,9 @@ class TokenClient:
                 failure, kind, wait = outcome.text, outcome.kind, outcome.wait
                 if outcome.retry_after is not None:
                     raise AuthServerUnavailable(
-                        f"{failure} and asks to wait {outcome.retry_after:g}s (Retry-After); "
-                        "the agent will wait before asking again. Many agents sharing one "
-                        "client_id? Cache tokens, do not mint them per request.",
+                        f"{failure} and asks to wait {outcome.retry_after:g}s (Retry-After). "
+                        "Many agents sharing one client_id? Cache tokens, do not mint them "
+                        "per request.",
                         retry_after=outcome.retry_after,
                         outcome="rate_limited",
                     )

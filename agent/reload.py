@@ -3,8 +3,8 @@ new valid one, as a list of actions for the :class:`~agent.app.Agent` to apply.
 
 :func:`diff` is pure: it compares two :class:`~agent.config.Config` values and does nothing.
 The actions come in the order they are applied: warnings for what only a restart changes, the
-log level, the profiles removed, then every profile of the new config in its order (added,
-changed, or unchanged, which re-reads its credentials as any SIGHUP does).
+log level and format, the profiles removed, then every profile of the new config in its order
+(added, changed, or unchanged, which re-reads its credentials as any SIGHUP does).
 """
 
 from __future__ import annotations
@@ -41,6 +41,13 @@ class SetLogLevel:
 
 
 @dataclass(frozen=True, slots=True)
+class SetLogFormat:
+    """``agent.log_format`` changed: the next line is written in the new format."""
+
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
 class RemoveProfile:
     """A profile no longer in the config: unscheduled and closed (its files stay in place)."""
 
@@ -73,7 +80,15 @@ class Retrigger:
     name: str
 
 
-Action = NeedsRestart | SetLogLevel | RemoveProfile | AddProfile | ChangeProfile | Retrigger
+Action = (
+    NeedsRestart
+    | SetLogLevel
+    | SetLogFormat
+    | RemoveProfile
+    | AddProfile
+    | ChangeProfile
+    | Retrigger
+)
 
 
 def changed_keys(old: ProfileConfig, new: ProfileConfig) -> tuple[str, ...]:
@@ -116,6 +131,8 @@ def diff(running: Config, new: Config) -> list[Action]:
     ]
     if new.agent.log_level != running.agent.log_level:
         actions.append(SetLogLevel(new.agent.log_level))
+    if new.agent.log_format != running.agent.log_format:
+        actions.append(SetLogFormat(new.agent.log_format))
     actions.extend(RemoveProfile(name) for name in running.profiles if name not in new.profiles)
     for name, pc in new.profiles.items():
         before = running.profiles.get(name)

@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 
 from agent.errors import SinkError
-from agent.fsutil import atomic_write, remove_stale_temps
+from agent.fsutil import access_hint, atomic_write, remove_stale_temps
 from agent.models import MAX_ANSWER_BYTES, Secret, Token, is_access_token
 
 _KEY_FILE = "key"
@@ -99,9 +99,21 @@ class StateStore:
             self._key = key
         except OSError as exc:
             raise SinkError(
-                f"agent.state_dir {self.directory}: {exc.strerror or exc}; the agent (uid "
-                f"{os.geteuid()}) must be able to create and write it (systemd: StateDirectory=)"
+                f"agent.state_dir {self.directory}: {exc.strerror or exc}; {self._hint(exc)}"
             ) from None
+
+    def _hint(self, exc: OSError) -> str:
+        """What to do about a state_dir that cannot be created or written: for a permission
+        error, the existing directory that needs access (not a missing one below it)."""
+        need = (
+            f"the agent (uid {os.geteuid()}) must be able to create and write it (systemd: "
+            "StateDirectory=)"
+        )
+        if exc.errno not in (errno.EACCES, errno.EPERM):
+            return need
+        inside = self.directory / _KEY_FILE  # what it writes once the directory exists
+        hint = access_hint(inside if os.path.isdir(self.directory) else self.directory)
+        return need if hint is None else f"{hint} (or let systemd create it: StateDirectory=)"
 
     def _secure_directory(self) -> None:
         """Refuse a directory of another uid; set the mode of the agent's own to 0700."""

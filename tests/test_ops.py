@@ -168,7 +168,7 @@ def test_status_and_refresh_commands(server: TokenServer, tmp_path: Path, spawn:
     assert refresh.returncode == 0, refresh.stderr
     assert server.wait_for_requests(before + 1, timeout=10)
     again = run_cli("refresh", "-c", str(config))
-    assert again.returncode == 69 and "retry in" in again.stderr  # rate-limited
+    assert again.returncode == 75 and "retry in" in again.stderr  # rate-limited: try later
     unknown = run_cli("refresh", "-c", str(config), "--profile", "nope")
     assert unknown.returncode == 78
     metrics = _metrics(listen)

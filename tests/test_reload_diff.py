@@ -9,6 +9,7 @@ from agent.reload import (
     NeedsRestart,
     RemoveProfile,
     Retrigger,
+    SetLogFormat,
     SetLogLevel,
     changed_keys,
     diff,
@@ -105,11 +106,10 @@ def test_state_dir_and_listen_changes_are_warnings_naming_the_key() -> None:
     ]
 
 
-def test_a_change_nothing_acts_on_retriggers_only() -> None:
-    """log_format is set at start only (as before this module): no action of its own."""
+def test_a_new_log_format_applies_live_before_the_profiles() -> None:
     new = _config({"a": "", "b": 'scope = "read"'}, log_format="text")
     assert new != RUNNING
-    assert diff(RUNNING, new) == [Retrigger("a"), Retrigger("b")]
+    assert diff(RUNNING, new) == [SetLogFormat("text"), Retrigger("a"), Retrigger("b")]
 
 
 def test_everything_at_once_keeps_the_order_of_application() -> None:
