@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from agent.clock import Clock, ElapsedClock, to_wall
+from agent.clock import Clock, ElapsedClock, to_wall, token_to_wall
 from agent.config import Config, ProfileConfig, load_config
 from agent.errors import (
     EX_OK,
@@ -32,6 +32,7 @@ from agent.errors import (
 )
 from agent.logs import LogFlags, Redactor, set_format, set_level
 from agent.manager import Outcome, Profile, Reason, State
+from agent.models import Credentials, Token
 from agent.oauth import TlsContexts
 from agent.plugin import RotationListener
 from agent.process import release_sighup
@@ -150,6 +151,12 @@ class Agent:
     def close(self) -> None:
         for profile in self.profiles.values():
             profile.close()
+
+    def check_token(self, profile: Profile, credentials: Credentials) -> Token:
+        """``check --connect``: one token request with ``credentials`` (a 401 is not retried
+        with re-read ones), the token as the state file carries it (wall-clock times). The
+        sinks are not written; :meth:`StateStore.save` records it for the first start."""
+        return token_to_wall(self._clock, profile.client.fetch(credentials).token)
 
     # ---------------------------------------------------------------------- once
     def once(self, *, only: str | None = None, force: bool = False) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import pwd
+import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, get_args
 
@@ -24,12 +27,14 @@ from agent.config import (
     sink_kind_name,
 )
 from agent.errors import (
+    EX_CANTCREAT,
     EX_CONFIG,
     EX_OK,
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
     AgentError,
+    SinkError,
     most_severe,
 )
 from agent.examples import EXAMPLES
@@ -134,10 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[config_opt, log_opts],
         help="validate the config (and with --connect, the sources and sinks)",
         description="Validate the config file. With --connect, also read each profile's "
-        "credential sources (never printing a secret) and check that every sink is writable.",
+        "credential sources (never printing a secret), check that every sink is writable, and "
+        "request one token per profile, recorded in state_dir so that the first start reuses "
+        "it. With --user, the file sinks' directories and state_dir are checked as that user.",
     )
     check.add_argument(
-        "--connect", action="store_true", help="also read the sources and check the sinks"
+        "--connect",
+        action="store_true",
+        help="also read the sources, check the sinks and request (and record) one token",
+    )
+    check.add_argument(
+        "--user",
+        metavar="NAME",
+        help="with --connect: check writability (and record the token) as this user, the one "
+        "the service runs as",
     )
     dev = commands.add_parser(
         "dev",
@@ -196,7 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(path, registry=registry)
         if command == "check":
             flags = LogFlags(args.log_level, args.log_format)
-            return _check(config, path, connect=args.connect, registry=registry, log_flags=flags)
+            return _check(
+                config,
+                path,
+                connect=args.connect,
+                registry=registry,
+                log_flags=flags,
+                user=args.user,
+            )
         if command == "status":
             return _status(config)
         if command == "refresh":
@@ -274,9 +296,25 @@ def _logins(pc: ProfileConfig) -> set[str]:
 
 
 def _check(
-    config: Config, path: Path, *, connect: bool, registry: Registry, log_flags: LogFlags
+    config: Config,
+    path: Path,
+    *,
+    connect: bool,
+    registry: Registry,
+    log_flags: LogFlags,
+    user: str | None = None,
 ) -> int:
     out = sys.stdout
+    account = None
+    if user is not None:
+        if not connect:
+            print("dvs-agent: error: --user goes with --connect", file=sys.stderr)
+            return EX_USAGE
+        try:
+            account = pwd.getpwnam(user)
+        except KeyError:
+            print(f"dvs-agent: error: --user {user}: no such user", file=sys.stderr)
+            return EX_USAGE
     names = ", ".join(config.profiles)
     print(f"{path}: ok, {len(config.profiles)} profile(s): {names}", file=out)
     print(f"  state_dir {config.agent.state_dir}", file=out)
@@ -305,8 +343,13 @@ def _check(
         print(f"  warning: {message}", file=out)
     if not connect:
         return EX_OK
+    state_dir = Path(config.agent.state_dir)
+    # before any thread exists (the probes run in a forked child)
+    probes = None if account is None else _probe_as(account, _probe_dirs(config))
     setup_logging(log_flags.level or "warning", log_flags.format or "text")
     from agent.app import Agent
+    from agent.models import rfc3339
+    from agent.state import StateStore
 
     agent = Agent(config, config_path=path, registry=registry)
     codes = []
@@ -321,13 +364,139 @@ def _check(
                 )
                 profile.check_sinks()
                 print(f"{name}: every sink is writable", file=out)
+                token = agent.check_token(profile, credentials)
+
+                def record(store: StateStore, name: str = name) -> None:
+                    store.prepare()
+                    store.save(name, credentials.fingerprint(store.key), token)  # noqa: B023
+
+                try:
+                    if account is None:
+                        record(agent.store)
+                    else:
+                        _as_user(account, lambda: record(StateStore(state_dir)))
+                    recorded = f"recorded in {state_dir} for the first start"
+                except AgentError as exc:
+                    recorded = f"not recorded: {exc}"
+                print(
+                    f"{name}: token obtained (provider {token.provider_slug or '?'}), expires "
+                    f"{rfc3339(token.expires_at)}; {recorded}",
+                    file=out,
+                )
                 codes.append(EX_OK)
             except AgentError as exc:
                 print(f"{name}: {exc}", file=out)
                 codes.append(exc.exit_code)
     finally:
         agent.close()
+    if account is not None and probes is not None:
+        who = f"user {account.pw_name} (uid {account.pw_uid})"
+        for what, problem in probes:
+            print(f"{who}: {what}: {problem or 'writable'}", file=out)
+            codes.append(EX_CANTCREAT if problem else EX_OK)
     return most_severe(codes) if codes else EX_CONFIG
+
+
+#: the name of a probe file or directory (created and removed at once)
+_PROBE_PREFIX = ".dvs-agent-check-"
+
+
+def _probe_dirs(config: Config) -> list[tuple[str, Path, bool]]:
+    """What ``--user`` checks: (what, directory, must be owned by the user): state_dir, and the
+    directory of every file sink's path."""
+    found = [("state_dir " + config.agent.state_dir, Path(config.agent.state_dir), True)]
+    for name, pc in config.profiles.items():
+        for index, sink in enumerate(pc.sinks):
+            if sink_kind_name(sink) == "file":
+                target = Path(os.path.abspath(sink.path))
+                found.append((f"profile {name} sink {index} {target}", target.parent, False))
+    return found
+
+
+def _probe_dir(directory: Path, *, owned: bool) -> str | None:
+    """None when this process can create and remove a file in ``directory`` (or, when it is
+    missing, create it: a directory in its nearest existing ancestor), else why not. What it
+    creates it removes at once."""
+    existing = directory
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if owned and existing == directory and directory.stat().st_uid != os.geteuid():
+        return (
+            f"{directory} is owned by uid {directory.stat().st_uid}: the agent refuses a "
+            f"state_dir it does not own (chown {os.geteuid()} {directory})"
+        )
+    probe = existing / (_PROBE_PREFIX + secrets.token_hex(8))
+    try:
+        if existing == directory:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.mkdir(probe, 0o700)
+            os.rmdir(probe)
+    except OSError as exc:
+        verb = "create a file in" if existing == directory else f"create {directory} in"
+        return f"cannot {verb} {existing}: {exc.strerror or exc}"
+    return None
+
+
+def _probe_as(
+    account: pwd.struct_passwd, dirs: list[tuple[str, Path, bool]]
+) -> list[tuple[str, str | None]]:
+    """Each directory's probe, run as ``account``; a switch that fails fails them all."""
+    try:
+        found = _as_user(
+            account, lambda: [[what, _probe_dir(d, owned=owned)] for what, d, owned in dirs]
+        )
+    except AgentError as exc:
+        return [(what, str(exc)) for what, _, _ in dirs]
+    assert isinstance(found, list)
+    return [(str(what), problem) for what, problem in found]
+
+
+def _as_user(account: pwd.struct_passwd, work: Callable[[], object]) -> object:
+    """``work()`` in a forked child running with the uid, gid and groups of ``account`` (not
+    switched when they are the current ones); its result (JSON) or its AgentError."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.close(read_fd)
+            answer: dict[str, object]
+            try:
+                if (account.pw_uid, account.pw_gid) != (os.geteuid(), os.getegid()):
+                    os.setgroups(os.getgrouplist(account.pw_name, account.pw_gid))
+                    os.setresgid(account.pw_gid, account.pw_gid, account.pw_gid)
+                    os.setresuid(account.pw_uid, account.pw_uid, account.pw_uid)
+            except OSError as exc:
+                answer = {
+                    "error": f"cannot run as user {account.pw_name} (uid {account.pw_uid}): "
+                    f"{exc.strerror or exc} (run check as root)"
+                }
+            else:
+                try:
+                    answer = {"ok": work()}
+                except AgentError as exc:
+                    answer = {"error": str(exc)}
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(json.dumps(answer).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise SinkError(f"the check as user {account.pw_name} failed") from None
+    if "error" in answer:
+        raise SinkError(str(answer["error"]))
+    return answer.get("ok")
 
 
 def _when(value: object) -> str:
