@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import json
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -697,3 +698,18 @@ def test_cert_end_to_end_once_with_a_vault_sink_taking_the_tables_login(
         path="dvs-out/token", raise_on_deleted_version=True
     )
     assert stored["data"]["data"]["access_token"] == (tmp_path / "token").read_text()
+
+
+def test_a_fifo_as_client_certificate_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO planted at client_cert (or client_key) would block OpenSSL's read for ever."""
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo)
+    config = VaultSourceConfig(
+        auth_method="cert", client_cert=str(fifo), client_key=str(fifo), address="https://v"
+    )
+    with pytest.raises(SourceUnavailable) as caught:
+        Registry().login("cert").login(config, context(tmp_path, {}, 0.0))
+    assert str(caught.value) == (
+        f"{fifo} (profiles.dvs.vault.client_cert) is not a regular file (a FIFO, a device or a "
+        "directory?)"
+    )

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import ssl
+import stat
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from agent.errors import SourceEmpty, SourceUnavailable
+from agent.fsutil import read_secret_file
 from agent.logins.common import (
     check_mount,
     check_readable,
@@ -89,6 +91,11 @@ class CertLogin(LoginKind):
         for path, name in ((config.client_cert, cert_name), (config.client_key, key_name)):
             if not os.path.exists(path):
                 raise SourceEmpty(f"{path} ({name}) does not exist: write it, or set {name}")
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                # OpenSSL would block on a FIFO for ever, holding the profile's refresh
+                raise SourceUnavailable(
+                    f"{path} ({name}) is not a regular file (a FIFO, a device or a directory?)"
+                )
             if not os.access(path, os.R_OK):
                 raise SourceUnavailable(
                     f"{path} ({name}) is not readable by the agent (uid {os.geteuid()}): fix "
@@ -143,8 +150,7 @@ def certificate_validity(path: str) -> tuple[float | None, float | None]:
     from cryptography import x509  # only for configs that log in with a certificate
 
     try:
-        with open(path, "rb") as handle:
-            cert = x509.load_pem_x509_certificate(handle.read(1024 * 1024))
+        cert = x509.load_pem_x509_certificate(read_secret_file(path).encode())
     except (OSError, ValueError):
         return None, None
     return cert.not_valid_after_utc.timestamp(), cert.not_valid_before_utc.timestamp()
