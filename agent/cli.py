@@ -10,8 +10,9 @@ import pwd
 import secrets
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import NoReturn, get_args
+from typing import TYPE_CHECKING, NoReturn, get_args
 
 import msgspec
 
@@ -41,6 +42,10 @@ from agent.examples import EXAMPLES
 from agent.logs import LogFlags, setup_logging
 from agent.process import release_sighup
 from agent.registry import Registry
+
+if TYPE_CHECKING:
+    from agent.models import Credentials, Token
+    from agent.state import StateStore
 
 DESCRIPTION = """\
 Keeps a valid OSIGU/DVS access token on a local path for the services next to it.
@@ -365,16 +370,12 @@ def _check(
                 profile.check_sinks()
                 print(f"{name}: every sink is writable", file=out)
                 token = agent.check_token(profile, credentials)
-
-                def record(store: StateStore, name: str = name) -> None:
-                    store.prepare()
-                    store.save(name, credentials.fingerprint(store.key), token)  # noqa: B023
-
                 try:
                     if account is None:
-                        record(agent.store)
+                        _record(agent.store, name, credentials, token)
                     else:
-                        _as_user(account, lambda: record(StateStore(state_dir)))
+                        work = partial(_record, StateStore(state_dir), name, credentials, token)
+                        _as_user(account, work)
                     recorded = f"recorded in {state_dir} for the first start"
                 except AgentError as exc:
                     recorded = f"not recorded: {exc}"
@@ -395,6 +396,12 @@ def _check(
             print(f"{who}: {what}: {problem or 'writable'}", file=out)
             codes.append(EX_CANTCREAT if problem else EX_OK)
     return most_severe(codes) if codes else EX_CONFIG
+
+
+def _record(store: StateStore, profile: str, credentials: Credentials, token: Token) -> None:
+    """Record ``token`` for ``profile`` in ``store``, as the daemon would after a refresh."""
+    store.prepare()
+    store.save(profile, credentials.fingerprint(store.key), token)
 
 
 #: the name of a probe file or directory (created and removed at once)
