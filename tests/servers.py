@@ -82,15 +82,18 @@ class Bao:
 
 
 @contextmanager
-def bao_server(workdir: Path) -> Iterator[Bao]:
-    """``bao server -dev`` with a file audit device (to count requests in benchmarks)."""
-    port = free_port()
+def bao_server(workdir: Path, *, extra_config: str = "", port: int | None = None) -> Iterator[Bao]:
+    """``bao server -dev`` with a file audit device (to count requests in benchmarks);
+    ``extra_config``: more HCL for its config file (a TLS listener); ``port``: the dev
+    listener's (default: a free one)."""
+    port = free_port() if port is None else port
     address = f"http://127.0.0.1:{port}"
     workdir.mkdir(parents=True, exist_ok=True)
     audit = workdir / "audit.log"
     config = workdir / "bao.hcl"
     config.write_text(
         f'audit "file" "to-file" {{\n  options {{\n    file_path = "{audit}"\n  }}\n}}\n'
+        + extra_config
     )
     log = workdir / "bao.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}

@@ -66,7 +66,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.servers import ROOT_TOKEN, _binary, _stop, _wait_http, free_port
+from tests.servers import _stop, bao_server, free_port
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -930,46 +930,23 @@ def bao_tls_server(workdir: Path, ca: CertAuthority | None = None) -> Iterator[B
     port, tls_port = free_port(), free_port()
     while tls_port == port:
         tls_port = free_port()
-    config = workdir / "bao-tls.hcl"
-    config.write_text(
+    listener = (
         'listener "tcp" {\n'
         f'  address = "127.0.0.1:{tls_port}"\n'
         f'  tls_cert_file = "{server.cert}"\n'
         f'  tls_key_file = "{server.key}"\n'
         "}\n"
     )
-    log = workdir / "bao.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                _binary("bao"),
-                "server",
-                "-dev",
-                "-dev-no-store-token",
-                f"-dev-root-token-id={ROOT_TOKEN}",
-                f"-dev-listen-address=127.0.0.1:{port}",
-                f"-config={config}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-        )
-    address = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(f"{address}/v1/sys/health", proc, log)
+    with bao_server(workdir, extra_config=listener, port=port) as bao:
         yield BaoTLS(
-            address=address,
+            address=bao.address,
             tls_address=f"https://127.0.0.1:{tls_port}",
             ca_file=ca_file,
             ca=ca,
-            root_token=ROOT_TOKEN,
-            log=log,
-            process=proc,
+            root_token=bao.root_token,
+            log=workdir / "bao.log",
+            process=bao.process,
         )
-    finally:
-        _stop(proc)
 
 
 def configure_cert(
