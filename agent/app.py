@@ -552,6 +552,7 @@ class Agent:
                 last_refresh=self._shown(p.last_refresh),
                 last_error=p.last_error,
                 source=p.chain.current,
+                fleet=None if p.fleet is None else p.fleet.status().document(),
             )
             for p in list(self.profiles.values())
         ]

@@ -24,6 +24,7 @@ from agent.config import (
     Config,
     ProfileConfig,
     config_file_warnings,
+    fleet_store_name,
     load_config,
     sink_kind_name,
 )
@@ -177,6 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve only the token endpoint (for consumers' own integration tests)",
     )
+    fleet = commands.add_parser(
+        "fleet",
+        help="fleet mode: clear a stuck mint lease by hand",
+        description="Fleet mode ([profiles.NAME.fleet]): act on the fleet store of a profile.",
+    )
+    fleet_commands = fleet.add_subparsers(
+        dest="fleet_command", metavar="ACTION", parser_class=_Parser
+    )
+    fleet_commands.required = True
+    release = fleet_commands.add_parser(
+        "release",
+        parents=[config_opt],
+        help="drop the fleet's mint lease, whoever holds it",
+        description="Drop the mint lease of a profile's fleet, whoever holds it: the next "
+        "agent that needs a token takes it. For a lease stuck on a host that hangs while "
+        "renewing it. The profile's credentials are read from its sources (the fleet key "
+        "derives from them); nothing else is changed.",
+    )
+    release.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="the profile (default: the only one with a [fleet] table)",
+    )
     example = commands.add_parser(
         "example",
         help=f"print an example file shipped in the package: {', '.join(EXAMPLES)}",
@@ -228,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(config)
         if command == "refresh":
             return _refresh(config, args.profile)
+        if command == "fleet":
+            return _fleet_release(config, args.profile, registry)
         flags = LogFlags(args.log_level, args.log_format)
         redactor = setup_logging(
             flags.level or config.agent.log_level, flags.format or config.agent.log_format
@@ -336,9 +362,17 @@ def _check(
             print(f"  source {kinds.describe_source(registry, name, pc, source)}", file=out)
         for index in range(len(pc.sinks)):
             print(f"  sink {kinds.describe_sink(registry, name, pc, index)}", file=out)
+        fleet = kinds.describe_fleet(registry, name, pc)
+        if fleet is not None:
+            print(f"  {fleet}", file=out)
     used = {("source", source) for pc in config.profiles.values() for source in pc.sources}
     used |= {("sink", sink_kind_name(sink)) for pc in config.profiles.values() for sink in pc.sinks}
     used |= {("login", method) for pc in config.profiles.values() for method in _logins(pc)}
+    used |= {
+        ("fleet", fleet_store_name(pc.fleet))
+        for pc in config.profiles.values()
+        if pc.fleet is not None
+    }
     print("plug-ins in use:", file=out)
     for role, kind in sorted(used, key=lambda rk: (rk[0], registry.names(rk[0]).index(rk[1]))):  # type: ignore[arg-type]
         info = registry.info(role, kind)  # type: ignore[arg-type]
@@ -525,10 +559,65 @@ def _status(config: Config) -> int:
             f"provider {p.get('provider_slug') or '-'}, source {p.get('source') or '-'}, "
             f"last refresh {_when(p.get('last_refresh'))}"
         )
+        fleet = p.get("fleet")
+        if isinstance(fleet, dict):
+            up = {True: "up", False: "DOWN", None: "not asked yet"}.get(fleet.get("store_up"), "?")
+            line += (
+                f", fleet {fleet.get('store')} {up}, role {fleet.get('role') or '-'}, "
+                f"lease holder {fleet.get('lease_holder') or '-'}"
+            )
         if p.get("last_error"):
             line += f", last error: {p['last_error']}"
         print(line)
     return EX_OK if code == 200 else EX_UNAVAILABLE
+
+
+def _fleet_release(config: Config, profile: str | None, registry: Registry) -> int:
+    """``dvs-agent fleet release``: the profile's fleet lease dropped."""
+    fleets = [name for name, pc in config.profiles.items() if pc.fleet is not None]
+    if profile is None:
+        if len(fleets) != 1:
+            have = ", ".join(fleets) if fleets else "none"
+            print(
+                f"dvs-agent: error: name the profile with --profile (with a fleet table: {have})",
+                file=sys.stderr,
+            )
+            return EX_USAGE
+        profile = fleets[0]
+    if profile not in config.profiles:
+        print(f"dvs-agent: error: --profile {profile}: no such profile", file=sys.stderr)
+        return EX_CONFIG
+    if profile not in fleets:
+        print(
+            f"dvs-agent: error: profile {profile} has no [profiles.{profile}.fleet] table",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    from agent.fleet.keys import FleetKeys
+    from agent.sources.chain import SourceChain
+
+    redactor = setup_logging("warning", "text")
+    log = logging.getLogger("agent")
+    pc = config.profiles[profile]
+    sources = kinds.build_sources(profile, pc, environ=os.environ, logger=log, registry=registry)
+    chain = SourceChain(sources, profile=profile, logger=log)
+    try:
+        credentials = chain.read()
+    finally:
+        chain.close()
+    redactor.add(credentials.client_secret.reveal())
+    store = kinds.build_fleet_store(profile, pc, environ=os.environ, logger=log, registry=registry)
+    assert store is not None
+    try:
+        keys = FleetKeys.derive(credentials, pc.resolved_token_url, pc.scope)
+        dropped = store.clear_lease(keys.key)
+    finally:
+        store.close()
+    if dropped:
+        print(f"{profile}: released the mint lease in {store.name}")
+    else:
+        print(f"{profile}: no mint lease was held in {store.name}")
+    return EX_OK
 
 
 def _refresh(config: Config, profile: str | None) -> int:

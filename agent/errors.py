@@ -73,6 +73,30 @@ class AuthServerUnavailable(AgentError):
         self.outcome = outcome
 
 
+class FleetRateLimited(AuthServerUnavailable):
+    """Fleet mode: the fleet's minter was answered 429; this agent waits for the marker's
+    ``not_before`` instead of asking (no request was made)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after, outcome="rate_limited")
+
+
+class FleetRejected(CredentialsRejected):
+    """Fleet mode: the fleet's minter was answered 401 with these credentials; this agent
+    waits for the marker's ``rejected_until`` instead of asking (no request was made)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class FleetStoreError(AgentError):
+    """The fleet store cannot be reached or refused (fleet mode then mints alone): never the
+    profile's failure, only ``dvs_agent_fleet_store_up`` 0 and a log line."""
+
+    exit_code = EX_UNAVAILABLE
+
+
 class SinkError(AgentError):
     """A sink could not be written (or, at start, cannot be)."""
 

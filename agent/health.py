@@ -139,6 +139,9 @@ class ProfileStatus:
     last_error: str | None
     #: the credential source whose credentials are in use (``vault``, ``aws``, ``env``)
     source: str | None
+    #: fleet mode (DESIGN §13): the store, whether it answers, this agent's role (minter,
+    #: adopter, alone) and the lease holder; None without ``[profiles.NAME.fleet]``
+    fleet: dict[str, Any] | None = None
 
     def ready(self, now: datetime) -> bool:
         """Whether the profile holds an unexpired token (a degraded profile may well be ready).
@@ -161,6 +164,7 @@ class ProfileStatus:
             "last_refresh": _time(self.last_refresh),
             "last_error": self.last_error,
             "source": self.source,
+            **({} if self.fleet is None else {"fleet": self.fleet}),
         }
 
 

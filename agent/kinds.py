@@ -1,4 +1,4 @@
-"""A profile's sources and sinks, built from its config through the registry (DESIGN §11).
+"""A profile's sources, sinks and fleet store, from its config through the registry (§11, §13).
 
 The core knows kinds only through :class:`~agent.registry.Registry`: this module asks each
 kind named by the profile to build itself, with a :class:`~agent.plugin.BuildContext` saying
@@ -14,12 +14,12 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
-from agent.config.load import sink_kind_name
+from agent.config.load import fleet_store_name, sink_kind_name
 from agent.config.schema import ProfileConfig
 from agent.errors import AgentError, ConfigError
 from agent.keypath import Segment
 from agent.masking import outside
-from agent.plugin import BuildContext, CredentialSource, TokenSink, Where
+from agent.plugin import BuildContext, CredentialSource, FleetStore, TokenSink, Where
 from agent.recorder import NULL, Recorder
 from agent.registry import Registry, Role
 
@@ -98,6 +98,31 @@ def describe_source(registry: Registry, profile: str, pc: ProfileConfig, name: s
     if table is None:
         return name
     return kind.describe(table, Where.of(profile, [name], tables=tables, plugins=registry))
+
+
+def build_fleet_store(
+    profile: str,
+    pc: ProfileConfig,
+    *,
+    environ: Mapping[str, str],
+    logger: logging.Logger,
+    registry: Registry,
+    metrics: Recorder = NULL,
+) -> FleetStore | None:
+    """The store of ``[profiles.NAME.fleet]`` (None: no fleet mode). Raises ConfigError."""
+    if pc.fleet is None:
+        return None
+    name = fleet_store_name(pc.fleet)
+    context = _context(profile, ["fleet"], pc, pc.tables(), environ, logger, registry, metrics)
+    return _guarded(registry, "fleet", name, context, registry.fleet(name).build, pc.fleet)
+
+
+def describe_fleet(registry: Registry, profile: str, pc: ProfileConfig) -> str | None:
+    """``check``'s line about the profile's fleet store (None: no fleet mode)."""
+    if pc.fleet is None:
+        return None
+    where = Where.of(profile, ["fleet"], tables=pc.tables(), plugins=registry)
+    return registry.fleet(fleet_store_name(pc.fleet)).describe(pc.fleet, where)
 
 
 def describe_sink(registry: Registry, profile: str, pc: ProfileConfig, index: int) -> str:

@@ -30,6 +30,7 @@ from agent.errors import (
     SourceUnavailable,
 )
 from agent.fanout import FanOut
+from agent.fleet.coordinator import Deferred, Fleet, Shared
 from agent.masking import Masker
 from agent.models import Credentials, Token, rfc3339
 from agent.oauth import Fetched, TokenClient
@@ -113,8 +114,11 @@ class Profile:
         rng: random.Random | None = None,
         logger: logging.Logger | None = None,
         metrics: Recorder | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self.name = name
+        #: fleet mode (DESIGN §13): the token is shared with the fleet's other agents
+        self.fleet = fleet
         self.chain = chain
         self.client = client
         self._store = store
@@ -250,7 +254,14 @@ class Profile:
             self._just_read = True
             token = self._load(self._keyed_hash(credentials))
             now = self._clock()
-            if token is None or not token.is_valid(now):
+            if token is not None and not token.is_valid(now):
+                token = None
+            if self.fleet is not None:  # the fleet's document first, the newer of the two
+                shared = self.fleet.peek(credentials, token)
+                if shared is not None:
+                    self._adopt_shared(shared, Reason.START, recorded=token)
+                    return True
+            if token is None:
                 return False
             self._owes_refresh = False
             self._adopt_recorded(token, State.OK)
@@ -379,8 +390,20 @@ class Profile:
             return Outcome(ok=True, next_at=self._refresh_at(held))
         self._use(credentials, reason)
 
-        # 3. the token request (its fast retries, and a 401's re-read, are the client's)
-        fetched = self._fetch(credentials, reason)
+        # 3. the token request (its fast retries, and a 401's re-read, are the client's); in
+        #    fleet mode the fleet's token first, and the request only as its lease holder
+        planned: datetime | None = None
+        if self.fleet is not None:
+            got = self.fleet.obtain(
+                credentials, reason.value, self.token, lambda c: self._fetch(c, reason)
+            )
+            if isinstance(got, Shared):
+                return self._adopt_shared(got, reason)
+            if isinstance(got, Deferred):
+                return Outcome(ok=True, next_at=got.next_at)
+            fetched, planned = got.fetched, got.next_at
+        else:
+            fetched = self._fetch(credentials, reason)
         if fetched.reused:
             return self._reused(fetched.token)
 
@@ -388,6 +411,8 @@ class Profile:
         token = fetched.token
         self._failures, self.last_error, self._owes_refresh = 0, None, False
         self._hold(token)
+        if planned is not None:  # the fleet's refresh time, without per-host jitter
+            self._planned = (token, planned)
         self.last_refresh = self._clock()
         self._store.save(
             self.name, self._keyed_hash(fetched.credentials), token_to_wall(self._clock, token)
@@ -406,6 +431,50 @@ class Profile:
             ),
         )
         return self._deliver(token, new=True)
+
+    def _adopt_shared(
+        self, shared: Shared, reason: Reason, *, recorded: Token | None = None
+    ) -> Outcome:
+        """Use the fleet's token (DESIGN §13): recorded and written to every sink when it is
+        not the one held (``on_change`` then), else only its next read is planned. At start
+        (``recorded``: the state file's token) the sinks get it back like a restored one."""
+        token = shared.token
+        current = self.token if self.token is not None else recorded
+        changed = current is None or current.access_token != token.access_token
+        self._failures, self.last_error, self._owes_refresh = 0, None, False
+        if not changed and self.token is not None:
+            self._planned = (self.token, shared.next_at)
+            if self._fanout.unwritten:
+                return self._deliver(self.token, new=False)
+            return self._written(self.token, shared.next_at, new=False)
+        self._hold(token)
+        self._planned = (token, shared.next_at)
+        self.last_refresh = self._clock()
+        assert self.credentials is not None
+        if changed:
+            self._store.save(
+                self.name, self._keyed_hash(self.credentials), token_to_wall(self._clock, token)
+            )
+            self._metrics.fleet_adoption(self.name)
+            self._log.info(
+                "adopted the fleet's token (generation %d, minted by %s), expires %s (%s)",
+                shared.generation,
+                shared.holder,
+                self._when(token.expires_at),
+                reason.value,
+                extra=self._extra(
+                    "fleet_adopted",
+                    generation=shared.generation,
+                    holder=shared.holder,
+                    expires_at=self._when(token.expires_at),
+                    reason=reason.value,
+                ),
+            )
+        if changed:
+            return self._deliver(token, new=True)
+        self._fanout.put_back(token)  # at start: the state file's token is the fleet's
+        self._succeeded(token)
+        return self._written(token, shared.next_at, new=False)
 
     def _credentials_for(self, reason: Reason) -> Credentials:
         """The credentials to ask with: read from the sources, except the first refresh right
@@ -650,5 +719,7 @@ class Profile:
     def close(self) -> None:
         self.client.close()
         self.chain.close()
+        if self.fleet is not None:
+            self.fleet.close()
         for sink in self.sinks:
             sink.close()

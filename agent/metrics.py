@@ -117,6 +117,26 @@ class Metrics:
             ["profile", "method"],
             registry=self.registry,
         )
+        self._fleet_adoptions = Counter(
+            "dvs_agent_fleet_adoptions",
+            "Fleet mode: tokens taken from the fleet's store instead of a token request",
+            ["profile"],
+            registry=self.registry,
+        )
+        self._fleet_leases = Counter(
+            "dvs_agent_fleet_leases",
+            "Fleet mode: the mint lease, by outcome (won: this agent asks for the fleet; lost: "
+            "another does; expired: a lease ended before its token was published; renewed)",
+            ["profile", "outcome"],
+            registry=self.registry,
+        )
+        self._fleet_store_up = Gauge(
+            "dvs_agent_fleet_store_up",
+            "Fleet mode: 1 when the fleet's store answered the last read, 0 when it could not "
+            "be used (the agent then asks the auth server on its own)",
+            ["profile"],
+            registry=self.registry,
+        )
 
     # ------------------------------------------------------------------------------- counters
 
@@ -201,6 +221,19 @@ class Metrics:
         with self._lock:
             self._track(self._login_expiry, profile, method)
             self._login_expiry.labels(profile, method).set(at)
+
+    def fleet_adoption(self, profile: str) -> None:
+        with self._lock:
+            self._counter(self._fleet_adoptions, profile).inc()
+
+    def fleet_lease(self, profile: str, outcome: str) -> None:
+        with self._lock:
+            self._counter(self._fleet_leases, profile, outcome).inc()
+
+    def fleet_store_up(self, profile: str, up: bool) -> None:
+        with self._lock:
+            self._track(self._fleet_store_up, profile)
+            self._fleet_store_up.labels(profile).set(1 if up else 0)
 
     # ------------------------------------------------------------------------------ lifecycle
 

@@ -49,13 +49,17 @@ __all__ = [
     "BuildContext",
     "CredentialSource",
     "Credentials",
+    "FleetStore",
+    "FleetStoreKind",
     "Login",
     "LoginContext",
     "LoginKind",
     "Plugins",
     "Secret",
     "SinkKind",
+    "Snapshot",
     "SourceKind",
+    "Stored",
     "Target",
     "Token",
     "TokenSink",
@@ -425,3 +429,85 @@ class LoginKind:
 
     def login(self, config: Any, ctx: LoginContext) -> Login:
         raise NotImplementedError(f"login method {self.name} has no login()")
+
+
+# -- fleet stores (DESIGN §13): ``[profiles.NAME.fleet]`` with ``store = "<kind>"`` --------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One entry of a fleet store, as the store holds it."""
+
+    #: the bytes written (a signed JSON entry: the store never interprets it)
+    value: bytes = field(repr=False)
+    #: seconds until the store drops it (Redis ``PTTL``; Vault: its write time plus the TTL it
+    #: was written with, against the ``Date`` of Vault's answer); None: no expiry is known
+    remaining: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The three entries of one fleet key, read together, and the store's own clock."""
+
+    #: the store's time of the read, Unix seconds (Redis ``TIME``; Vault: the ``Date`` header)
+    now: float
+    token: Stored | None
+    lease: Stored | None
+    marker: Stored | None
+    #: the last generation published for the key (0: none); the next publish must be this + 1
+    generation: int
+
+
+class FleetStore(Protocol):
+    """Where the agents of one client share a token (DESIGN §13): three entries per fleet key
+    (the token document, the mint lease, the marker), each written with a lifetime.
+
+    The store only keeps bytes; the agent signs and checks them. Every method raises
+    :class:`agent.errors.FleetStoreError` (naming the store and what to check) when the store
+    cannot be reached or refuses; nothing else.
+    """
+
+    #: a short label for logs, metrics and status, e.g. ``redis:10.0.0.5:6379/0``
+    name: str
+
+    def check(self) -> None:
+        """At start: what can be checked without a connection (files, URLs)."""
+        ...
+
+    def read(self, key: str) -> Snapshot: ...
+
+    def acquire(self, key: str, value: bytes, ttl: float) -> bool:
+        """Take the lease with ``value`` for ``ttl`` seconds unless a live lease exists."""
+        ...
+
+    def renew(self, key: str, value: bytes, ttl: float) -> bool:
+        """Extend the lease to ``ttl`` from now only if it still holds ``value``."""
+        ...
+
+    def release(self, key: str, value: bytes) -> bool:
+        """Drop the lease only if it still holds ``value``."""
+        ...
+
+    def clear_lease(self, key: str) -> bool:
+        """Drop whatever lease exists (``dvs-agent fleet release``); True when one did."""
+        ...
+
+    def publish(self, key: str, value: bytes, generation: int, ttl: float) -> bool:
+        """Store the token document with ``generation`` (the snapshot's + 1) for ``ttl``
+        seconds; False when another publish took that generation first (newest wins)."""
+        ...
+
+    def mark(self, key: str, value: bytes | None, ttl: float) -> None:
+        """Set (None: clear) the marker for ``ttl`` seconds."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FleetStoreKind(_Kind[C]):
+    """A fleet store: ``[profiles.NAME.fleet]`` with ``store = "<name>"`` (entry-point group
+    ``dvs_agent.fleet_stores``); its config Struct is declared with ``tag="<name>",
+    tag_field="store"`` and holds the common key ``lease`` besides its own."""
+
+    def build(self, config: C, context: BuildContext) -> FleetStore:
+        raise NotImplementedError(f"fleet store {self.name} has no build()")

@@ -11,7 +11,13 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from agent.errors import AgentError, AuthServerUnavailable, CredentialsRejected, RequestRejected
+from agent.errors import (
+    AgentError,
+    AuthServerUnavailable,
+    CredentialsRejected,
+    FleetRejected,
+    RequestRejected,
+)
 from agent.models import Token
 from agent.retry import Backoff
 
@@ -106,7 +112,9 @@ def retry_delay(
     - never less than 1 s.
     """
     valid = held is not None and held.is_valid(now)
-    if isinstance(error, RequestRejected | CredentialsRejected):
+    if isinstance(error, FleetRejected):  # the fleet's marker: when the fleet may ask again
+        delay = timedelta(seconds=max(error.retry_after, 0.0) + rng.uniform(0, 1))
+    elif isinstance(error, RequestRejected | CredentialsRejected):
         delay = backoff(timing.rejected_first, timing.rejected_cap, failures, rng)
         if not valid:
             delay = min(delay, max(timing.retry_cap_expired, timing.rejected_first))

@@ -36,6 +36,12 @@ class Recorder(Protocol):
 
     def login_credential_expiry(self, profile: str, method: str, at: float) -> None: ...
 
+    def fleet_adoption(self, profile: str) -> None: ...
+
+    def fleet_lease(self, profile: str, outcome: str) -> None: ...
+
+    def fleet_store_up(self, profile: str, up: bool) -> None: ...
+
     def forget(self, profile: str) -> None: ...
 
 
@@ -73,6 +79,15 @@ class NullRecorder:
         pass
 
     def login_credential_expiry(self, profile: str, method: str, at: float) -> None:
+        pass
+
+    def fleet_adoption(self, profile: str) -> None:
+        pass
+
+    def fleet_lease(self, profile: str, outcome: str) -> None:
+        pass
+
+    def fleet_store_up(self, profile: str, up: bool) -> None:
         pass
 
     def forget(self, profile: str) -> None:

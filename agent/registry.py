@@ -25,12 +25,19 @@ from agent.config.schema import CORE_PROFILE_KEYS, Schema, build_schema
 from agent.errors import ConfigError
 from agent.keypath import listing, toml_repr
 from agent.masking import outside
-from agent.plugin import API_VERSION, LoginKind, SinkKind, SourceKind, TriggerKind
+from agent.plugin import (
+    API_VERSION,
+    FleetStoreKind,
+    LoginKind,
+    SinkKind,
+    SourceKind,
+    TriggerKind,
+)
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
 
-Role = Literal["source", "sink", "login"]
+Role = Literal["source", "sink", "login", "fleet"]
 
 #: the built-in credential sources, in the order ``check`` lists them: name → module:attribute
 BUILTIN_SOURCES: Mapping[str, str] = MappingProxyType(
@@ -59,14 +66,25 @@ BUILTIN_LOGINS: Mapping[str, str] = MappingProxyType(
         "cert": "agent.logins.cert:KIND",
     }
 )
+#: the built-in fleet stores (``[profiles.NAME.fleet]`` ``store``): name → module:attribute
+BUILTIN_FLEET_STORES: Mapping[str, str] = MappingProxyType(
+    {
+        "redis": "agent.fleet.redis:KIND",
+    }
+)
 #: the built-in rotation triggers (besides polling and SIGHUP): name → module:attribute
 BUILTIN_TRIGGERS: Mapping[str, str] = MappingProxyType({"sqs": "agent.triggers.sqs:KIND"})
 #: the entry-point group of each role
 GROUPS: Mapping[Role, str] = MappingProxyType(
-    {"source": "dvs_agent.sources", "sink": "dvs_agent.sinks", "login": "dvs_agent.vault_logins"}
+    {
+        "source": "dvs_agent.sources",
+        "sink": "dvs_agent.sinks",
+        "login": "dvs_agent.vault_logins",
+        "fleet": "dvs_agent.fleet_stores",
+    }
 )
 _BASES: Mapping[Role, type[Any]] = MappingProxyType(
-    {"source": SourceKind, "sink": SinkKind, "login": LoginKind}
+    {"source": SourceKind, "sink": SinkKind, "login": LoginKind, "fleet": FleetStoreKind}
 )
 #: the distribution that ships the built-ins
 OWN_DISTRIBUTION = "dvs-agent"
@@ -116,12 +134,14 @@ class Registry:
         sources: Mapping[str, str] = BUILTIN_SOURCES,
         sinks: Mapping[str, str] = BUILTIN_SINKS,
         logins: Mapping[str, str] = BUILTIN_LOGINS,
+        fleets: Mapping[str, str] = BUILTIN_FLEET_STORES,
         discover: Callable[[str], Iterable[EntryPoint]] = _entry_points,
     ) -> None:
         self._builtin: Mapping[Role, Mapping[str, str]] = {
             "source": sources,
             "sink": sinks,
             "login": logins,
+            "fleet": fleets,
         }
         self._discover = discover
         self._lock = threading.RLock()
@@ -211,6 +231,10 @@ class Registry:
         kind: SinkKind[Any] = self.kind("sink", name)
         return kind
 
+    def fleet(self, name: str) -> FleetStoreKind[Any]:
+        kind: FleetStoreKind[Any] = self.kind("fleet", name)
+        return kind
+
     def login(self, name: str) -> LoginKind:
         """The Vault login method ``name`` (:class:`PluginError` listing the methods available
         when none provides it)."""
@@ -250,12 +274,13 @@ class Registry:
         if not (isinstance(config_type, type) and issubclass(config_type, msgspec.Struct)):
             raise refused("its config_type is not a msgspec.Struct")
         struct_config = config_type.__struct_config__
-        if info.role == "sink" and (
-            struct_config.tag_field != "type" or struct_config.tag != info.name
+        tag_field = {"sink": "type", "fleet": "store"}.get(info.role)
+        if tag_field is not None and (
+            struct_config.tag_field != tag_field or struct_config.tag != info.name
         ):
             raise refused(
-                f"its config Struct must be declared with tag={info.name!r}, tag_field='type' "
-                "(a sink entry names its kind in type)"
+                f"its config Struct must be declared with tag={info.name!r}, "
+                f"tag_field={tag_field!r} (the table names its kind in {tag_field})"
             )
         if not struct_config.forbid_unknown_fields:
             raise refused(
@@ -274,7 +299,9 @@ class Registry:
         return found
 
     # ------------------------------------------------------------------ schema
-    def schema(self, sources: Iterable[str] = (), sinks: Iterable[str] = ()) -> Schema:
+    def schema(
+        self, sources: Iterable[str] = (), sinks: Iterable[str] = (), fleets: Iterable[str] = ()
+    ) -> Schema:
         """The Structs for every built-in kind plus the named third-party ones.
 
         Every built-in is in every schema, so that two configs using only built-ins decode
@@ -284,7 +311,10 @@ class Registry:
         source_names += sorted({n for n in sources if n not in self._builtin["source"]})
         sink_names = [*self._builtin["sink"]]
         sink_names += sorted({n for n in sinks if n not in self._builtin["sink"]})
+        fleet_names = [*self._builtin["fleet"]]
+        fleet_names += sorted({n for n in fleets if n not in self._builtin["fleet"]})
         return build_schema(
             tuple(self.source(name) for name in source_names),
             tuple(self.sink(name) for name in sink_names),
+            tuple(self.fleet(name) for name in fleet_names),
         )

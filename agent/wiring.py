@@ -13,11 +13,13 @@ from datetime import timedelta
 
 from agent.clock import Clock
 from agent.config import ProfileConfig
-from agent.errors import ConfigError
+from agent.errors import ConfigError, FleetStoreError
+from agent.fleet.coordinator import DEFAULT_LEASE, LEASE_GRACE, Fleet
 from agent.keypath import toml_repr
-from agent.kinds import build_sinks, build_sources
+from agent.kinds import build_fleet_store, build_sinks, build_sources
 from agent.logs import Redactor
 from agent.manager import Profile
+from agent.masking import Masker
 from agent.oauth import TlsContexts, TokenClient
 from agent.plugin import TokenSink
 from agent.policy import Timing
@@ -56,16 +58,28 @@ def build_profile(
             )
         )
         client = _token_client(name, pc, clock=clock, tls=tls, stopping=stopping)
+        timing = Timing(
+            refresh_before_expiry=pc.refresh_before_expiry,
+            reread_on_schedule=pc.rotation.poll_interval <= timedelta(0),
+        )
+        fleet = _fleet(
+            name,
+            pc,
+            environ=environ,
+            clock=clock,
+            timing=timing,
+            stopping=stopping,
+            redactor=redactor,
+            logger=logger,
+            registry=registry,
+            metrics=recorder,
+        )
     except BaseException:  # what was built for it is closed: nothing of it may leak
         for source in sources:
             source.close()
         for sink in sinks:
             sink.close()
         raise
-    timing = Timing(
-        refresh_before_expiry=pc.refresh_before_expiry,
-        reread_on_schedule=pc.rotation.poll_interval <= timedelta(0),
-    )
     return Profile(
         name,
         chain=SourceChain(sources, profile=name, logger=logger, on_error=on_error),
@@ -77,7 +91,58 @@ def build_profile(
         redactor=redactor,
         logger=logger,
         metrics=metrics,
+        fleet=fleet,
     )
+
+
+def _fleet(
+    name: str,
+    pc: ProfileConfig,
+    *,
+    environ: Mapping[str, str],
+    clock: Clock,
+    timing: Timing,
+    stopping: threading.Event,
+    redactor: Redactor | None,
+    logger: logging.Logger,
+    registry: Registry,
+    metrics: Recorder,
+) -> Fleet | None:
+    """The profile's part in its fleet (DESIGN §13), None without ``[profiles.NAME.fleet]``."""
+    store = build_fleet_store(
+        name, pc, environ=environ, logger=logger, registry=registry, metrics=metrics
+    )
+    if store is None:
+        return None
+    try:
+        try:
+            store.check()
+        except FleetStoreError as exc:  # never the profile's failure: it mints alone
+            logger.warning(
+                "%s: %s; the agent asks the auth server on its own until this is fixed",
+                store.name,
+                redactor.shown(exc) if redactor is not None else exc,
+                extra={"profile": name, "event": "fleet_store_down"},
+            )
+        lease = getattr(pc.fleet, "lease", DEFAULT_LEASE)
+        return Fleet(
+            name,
+            store,
+            lease=lease,
+            token_url=pc.resolved_token_url,
+            scope=pc.scope,
+            clock=clock,
+            timing=timing,
+            # a holder that renews its lease but never publishes is passed over after this
+            patience=lease + pc.request_timeout + LEASE_GRACE,
+            stopping=stopping,
+            masker=redactor if redactor is not None else Masker(),
+            logger=logger,
+            metrics=metrics,
+        )
+    except BaseException:
+        store.close()
+        raise
 
 
 def checked(profile: Profile) -> Profile:

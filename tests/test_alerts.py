@@ -68,6 +68,9 @@ def _exported() -> dict[str, set[str]]:
     metrics.token("dvs", "osigu", 1.8e9)
     metrics.last_success("dvs", 1.7e9)
     metrics.source_in_use("dvs", "vault", ["vault", "env"])
+    metrics.fleet_store_up("dvs", True)
+    metrics.fleet_lease("dvs", "won")
+    metrics.fleet_adoption("dvs")
     text = generate_latest(metrics.registry).decode()
     found: dict[str, set[str]] = {}
     for name, labels in metric_samples(text):

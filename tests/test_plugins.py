@@ -515,7 +515,12 @@ def test_no_entry_point_lookup_for_a_config_of_built_ins() -> None:
     assert looked_up == []
     with pytest.raises(ConfigError):
         parse_config('[[profiles.dvs.sinks]]\ntype = "s3"\n', registry=Registry(discover=discover))
-    assert looked_up == ["dvs_agent.sources", "dvs_agent.sinks", "dvs_agent.vault_logins"]
+    assert looked_up == [
+        "dvs_agent.sources",
+        "dvs_agent.sinks",
+        "dvs_agent.vault_logins",
+        "dvs_agent.fleet_stores",
+    ]
 
 
 def test_configs_of_the_same_kinds_decode_into_the_same_classes() -> None:

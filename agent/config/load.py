@@ -35,7 +35,7 @@ from agent.keypath import Segment, key_path, listing, toml_repr
 from agent.plugin import Target, Where
 
 if TYPE_CHECKING:
-    from agent.registry import Registry
+    from agent.registry import Registry, Role
 
 DEFAULT_CONFIG_PATH = "/etc/dvs-agent/agent.toml"
 #: the variable that names the config file when ``-c`` is not given
@@ -98,11 +98,11 @@ def parse_config(
     if registry is None:
         registry = Registry()
     data = _with_default_sink_type(data)
-    sources, sinks, errors = _kinds_named(data, registry)
+    sources, sinks, fleets, errors = _kinds_named(data, registry)
     if errors:
         raise _config_error(source, errors)
     try:
-        schema = registry.schema(sources, sinks)
+        schema = registry.schema(sources, sinks, fleets)
     except PluginError as exc:  # a built-in cannot fail to load; a third-party one named here
         raise _config_error(source, [str(exc)]) from None
     try:
@@ -113,6 +113,11 @@ def parse_config(
     if errors:
         raise _config_error(source, errors)
     return config
+
+
+def fleet_store_name(fleet: msgspec.Struct) -> str:
+    """The ``store`` of a decoded ``[profiles.NAME.fleet]`` table (its Struct's tag)."""
+    return str(type(fleet).__struct_config__.tag)
 
 
 def sink_kind_name(sink: msgspec.Struct) -> str:
@@ -250,21 +255,23 @@ def _with_default_sink_type(data: dict[str, Any]) -> dict[str, Any]:
 
 def _kinds_named(
     data: Mapping[str, Any], registry: Registry
-) -> tuple[set[str], set[str], list[str]]:
-    """The source and sink kinds the file names, and the names no plug-in provides (or whose
-    plug-in does not load), as messages. Shapes msgspec will refuse are left to it."""
+) -> tuple[set[str], set[str], set[str], list[str]]:
+    """The source, sink and fleet store kinds the file names, and the names no plug-in
+    provides (or whose plug-in does not load), as messages. Shapes msgspec will refuse are
+    left to it."""
     sources: set[str] = set()
     sinks: set[str] = set()
+    fleets: set[str] = set()
     errors: list[str] = []
     profiles = data.get("profiles")
     if not isinstance(profiles, Mapping):
-        return sources, sinks, errors
+        return sources, sinks, fleets, errors
 
     from agent.registry import PluginError
 
-    def use(role: str, name: str, where: str) -> bool:
+    def use(role: Role, name: str, where: str) -> bool:
         try:
-            registry.source(name) if role == "source" else registry.sink(name)
+            registry.kind(role, name)
         except PluginError as exc:
             errors.append(f"{where}: {exc}")
             return False
@@ -313,7 +320,23 @@ def _kinds_named(
                 )
             elif use("sink", kind, where):
                 sinks.add(kind)
-    return sources, sinks, errors
+        fleet = profile.get("fleet")
+        store = fleet.get("store") if isinstance(fleet, Mapping) else None
+        if isinstance(fleet, Mapping) and store is None:
+            errors.append(
+                f"{key_path(['profiles', name, 'fleet', 'store'])}: required: name the fleet "
+                f"store, one of: {listing(registry.names('fleet'))}"
+            )
+        elif isinstance(store, str) and store not in fleets:
+            where = key_path(["profiles", name, "fleet", "store"])
+            if not registry.provides("fleet", store):
+                errors.append(
+                    f"{where}: invalid value {toml_repr(store)}; expected one of: "
+                    f"{listing(registry.names('fleet'))}"
+                )
+            elif use("fleet", store, where):
+                fleets.add(store)
+    return sources, sinks, fleets, errors
 
 
 # ------------------------------------------------------------------------ cross-field checks
@@ -363,6 +386,10 @@ def _check(config: Config, schema: Schema, registry: Registry) -> Iterator[str]:
             where = Where.of(name, ["sinks", index], tables=tables, plugins=registry)
             yield from sink_kind.check(sink, where)
             written += [(name, target) for target in sink_kind.targets(sink, where)]
+        if profile.fleet is not None:
+            fleet_kind = schema.fleets[fleet_store_name(profile.fleet)]
+            where = Where.of(name, ["fleet"], tables=tables, plugins=registry)
+            yield from fleet_kind.check(profile.fleet, where)
     yield from target_problems(read, written)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
@@ -21,7 +21,7 @@ import msgspec
 from agent.config.values import Duration, parse_listen
 
 if TYPE_CHECKING:
-    from agent.plugin import SinkKind, SourceKind
+    from agent.plugin import FleetStoreKind, SinkKind, SourceKind
 
 #: the token endpoint of each ``environment`` (DESIGN §2); ``token_url`` overrides it
 ENVIRONMENT_TOKEN_URLS: Mapping[str, str] = MappingProxyType(
@@ -91,6 +91,8 @@ class ProfileConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     rotation: RotationConfig = msgspec.field(default_factory=RotationConfig)
     #: at least one; each a sink kind's Struct (required in the built schema)
     sinks: list[Any] = msgspec.field(default_factory=list)
+    #: ``[profiles.NAME.fleet]``: a fleet store kind's Struct (DESIGN §13); None: no fleet mode
+    fleet: Any = None
 
     @property
     def resolved_token_url(self) -> str:
@@ -137,12 +139,18 @@ class Schema:
     #: the kinds, by name, in the order of registration
     sources: Mapping[str, SourceKind[Any]]
     sinks: Mapping[str, SinkKind[Any]]
+    fleets: Mapping[str, FleetStoreKind[Any]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @functools.cache
-def build_schema(sources: tuple[SourceKind[Any], ...], sinks: tuple[SinkKind[Any], ...]) -> Schema:
-    """The file's Structs: the profile table gains a field per source kind, and ``sinks`` is
-    the tagged union (on ``type``) of the sink kinds' Structs.
+def build_schema(
+    sources: tuple[SourceKind[Any], ...],
+    sinks: tuple[SinkKind[Any], ...],
+    fleets: tuple[FleetStoreKind[Any], ...] = (),
+) -> Schema:
+    """The file's Structs: the profile table gains a field per source kind, ``sinks`` is the
+    tagged union (on ``type``) of the sink kinds' Structs, and ``fleet`` that (on ``store``)
+    of the fleet store kinds'.
 
     Memoized: the same kinds give the same classes, so configs compare equal across loads.
     """
@@ -157,6 +165,10 @@ def build_schema(sources: tuple[SourceKind[Any], ...], sinks: tuple[SinkKind[Any
             fields.append((kind.name, kind.config_type | None, None))
     members = tuple(kind.config_type for kind in sinks)
     fields.append(("sinks", list[Union[members]]))  # type: ignore[valid-type]  # noqa: UP007
+    if fleets:
+        stores = tuple(kind.config_type for kind in fleets)
+        fleet_type: Any = Union[stores]  # noqa: UP007
+        fields.append(("fleet", fleet_type | None, None))
     profile = cast(
         "type[ProfileConfig]",
         msgspec.defstruct(
@@ -175,4 +187,5 @@ def build_schema(sources: tuple[SourceKind[Any], ...], sinks: tuple[SinkKind[Any
         profile=profile,
         sources=MappingProxyType({kind.name: kind for kind in sources}),
         sinks=MappingProxyType({kind.name: kind for kind in sinks}),
+        fleets=MappingProxyType({kind.name: kind for kind in fleets}),
     )

@@ -33,7 +33,7 @@ import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agent.errors import SinkError
+from agent.errors import AgentError, SinkError
 from agent.fsutil import read_secret_file
 from agent.masking import outside
 from agent.models import Token
@@ -60,6 +60,29 @@ return 1
 """
 
 _WRITTEN, _NEWER_STORED, _SAME_STORED = 1, 0, 2
+
+
+def password_from_file(path: str, name: str, error: type[AgentError]) -> str:
+    """The Redis password in ``path`` (``name``: its config key), one trailing newline
+    dropped; raises ``error`` saying what to fix."""
+    try:
+        text = read_secret_file(path)
+    except FileNotFoundError:
+        raise error(
+            f"{path} ({name}) does not exist: write the Redis password there, or fix the path"
+        ) from None
+    except PermissionError:
+        raise error(
+            f"{path} ({name}) is not readable by the agent (uid {os.geteuid()}): fix its "
+            "owner or mode"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise error(f"cannot read {path} ({name}): {reason}") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise error(f"{path} ({name}) is empty")
+    return text
 
 
 class RedisSink:
@@ -193,26 +216,7 @@ class RedisSink:
         if s.password_file and s.password_env:
             raise SinkError(f"{key}: set one of password_file and password_env, not both")
         if s.password_file:
-            name = f"{key}.password_file"
-            try:
-                text = read_secret_file(s.password_file)
-            except FileNotFoundError:
-                raise SinkError(
-                    f"{s.password_file} ({name}) does not exist: write the Redis password "
-                    "there, or fix the path"
-                ) from None
-            except PermissionError:
-                raise SinkError(
-                    f"{s.password_file} ({name}) is not readable by the agent (uid "
-                    f"{os.geteuid()}): fix its owner or mode"
-                ) from None
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                raise SinkError(f"cannot read {s.password_file} ({name}): {reason}") from None
-            text = text.removesuffix("\n").removesuffix("\r")
-            if not text:
-                raise SinkError(f"{s.password_file} ({name}) is empty")
-            return text
+            return password_from_file(s.password_file, f"{key}.password_file", SinkError)
         if s.password_env:
             value = self._environ.get(s.password_env)
             if not value:
