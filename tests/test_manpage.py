@@ -294,10 +294,11 @@ def test_the_zsh_completion_names_every_command_flag_and_choice(generated: Gener
             assert spec and set(values) <= set(spec.group(1).split()), f"zsh: {name} {flag}"
         if len(command.words) > 1:
             # a command with subcommands has a function of its own
+            word, fn = re.escape(command.words[-1]), re.escape(prefix)
             dispatch = (
-                rf"^\s+{re.escape(command.words[-1])}\) {re.escape(prefix)} ;;"
+                rf"^\s+{word}\) {fn} ;;"
                 if command.subcommands
-                else rf"^\s+{re.escape(command.words[-1])}\) _arguments .*\${re.escape(prefix)}_options"
+                else rf"^\s+{word}\) _arguments .*\${fn}_options"
             )
             assert re.search(dispatch, text, re.M), f"zsh: {name} is not dispatched"
         if command.subcommands:
