@@ -22,6 +22,24 @@ Faults are global, or queued for one client id (``enqueue(..., client_id=...)``)
 client can be attacked while another is served. Big bodies are streamed in chunks (never built in
 memory); :meth:`TokenServer.stop` ends every answer still being sent, and a client that closes
 its side ends it too.
+
+Rate limit and counts (for fleet tests and the bench, issue 13):
+
+- ``TokenServer(rate_limit=N)`` (or ``server.rate_limit = N`` while it runs) admits at most N
+  requests to the token path per client id in any sliding 1 s window; more are answered 429
+  with ``Retry-After`` (whole seconds, at least 1) and the seed's 429 body
+  (``{"error": "rate_limited", "error_description": "rate limited"}``), before any fault, hook
+  or credential check: a refused request mints nothing and consumes no fault, and refused
+  requests do not fill the window. ``None`` or 0 (the default): no limit. Requests without
+  readable Basic credentials are never limited.
+- :meth:`TokenServer.counts` (per client id, a :class:`ClientCounts`), :meth:`TokenServer.
+  client_counts` and :meth:`TokenServer.reset_counts`, and over HTTP ``GET /_devserver/counts``
+  (``DELETE`` answers the counts and resets them, atomically): requests to the token path,
+  tokens minted, the same token handed back (``reuse_tokens``), 429s and 401s answered
+  (whatever their cause: the limit, the credentials or a queued fault). Requests without
+  readable Basic credentials are counted under the client id ``""``; :meth:`TokenServer.clear`
+  keeps the counts. Requests to ``/_devserver/counts`` are neither recorded, counted nor
+  rate-limited; the agent never asks for it, so the token endpoint stays as faithful.
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -49,9 +68,21 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
-__all__ = ["TOKEN_PATH", "Fault", "IssuedToken", "RecordedRequest", "TokenServer"]
+__all__ = [
+    "COUNTS_PATH",
+    "TOKEN_PATH",
+    "ClientCounts",
+    "Fault",
+    "IssuedToken",
+    "RecordedRequest",
+    "TokenServer",
+]
 
 TOKEN_PATH = "/v1/oauth/token"  # noqa: S105 (a URL path, not a password)
+#: the introspection path: GET the per-client counts, DELETE to read and reset them
+COUNTS_PATH = "/_devserver/counts"
+#: the rate limit's sliding window, in seconds
+_RATE_WINDOW = 1.0
 GRANT_TYPE = "client_credentials"
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _JSON_TYPE = "application/json"
@@ -268,6 +299,49 @@ class IssuedToken:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class ClientCounts:
+    """What one client id asked of the token path, and what it got (see the module docstring)."""
+
+    #: requests to the token path (any method and answer, counted on arrival)
+    requests: int = 0
+    #: tokens minted (each one is in :meth:`TokenServer.issued`)
+    tokens_issued: int = 0
+    #: answers that handed back the client's current token again (``reuse_tokens``)
+    tokens_reused: int = 0
+    #: 429 answers: refused by the rate limit, or a queued 429 fault
+    rate_limited: int = 0
+    #: 401 answers: rejected credentials, or a queued 401 fault
+    unauthorized: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "requests": self.requests,
+            "tokens_issued": self.tokens_issued,
+            "tokens_reused": self.tokens_reused,
+            "rate_limited": self.rate_limited,
+            "unauthorized": self.unauthorized,
+        }
+
+
+@dataclass
+class _Counts:
+    requests: int = 0
+    tokens_issued: int = 0
+    tokens_reused: int = 0
+    rate_limited: int = 0
+    unauthorized: int = 0
+
+    def frozen(self) -> ClientCounts:
+        return ClientCounts(
+            self.requests,
+            self.tokens_issued,
+            self.tokens_reused,
+            self.rate_limited,
+            self.unauthorized,
+        )
+
+
 @dataclass
 class _Client:
     secret: str
@@ -287,7 +361,8 @@ class _Reply:
 class TokenServer:
     """OSIGU's token endpoint on a local port, served from a daemon thread.
 
-    ``expires_in`` and ``reuse_tokens`` may be changed while it runs; each request reads them.
+    ``expires_in``, ``reuse_tokens`` and ``rate_limit`` may be changed while it runs; each
+    request reads them.
     With ``reuse_tokens`` a client that asks while its last token (for the same scope) is
     unexpired gets that token again with the whole seconds left, as Spring Security OAuth's
     token services do; rotating the client's secret does not change that (the stored token is
@@ -307,6 +382,7 @@ class TokenServer:
         accept_body_grant: bool = False,
         on_event: Callable[[str], None] | None = None,
         tls: ssl.SSLContext | None = None,
+        rate_limit: int | None = None,
     ) -> None:
         self.host = host
         #: serve HTTPS with this server-side context (tests of ca_bundle and TLS failures)
@@ -327,6 +403,11 @@ class TokenServer:
         self._requests: list[RecordedRequest] = []
         self._issued: dict[str, IssuedToken] = {}
         self._current: dict[tuple[str, str], IssuedToken] = {}
+        self._counts: dict[str, _Counts] = {}
+        #: monotonic arrival times of the requests admitted in the last window, by client id
+        self._windows: dict[str, deque[float]] = {}
+        self._rate_limit: int | None = None
+        self.rate_limit = rate_limit
         self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -356,6 +437,27 @@ class TokenServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         scheme = "https" if self.tls is not None else "http"
         return f"{scheme}://{host}:{self._port}{TOKEN_PATH}"
+
+    @property
+    def counts_url(self) -> str:
+        """The URL of :data:`COUNTS_PATH` on this server."""
+        return self.url.removesuffix(TOKEN_PATH) + COUNTS_PATH
+
+    @property
+    def rate_limit(self) -> int | None:
+        """Requests admitted per client id per second; None: no limit."""
+        return self._rate_limit
+
+    @rate_limit.setter
+    def rate_limit(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"rate_limit must be an int or None: {value!r}")
+        if value is not None and value < 0:
+            raise ValueError(f"rate_limit must be >= 0: {value}")
+        with self._lock:
+            self._rate_limit = value or None
+            if self._rate_limit is None:
+                self._windows.clear()
 
     def start(self) -> TokenServer:
         """Serve from a daemon thread. After :meth:`stop` it may start again on the same port."""
@@ -465,6 +567,26 @@ class TokenServer:
         with self._lock:
             return dict(self._issued)
 
+    def counts(self) -> dict[str, ClientCounts]:
+        """The counts of every client id seen since the last reset (``""``: no readable Basic
+        credentials)."""
+        with self._lock:
+            return {client_id: c.frozen() for client_id, c in self._counts.items()}
+
+    def client_counts(self, client_id: str) -> ClientCounts:
+        """The counts of one client id (all zero if it has not been seen since the last reset)."""
+        with self._lock:
+            counts = self._counts.get(client_id)
+            return counts.frozen() if counts is not None else ClientCounts()
+
+    def reset_counts(self) -> dict[str, ClientCounts]:
+        """Set every count to zero; answers the counts as they were (read and reset at once).
+        The rate limit's windows are kept."""
+        with self._lock:
+            before = {client_id: c.frozen() for client_id, c in self._counts.items()}
+            self._counts.clear()
+            return before
+
     def wait_for_requests(
         self, n: int, timeout: float = 10.0, *, client_id: str | None = None
     ) -> bool:
@@ -491,6 +613,56 @@ class TokenServer:
             if own:
                 return own.pop(0)
             return self._faults.pop(0) if self._faults else None
+
+    def _count(self, client_id: str | None) -> _Counts:
+        """The mutable counts of ``client_id``; the caller holds the lock."""
+        key = client_id if client_id is not None else ""
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = _Counts()
+        return counts
+
+    def _admit(self, client_id: str | None) -> int | None:
+        """None if the rate limit admits a request of ``client_id`` now (it then fills the
+        window), else the whole seconds until it would."""
+        if client_id is None:
+            return None
+        with self._lock:
+            limit = self._rate_limit
+            if limit is None:
+                return None
+            now = time.monotonic()
+            window = self._windows.setdefault(client_id, deque())
+            while window and window[0] <= now - _RATE_WINDOW:
+                window.popleft()
+            if len(window) < limit:
+                window.append(now)
+                return None
+            return max(1, math.ceil(window[0] + _RATE_WINDOW - now))
+
+    def _counts_reply(self, method: str) -> _Reply:
+        """The answer to a request to :data:`COUNTS_PATH`."""
+        if method in ("GET", "HEAD"):
+            counts = self.counts()
+        elif method == "DELETE":
+            counts = self.reset_counts()
+        else:
+            return _Reply(
+                405,
+                {"Content-Type": "text/plain", "Allow": "GET, HEAD, DELETE"},
+                b"Method Not Allowed",
+            )
+        total = ClientCounts(
+            *(sum(getattr(c, name) for c in counts.values()) for name in _COUNT_FIELDS)
+        )
+        return _json_reply(
+            200,
+            {
+                "rate_limit": self.rate_limit,
+                "clients": {client_id: c.as_dict() for client_id, c in sorted(counts.items())},
+                "total": total.as_dict(),
+            },
+        )
 
     def _last_token(self, client_id: str | None) -> str | None:
         with self._lock:
@@ -559,6 +731,14 @@ class TokenServer:
     def _record(self, request: RecordedRequest, replaces: RecordedRequest | None = None) -> None:
         """Append a record, or put it in the place of ``replaces`` (unless cleared meanwhile)."""
         with self._lock:
+            if request.path == TOKEN_PATH:
+                counts = self._count(request.client_id)
+                if replaces is None:
+                    counts.requests += 1  # else it was counted on arrival
+                if request.status == 429:
+                    counts.rate_limited += 1
+                elif request.status == 401:
+                    counts.unauthorized += 1
             if replaces is None:
                 self._requests.append(request)
             else:
@@ -656,6 +836,7 @@ class TokenServer:
             current = self._current.get(key)
             if self.reuse_tokens and current is not None and now < current.expires_at:
                 token, expires_in = current, math.floor(current.expires_at - now)
+                self._count(client_id).tokens_reused += 1
                 event = f"returned the existing token {token.access_token[:8]}… to {who}"
             else:
                 expires_in = self.expires_in
@@ -668,6 +849,7 @@ class TokenServer:
                 )
                 self._issued[token.access_token] = token
                 self._current[key] = token
+                self._count(client_id).tokens_issued += 1
                 event = f"issued token {token.access_token[:8]}… to {who}"
             payload = {
                 "access_token": token.access_token,
@@ -687,6 +869,9 @@ class TokenServer:
             access_token=token.access_token,
             event=f"{event} ({client.provider_slug}, expires_in={expires_in})",
         )
+
+
+_COUNT_FIELDS = tuple(ClientCounts().as_dict())
 
 
 def _is_token_request(request: RecordedRequest, client_id: str | None = None) -> bool:
@@ -844,6 +1029,9 @@ def _endless(chunk_size: int) -> Iterator[bytes]:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's backlog of 5 drops the SYNs of a fleet starting at once, and the kernel
+    # retries them a second later: a mass start would look spread over seconds
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], owner: TokenServer) -> None:
         self.owner = owner
@@ -909,6 +1097,9 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in self.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        if split.path == COUNTS_PATH:
+            self._send(owner._counts_reply(self.command))  # neither recorded nor counted
+            return
         creds = owner._credentials(headers)
 
         placeholder: RecordedRequest | None = None
@@ -940,6 +1131,19 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             record(404, None)
+            self._send(reply)
+            return
+
+        retry_after = owner._admit(creds[0] if creds else None)
+        if retry_after is not None:
+            reply = _default_reply(
+                429,
+                event=f"rate limited client {creds[0] if creds else '?'!r}: over "
+                f"{owner.rate_limit} requests/s (Retry-After: {retry_after})",
+            )
+            reply.headers["Retry-After"] = str(retry_after)
+            record(429, None)
+            owner._emit(reply.event)
             self._send(reply)
             return
 

@@ -443,7 +443,24 @@ class Fleet:
                 if won:
                     self._metrics.fleet_lease(self.profile, "won")
                     self._lease_holder = self.holder
-                    return self._mint(view, credentials, mint, lease=value)
+                    # the lease may have come free because its holder just published: read
+                    # again, so that a document newer than the one we decided on is adopted
+                    try:
+                        fresh = self._read(keys)
+                    except FleetStoreError as exc:
+                        self._release(keys, value)
+                        return self._alone(exc, credentials, reason, held, mint)
+                    try:
+                        self._blocked(fresh)  # the holder before us may have met a 429 or 401
+                    except (FleetRejected, FleetRateLimited):
+                        self._release(keys, value)
+                        raise
+                    if fresh.doc is not None and fresh.generation > seen:
+                        shared = self._adoptable(fresh, reason, held)
+                        if shared is not None:
+                            self._release(keys, value)
+                            return shared
+                    return self._mint(fresh, credentials, mint, lease=value)
                 self._metrics.fleet_lease(self.profile, "lost")
             elif view.lease_holder != holder_seen:
                 holder_seen = view.lease_holder
