@@ -70,6 +70,7 @@ BUILTIN_LOGINS: Mapping[str, str] = MappingProxyType(
 BUILTIN_FLEET_STORES: Mapping[str, str] = MappingProxyType(
     {
         "redis": "agent.fleet.redis:KIND",
+        "vault": "agent.fleet.vault:KIND",
     }
 )
 #: the built-in rotation triggers (besides polling and SIGHUP): name → module:attribute

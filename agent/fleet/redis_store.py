@@ -118,16 +118,13 @@ class RedisFleetStore:
         if config.sentinels:
             self.name = f"redis-sentinel:{config.service_name}"
             self._where = (
-                f"Redis master {config.service_name} via sentinels "
-                f"{', '.join(config.sentinels)} ({config_key})"
+                f"Redis master {config.service_name} via sentinels {', '.join(config.sentinels)}"
             )
         else:
             shown = self._endpoint.address if self._endpoint else str(config.url)
             db = f"/{self._endpoint.db}" if self._endpoint and not config.cluster else ""
             self.name = f"redis{'-cluster' if config.cluster else ''}:{shown}{db}"
-            self._where = (
-                f"Redis {'Cluster node' if config.cluster else 'at'} {shown}{db} ({config_key})"
-            )
+            self._where = f"Redis {'Cluster node' if config.cluster else 'at'} {shown}{db}"
 
     # ------------------------------------------------------------------ FleetStore
     def check(self) -> None:
@@ -330,7 +327,10 @@ class RedisFleetStore:
                 f"+time on ~{c.key_prefix}*"
             )
         if isinstance(exc, redis.exceptions.TimeoutError):
-            return FleetStoreError(f"{where} did not answer the {what} within {self._timeout:g}s")
+            return FleetStoreError(
+                f"{where} did not answer the {what} within {self._timeout:g}s: is it "
+                f"overloaded, or is {self._key} pointing at the wrong host?"
+            )
         if isinstance(exc, redis.exceptions.ConnectionError):
             if "ssl" in said.lower() or "certificate" in said.lower():
                 return FleetStoreError(
@@ -350,7 +350,10 @@ class RedisFleetStore:
                 f"{where} holds a value that is not a string under {c.key_prefix}: choose "
                 f"another {self._key}.key_prefix"
             )
-        return FleetStoreError(f"{where} refused the fleet's {what} ({type(exc).__name__}: {said})")
+        return FleetStoreError(
+            f"{where} refused the fleet's {what} ({type(exc).__name__}: {said}): see "
+            f"{self._key} and Redis' log"
+        )
 
 
 def _ms(seconds: float) -> int:

@@ -65,16 +65,80 @@ class VaultSinkConfig(
     mount: str | None = None
 
 
-def merged(sink: VaultSinkConfig, table: msgspec.Struct | None) -> VaultSourceConfig:
-    """The sink's settings as the ``[vault]`` table's Struct: each key the sink leaves out
-    taken from the profile's table (or from its defaults when there is none)."""
+def merged(own: msgspec.Struct, table: msgspec.Struct | None) -> VaultSourceConfig:
+    """``own``'s settings (a vault sink's, or the vault fleet store's table) as the ``[vault]``
+    table's Struct: each key it shares with that table and leaves out (None) taken from the
+    profile's table, or from its defaults when there is none."""
     base = table if isinstance(table, VaultSourceConfig) else VaultSourceConfig()
-    own = {
+    shared = set(VaultSourceConfig.__struct_fields__)
+    fields = {
         name: value
-        for name in VaultSinkConfig.__struct_fields__
-        if (value := getattr(sink, name)) is not None
+        for name in type(own).__struct_fields__
+        if name in shared and (value := getattr(own, name)) is not None
     }
-    return msgspec.structs.replace(base, **own)
+    return msgspec.structs.replace(base, **fields)
+
+
+#: the keys a table that borrows the ``[vault]`` table's may set to its own values
+OVERRIDABLE = (
+    "auth_method",
+    "token_file",
+    "role_id_file",
+    "secret_id_file",
+    "role",
+    "jwt_file",
+    "client_cert",
+    "client_key",
+    "namespace",
+    "ca_cert",
+)
+
+
+def override_problems(own: msgspec.Struct, where: Where, *, writer: str) -> Iterator[str]:
+    """The problems of the Vault keys of a table that defaults them to the profile's
+    ``[vault]`` table (a vault sink, the vault fleet store), ``path`` aside: an empty value, a
+    bad address or mount, an unreadable CA file, a KV v1 mount taken from the table, and the
+    login's own checks on the merged keys. ``writer`` names the table in messages."""
+    profile_vault = where.table("vault")
+    assert profile_vault is None or isinstance(profile_vault, VaultSourceConfig)
+    table = header(["profiles", where.profile, "vault"])
+    address = getattr(own, "address", None)
+    if address == "":
+        yield (
+            f"{where.at('address')}: must not be empty (leave the key out to use the "
+            f"address of {table}, else ${VAULT_ADDR_ENV})"
+        )
+    elif address is not None:
+        problem = address_problem(address)
+        if problem:
+            yield f"{where.at('address')}: {problem}"
+    own_empty = [key for key in OVERRIDABLE if getattr(own, key, None) == ""]
+    for file_key in own_empty:
+        yield (
+            f"{where.at(file_key)}: must not be empty (leave the key out to use the "
+            f"value of {table})"
+        )
+    mount = getattr(own, "mount", None)
+    if mount is not None:
+        problem = mount_path_problem(mount, "secret")
+        if problem:
+            yield f"{where.at('mount')}: {problem}"
+    ca_cert = getattr(own, "ca_cert", None)
+    if ca_cert:
+        problem = readable_file_problem(ca_cert)
+        if problem:
+            yield f"{where.at('ca_cert')}: {toml_repr(ca_cert)}: {problem}"
+    if mount is None and profile_vault is not None and profile_vault.kv_version == 1:
+        yield (
+            f"{where.at('mount')}: {writer} writes to a KV v2 engine, and the mount it "
+            f"takes from {table} ({toml_repr(profile_vault.mount)}) is KV v1 there "
+            "(kv_version = 1): set mount to a KV v2 engine's mount"
+        )
+    if "auth_method" not in own_empty:
+        reported = tuple(f"{where.at(key)}:" for key in own_empty)
+        for problem in login_problems(merged(own, profile_vault), where):
+            if not problem.startswith(reported):
+                yield problem
 
 
 class VaultSinkKind(SinkKind[VaultSinkConfig]):
@@ -82,62 +146,10 @@ class VaultSinkKind(SinkKind[VaultSinkConfig]):
     config_type = VaultSinkConfig
 
     def check(self, config: VaultSinkConfig, where: Where) -> Iterator[str]:
-        sink = config
-        profile_vault = where.table("vault")
-        assert profile_vault is None or isinstance(profile_vault, VaultSourceConfig)
-        table = header(["profiles", where.profile, "vault"])
-        problem = mount_path_problem(sink.path, "dvs/osigu-token")
+        problem = mount_path_problem(config.path, "dvs/osigu-token")
         if problem:
             yield f"{where.at('path')}: {problem}"
-        if sink.address == "":
-            yield (
-                f"{where.at('address')}: must not be empty (leave the key out to use the "
-                f"address of {table}, else ${VAULT_ADDR_ENV})"
-            )
-        elif sink.address is not None:
-            problem = address_problem(sink.address)
-            if problem:
-                yield f"{where.at('address')}: {problem}"
-        own_empty = [
-            key
-            for key in (
-                "auth_method",
-                "token_file",
-                "role_id_file",
-                "secret_id_file",
-                "role",
-                "jwt_file",
-                "client_cert",
-                "client_key",
-                "namespace",
-                "ca_cert",
-            )
-            if getattr(sink, key) == ""
-        ]
-        for file_key in own_empty:
-            yield (
-                f"{where.at(file_key)}: must not be empty (leave the key out to use the "
-                f"value of {table})"
-            )
-        if sink.mount is not None:
-            problem = mount_path_problem(sink.mount, "secret")
-            if problem:
-                yield f"{where.at('mount')}: {problem}"
-        if sink.ca_cert:
-            problem = readable_file_problem(sink.ca_cert)
-            if problem:
-                yield f"{where.at('ca_cert')}: {toml_repr(sink.ca_cert)}: {problem}"
-        if sink.mount is None and profile_vault is not None and profile_vault.kv_version == 1:
-            yield (
-                f"{where.at('mount')}: a vault sink writes to a KV v2 engine, and the mount it "
-                f"takes from {table} ({toml_repr(profile_vault.mount)}) is KV v1 there "
-                "(kv_version = 1): set mount to a KV v2 engine's mount"
-            )
-        if "auth_method" not in own_empty:
-            reported = tuple(f"{where.at(key)}:" for key in own_empty)
-            for problem in login_problems(merged(sink, profile_vault), where):
-                if not problem.startswith(reported):
-                    yield problem
+        yield from override_problems(config, where, writer="a vault sink")
 
     def describe(self, config: VaultSinkConfig, where: Where) -> str:
         vault = merged(config, where.table("vault"))

@@ -25,6 +25,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import hvac
@@ -50,6 +52,17 @@ RENEW_FRACTION = 1 / 3
 #: the most the agent reads of an error answer to its own GET (only 200 characters are shown)
 ERROR_BODY_BYTES = 64 * 1024
 _CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One answer of :meth:`VaultConnection.exchange`."""
+
+    status: int
+    #: the answer's JSON object (None: no body, or not an object)
+    body: dict[str, Any] | None = field(repr=False)
+    #: Vault's ``Date`` header as Unix seconds (None when absent or unreadable)
+    date: float | None
 
 
 class VaultConnection:
@@ -181,6 +194,58 @@ class VaultConnection:
             finally:
                 response.close()  # after a whole read, back to the pool; else dropped
             return body if isinstance(body, dict) else {}
+
+    def exchange(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        accept: Collection[int] = (),
+    ) -> Exchange:
+        """``method /v1/{path}`` (a JSON ``body`` for writes) with the logged-in token, for a
+        call made inside :meth:`call`, through the same adapter as :meth:`get`, with Vault's
+        ``Date`` (the fleet store judges lifetimes by Vault's clock, DESIGN §13).
+
+        A 2xx answer, or one whose status is in ``accept`` (a 404 of a secret not written yet,
+        a 400 of a lost check-and-set), is returned with its JSON (None when it has none);
+        others raise hvac's exceptions, as :meth:`get` does. Answers are read up to
+        :data:`MAX_ANSWER_BYTES` (an error answer up to :data:`ERROR_BODY_BYTES`).
+        """
+        with self._lock:
+            assert self._raw is not None, "exchange() runs inside call()"
+            response = self._raw.request(
+                method,
+                f"/v1/{path}",
+                json=dict(body) if body is not None else None,
+                stream=True,
+                raise_exception=False,
+                timeout=self._auth.timeout,
+            )
+            try:
+                ok = 200 <= response.status_code < 300
+                if not ok and response.status_code not in accept:
+                    data, _ = _read_bounded(response, ERROR_BODY_BYTES)
+                    errors.raise_for_status(response.url, response, data)
+                data, whole = _read_bounded(response, MAX_ANSWER_BYTES if ok else ERROR_BODY_BYTES)
+                if not whole and ok:
+                    raise errors.too_large(self._auth, path)
+            finally:
+                response.close()
+            parsed: Any = None
+            if data.strip():
+                try:
+                    parsed = json.loads(data)
+                except (ValueError, RecursionError):
+                    if ok:
+                        raise errors.not_json(
+                            self._auth, path, response.headers.get("Content-Type"), self._secrets()
+                        ) from None
+            return Exchange(
+                status=response.status_code,
+                body=parsed if isinstance(parsed, dict) else None,
+                date=_http_date(response.headers.get("Date")),
+            )
 
     def _parse(self, path: str, response: requests.Response) -> Any:
         """The JSON of a 200 answer to :meth:`get`, read up to :data:`MAX_ANSWER_BYTES`."""
@@ -419,3 +484,14 @@ def _read_bounded(response: requests.Response, limit: int) -> tuple[bytes, bool]
         if len(body) > limit:
             return bytes(body[:limit]), False
     return bytes(body), True
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP ``Date`` (whole seconds) as Unix seconds; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None
