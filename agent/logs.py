@@ -29,6 +29,9 @@ FIELDS = (
     "reason",
     "retry_in",
     "path",
+    # fleet mode (DESIGN §13): the generation adopted or published, the lease holder (host:pid)
+    "generation",
+    "holder",
 )
 
 REDACTED = MASK

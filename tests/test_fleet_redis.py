@@ -101,6 +101,14 @@ def test_cold_mass_start_mints_once_and_a_rotation_once(tmp_path: Path, redis: R
             a.metric("dvs_agent_token_requests_total", 0.0, outcome="ok") or 0 for a in fleet.agents
         )
         assert asked == 1, "adoption is never counted as a token request"
+        # the JSON log lines carry the generation and the minter, for ops to follow
+        adopted = [
+            json.loads(line)
+            for line in fleet.logs().splitlines()
+            if '"event":"fleet_adopted"' in line
+        ]
+        assert len(adopted) == N - 1
+        assert {(a["generation"], a["holder"].count(":")) for a in adopted} == {(1, 1)}
         # the document holds the token (documented), never the client secret
         values = store_values(redis, prefix)
         assert any(first.encode() in v for v in values.values())
