@@ -504,13 +504,16 @@ class Fleet:
                 if not self._stopping.is_set():
                     self._mark(view, "busy", retry_after=exc.retry_after)
                 raise
+            finally:
+                if renewal is not None:
+                    renewal.stop()
+            self._role = "minter"
+            # published before the lease is released: an agent that takes the lease next
+            # finds the document, and does not ask again in between
+            return self._publish(view, credentials, fetched)
         finally:
-            if renewal is not None:
-                renewal.stop()
             if lease is not None:
                 self._release(keys, lease)
-        self._role = "minter"
-        return self._publish(view, credentials, fetched)
 
     def _publish(self, view: _View, credentials: Credentials, fetched: Fetched) -> Obtained:
         token = fetched.token
