@@ -123,6 +123,8 @@ class _Marker:
     strikes_busy: int = 0
     strikes_rejected: int = 0
     by: str = "?"
+    #: when it was written (the store's clock); None: not said
+    at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,10 +272,11 @@ class Fleet:
             view = self._read(keys)
         except FleetStoreError as exc:
             return self._alone(exc, credentials, reason, held, mint)
-        self._blocked(view)
+        # a good document is adopted even while a marker is up: adoption asks nothing
         shared = self._adoptable(view, reason, held)
         if shared is not None:
             return shared
+        self._blocked(view, held)
         return self._mint_or_wait(view, credentials, reason, held, mint)
 
     # ------------------------------------------------------------------ reading
@@ -325,6 +328,18 @@ class Fleet:
                 f"{self.store.name}: the fleet's token document fails the token checks "
                 f"({problem}); ignoring the store until it is replaced"
             )
+        try:
+            return self._doc_of(fields, snap, stored, local)
+        except (OverflowError, ValueError, TypeError, KeyError):
+            # signed by a holder of the secret, but with times no clock can hold
+            raise FleetStoreError(
+                f"{self.store.name}: the fleet's token document has times out of range; "
+                "ignoring the store until it is replaced"
+            ) from None
+
+    def _doc_of(
+        self, fields: dict[str, Any], snap: Snapshot, stored: Stored, local: datetime
+    ) -> _Doc:
         expires_store = float(fields["expires"])
         remaining = stored.remaining if stored.remaining is not None else expires_store - snap.now
         remaining = min(remaining, expires_store - snap.now)
@@ -350,26 +365,36 @@ class Fleet:
         )
 
     # ------------------------------------------------------------------ deciding
-    def _blocked(self, view: _View) -> None:
-        """Raise when the fleet's marker says to wait (no request is made)."""
+    def _blocked(self, view: _View, held: Token | None) -> None:
+        """Raise when the fleet's marker says to wait (no request is made). An agent without
+        a valid token waits no longer than a single agent would (DESIGN §10: 30 s after a 429,
+        ``rejected_first`` after a 401), whoever wrote the marker."""
         marker = view.marker
         if marker is None:
             return
-        if marker.rejected_until > view.now:
-            wait = marker.rejected_until - view.now
+        rejected_until, not_before = marker.rejected_until, marker.not_before
+        if marker.at is not None and (held is None or not held.is_valid(self._clock())):
+            t = self._timing
+            not_before = min(not_before, marker.at + t.retry_cap_expired.total_seconds())
+            rejected_until = min(
+                rejected_until,
+                marker.at + max(t.retry_cap_expired, t.rejected_first).total_seconds(),
+            )
+        if rejected_until > view.now:
+            wait = rejected_until - view.now
             raise FleetRejected(
                 f"the auth server rejected these credentials (401) when {marker.by} asked for "
                 f"the fleet; no agent of the fleet asks again before "
-                f"{rfc3339(self._wall(view.local_time(marker.rejected_until)))} (in "
+                f"{rfc3339(self._wall(view.local_time(rejected_until)))} (in "
                 f"{wait:.0f}s): fix the client secret in the source, or rotate it",
                 retry_after=wait,
             )
-        if marker.not_before > view.now:
-            wait = marker.not_before - view.now
+        if not_before > view.now:
+            wait = not_before - view.now
             raise FleetRateLimited(
                 f"the auth server asked the fleet to slow down (429 or failures seen by "
                 f"{marker.by}); no agent of the fleet asks again before "
-                f"{rfc3339(self._wall(view.local_time(marker.not_before)))} (in {wait:.0f}s)",
+                f"{rfc3339(self._wall(view.local_time(not_before)))} (in {wait:.0f}s)",
                 retry_after=wait,
             )
 
@@ -379,7 +404,7 @@ class Fleet:
             return None
         differs = held is None or held.access_token != doc.token.access_token
         if reason in ("refresh", "force"):
-            if differs:
+            if differs and doc.token.is_valid(self._clock()):
                 return self._adopt(doc)
             age = view.now - doc.published
             if 0 <= age < REFRESH_MINT_GAP:
@@ -450,17 +475,17 @@ class Fleet:
                     except FleetStoreError as exc:
                         self._release(keys, value)
                         return self._alone(exc, credentials, reason, held, mint)
-                    try:
-                        self._blocked(fresh)  # the holder before us may have met a 429 or 401
-                    except (FleetRejected, FleetRateLimited):
-                        self._release(keys, value)
-                        raise
                     if fresh.doc is not None and fresh.generation > seen:
                         shared = self._adoptable(fresh, reason, held)
                         if shared is not None:
                             self._release(keys, value)
                             return shared
-                    return self._mint(fresh, credentials, mint, lease=value)
+                    try:
+                        self._blocked(fresh, held)  # the holder before us may have met a 429 or 401
+                    except (FleetRejected, FleetRateLimited):
+                        self._release(keys, value)
+                        raise
+                    return self._mint(fresh, credentials, mint, held, lease=value)
                 self._metrics.fleet_lease(self.profile, "lost")
             elif view.lease_holder != holder_seen:
                 holder_seen = view.lease_holder
@@ -472,7 +497,7 @@ class Fleet:
                     self._patience.total_seconds(),
                     extra=self._extra("fleet_lease_stuck", holder=view.lease_holder),
                 )
-                return self._mint(view, credentials, mint, lease=None)
+                return self._mint(view, credentials, mint, held, lease=None)
             delay = POLL * (1 + self._rng.uniform(-POLL_JITTER, POLL_JITTER))
             if self._stopping.wait(delay):
                 raise AuthServerUnavailable("stopping while waiting for the fleet's token")
@@ -480,13 +505,19 @@ class Fleet:
                 view = self._read(keys)
             except FleetStoreError as exc:
                 return self._alone(exc, credentials, reason, held, mint)
-            self._blocked(view)
             if view.doc is not None and view.generation > seen:
                 return self._adopt(view.doc)
+            self._blocked(view, held)
             holder_seen = holder_seen if view.lease_holder is None else view.lease_holder
 
     def _mint(
-        self, view: _View, credentials: Credentials, mint: Mint, *, lease: bytes | None
+        self,
+        view: _View,
+        credentials: Credentials,
+        mint: Mint,
+        held: Token | None,
+        *,
+        lease: bytes | None,
     ) -> Obtained:
         """Ask as the lease holder (``lease``: our lease's value, renewed while the request
         runs; None: without the lease), then publish and release."""
@@ -497,12 +528,12 @@ class Fleet:
                 fetched = mint(credentials)
             except (RequestRejected, FleetRejected, FleetRateLimited):
                 raise
-            except CredentialsRejected:
-                self._mark(view, "rejected")
+            except CredentialsRejected as exc:
+                self._mark(view, exc, held)
                 raise
             except AuthServerUnavailable as exc:
                 if not self._stopping.is_set():
-                    self._mark(view, "busy", retry_after=exc.retry_after)
+                    self._mark(view, exc, held)
                 raise
             finally:
                 if renewal is not None:
@@ -581,34 +612,32 @@ class Fleet:
             )
         self._lease_holder = None
 
-    def _mark(self, view: _View, kind: Literal["busy", "rejected"], **given: Any) -> None:
-        """Publish that the fleet must wait: after a 401 (``rejected``) or a 429 or failure
-        (``busy``), for the backoff a single agent would wait, clamped to its cap."""
+    def _mark(
+        self, view: _View, error: CredentialsRejected | AuthServerUnavailable, held: Token | None
+    ) -> None:
+        """Publish that the fleet must wait after a 401 or a 429 or failure: the wait a
+        single agent in this one's place would wait (:func:`agent.policy.retry_delay`, with
+        the marker's strikes as its failures in a row), so the fleet asks once per backoff."""
         marker = view.marker or _Marker()
         now = view.store_time(self._clock())
-        t = self._timing
-        if kind == "rejected":
-            strikes = marker.strikes_rejected + 1
-            wait = policy.backoff(t.rejected_first, t.rejected_cap, strikes, self._rng)
-            fields = {
-                "not_before": marker.not_before,
-                "rejected_until": round(now + wait.total_seconds(), 3),
-                "strikes_busy": marker.strikes_busy,
-                "strikes_rejected": strikes,
-            }
-        else:
-            strikes = marker.strikes_busy + 1
-            wait = policy.backoff(t.retry_first, t.retry_cap, strikes, self._rng)
-            asked = given.get("retry_after")
-            if isinstance(asked, int | float):
-                asked = min(max(float(asked), 0.0), t.retry_cap.total_seconds())
-                wait = max(wait, timedelta(seconds=asked))
-            fields = {
-                "not_before": round(now + wait.total_seconds(), 3),
-                "rejected_until": marker.rejected_until,
-                "strikes_busy": strikes,
-                "strikes_rejected": marker.strikes_rejected,
-            }
+        rejected = isinstance(error, CredentialsRejected)
+        strikes = (marker.strikes_rejected if rejected else marker.strikes_busy) + 1
+        wait = policy.retry_delay(
+            self._timing,
+            now=self._clock(),
+            held=held,
+            failures=strikes,
+            error=error,
+            rng=self._rng,
+        )
+        until = round(now + wait.total_seconds(), 3)
+        fields = {
+            "not_before": marker.not_before if rejected else until,
+            "rejected_until": until if rejected else marker.rejected_until,
+            "strikes_busy": marker.strikes_busy if rejected else strikes,
+            "strikes_rejected": strikes if rejected else marker.strikes_rejected,
+            "at": round(now, 3),
+        }
         value = view.keys.sign("marker", {**fields, "by": self.holder})
         try:
             self.store.mark(view.keys.key, value, (wait + MARKER_MEMORY).total_seconds())
@@ -732,6 +761,7 @@ def _marker_of(fields: dict[str, Any], store: str) -> _Marker:
         strikes_busy=count("strikes_busy"),
         strikes_rejected=count("strikes_rejected"),
         by=str(fields.get("by", store))[:200],
+        at=number("at") if isinstance(fields.get("at"), int | float) else None,
     )
 
 
