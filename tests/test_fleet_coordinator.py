@@ -660,14 +660,36 @@ def test_a_holder_whose_lease_ran_out_adopts_the_newer_publish_instead_of_its_ow
     assert token_of(c.obtain("start")) == "agent-b-1" and c.mint.calls == 0
 
 
+def test_the_minter_publishes_before_it_releases_the_lease(
+    store: MemoryFleetStore, clock: Clock
+) -> None:
+    """An agent that takes the lease right after the minter finds its document (and does not
+    ask again in between)."""
+    a = make(store, clock, "agent-a")
+    at_publish: list[bytes | None] = []
+    a.store.before("publish", lambda: at_publish.append(store.entry(KEY, "lease")))
+    assert isinstance(a.obtain("start"), Minted)
+    assert at_publish[0] is not None
+    lease = KEYS.open("lease", at_publish[0])
+    assert lease is not None and lease["holder"] == "agent-a"
+    assert store.entry(KEY, "lease") is None and a.store.calls["release"] == 1
+
+
 def test_a_publish_that_loses_the_generation_race_adopts_the_winner(
     store: MemoryFleetStore, clock: Clock
 ) -> None:
     a, b = make(store, clock, "agent-a"), make(store, clock, "agent-b")
     results: list[Obtained] = []
-    a.store.before("publish", lambda: results.append(b.obtain("start")))
+
+    def meanwhile() -> None:
+        # between a's last read and its publish, a's lease runs out and b asks and publishes
+        clock.advance(LEASE.total_seconds() + 1)
+        results.append(b.obtain("start"))
+
+    a.store.before("publish", meanwhile)
     got = a.obtain("start")
     assert token_of(results[0]) == "agent-b-1"
+    assert b.stopping.delays == [] and b.metrics.leases == ["won"]
     assert isinstance(got, Shared) and token_of(got) == "agent-b-1"
     assert a.store.calls["publish"] == 1  # tried generation 1, which b took first
     assert opened(store, "token")["access_token"] == "agent-b-1"
