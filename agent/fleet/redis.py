@@ -18,7 +18,7 @@ from agent.config.checks import is_loopback
 from agent.config.values import Duration
 from agent.keypath import toml_repr
 from agent.plugin import BuildContext, FleetStoreKind, Where
-from agent.sinks.redis import MAX_TIMEOUT, parse_url
+from agent.sinks.redis import MAX_TIMEOUT, ca_cert_problems, parse_url
 
 if TYPE_CHECKING:
     from agent.fleet.redis_store import RedisFleetStore
@@ -53,6 +53,9 @@ class RedisFleetConfig(
     service_name: str | None = None
     #: Sentinel: connect to the sentinels and the master with TLS
     tls: bool = False
+    #: with TLS: a PEM bundle of the CA(s) that sign the servers' certificates; None: the
+    #: system store
+    ca_cert: str | None = None
     #: Redis Cluster: ``url`` names one node, the others are discovered
     cluster: bool = False
     #: an ACL user (needs password_file); None: the default user
@@ -138,6 +141,13 @@ class RedisFleetKind(FleetStoreKind[RedisFleetConfig]):
                 yield f"{where.at(user)}: a Redis user logs in with a password: set {password}"
         if (c.sentinel_username or c.sentinel_password_file) and not c.sentinels:
             yield f"{where.at('sentinel_password_file')}: only with sentinels"
+        url_tls = c.url is not None and c.url.lower().startswith("rediss:")
+        yield from ca_cert_problems(
+            c.ca_cert,
+            url_tls or (c.tls and bool(c.sentinels)),
+            where,
+            "rediss://, or tls = true with sentinels",
+        )
         if not c.key_prefix or any(ch in c.key_prefix for ch in "{}"):
             yield (
                 f"{where.at('key_prefix')}: must not be empty nor hold '{{' or '}}' (the fleet "

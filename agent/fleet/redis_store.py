@@ -41,7 +41,7 @@ from agent.fleet.redis import RedisFleetConfig, sentinel_address
 from agent.masking import outside
 from agent.plugin import Snapshot, Stored
 from agent.sinks.redis import Endpoint, parse_url
-from agent.stores.redis import password_from_file
+from agent.stores.redis import password_from_file, tls_options, tls_trust
 
 T = TypeVar("T")
 
@@ -232,11 +232,7 @@ class RedisFleetStore:
         if c.sentinels:
             from redis.sentinel import Sentinel
 
-            tls: dict[str, Any] = (
-                {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
-                if c.tls
-                else {}
-            )
+            tls: dict[str, Any] = tls_options(c.ca_cert) if c.tls else {}
             addresses = [sentinel_address(entry) for entry in c.sentinels]
             sentinel_kwargs: dict[str, Any] = {
                 "socket_timeout": self._timeout,
@@ -261,11 +257,7 @@ class RedisFleetStore:
         endpoint = self._endpoint
         if endpoint is None:
             raise FleetStoreError(f"{self._key}.url: {parse_url(str(c.url))}")
-        tls = (
-            {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
-            if endpoint.tls
-            else {}
-        )
+        tls = tls_options(c.ca_cert) if endpoint.tls else {}
         if c.cluster:
             from redis.cluster import RedisCluster
 
@@ -335,7 +327,7 @@ class RedisFleetStore:
             if "ssl" in said.lower() or "certificate" in said.lower():
                 return FleetStoreError(
                     f"TLS with {where} failed ({said}): its certificate must be valid for the "
-                    "host name and signed by a CA in the system store"
+                    f"host name and signed by {tls_trust(c.ca_cert, self._key)}"
                 )
             if c.sentinels:
                 return FleetStoreError(

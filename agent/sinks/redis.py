@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from agent.config.checks import env_var_problem, is_loopback, split_url
+from agent.config.checks import env_var_problem, is_loopback, readable_file_problem, split_url
 from agent.keypath import toml_repr
 from agent.plugin import BuildContext, SinkKind, Target, Where
 
@@ -56,6 +56,9 @@ class RedisSinkConfig(
     password_file: str | None = None
     #: a variable holding the password; or ``password_file``, not both
     password_env: str | None = None
+    #: rediss:// only: a PEM bundle of the CA(s) that sign the server's certificate; None:
+    #: the system store
+    ca_cert: str | None = None
 
     def resolved_key(self, profile: str) -> str:
         """``key``, else ``dvs-agent:<profile>:token``."""
@@ -127,6 +130,19 @@ def parse_url(url: str) -> Endpoint | str:
     )
 
 
+def ca_cert_problems(ca_cert: str | None, tls: bool, where: Where, how: str) -> Iterator[str]:
+    """What is wrong with a Redis ``ca_cert``: empty, unreadable, or set without TLS (``how``
+    names what turns TLS on)."""
+    if ca_cert is None:
+        return
+    if ca_cert == "":
+        yield f"{where.at('ca_cert')}: must not be empty (leave it out for the system CA store)"
+    elif not tls:
+        yield f"{where.at('ca_cert')}: only with TLS ({how})"
+    elif problem := readable_file_problem(ca_cert):
+        yield f"{where.at('ca_cert')}: {toml_repr(ca_cert)}: {problem}"
+
+
 class RedisKind(SinkKind[RedisSinkConfig]):
     name = "redis"
     config_type = RedisSinkConfig
@@ -162,6 +178,9 @@ class RedisKind(SinkKind[RedisSinkConfig]):
                 f"{where.at('username')}: a Redis user logs in with a password: set "
                 "password_file (a file holding it) or password_env (a variable holding it)"
             )
+        yield from ca_cert_problems(
+            sink.ca_cert, not isinstance(endpoint, str) and endpoint.tls, where, "rediss://"
+        )
 
     def describe(self, config: RedisSinkConfig, where: Where) -> str:
         return f"redis {config.url} key {config.resolved_key(where.profile)}"

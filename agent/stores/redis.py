@@ -62,6 +62,22 @@ return 1
 _WRITTEN, _NEWER_STORED, _SAME_STORED = 1, 0, 2
 
 
+def tls_options(ca_cert: str | None) -> dict[str, Any]:
+    """redis-py's TLS arguments: the server's certificate checked, for its host name, against
+    ``ca_cert`` (a PEM bundle) or the system store."""
+    options: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if ca_cert:
+        options["ssl_ca_certs"] = ca_cert
+    return options
+
+
+def tls_trust(ca_cert: str | None, config_key: str) -> str:
+    """Who must have signed the server's certificate, for a TLS error message."""
+    if ca_cert:
+        return f"a CA in {ca_cert} ({config_key}.ca_cert)"
+    return f"a CA in the system store (or set {config_key}.ca_cert to your CA's PEM file)"
+
+
 def password_from_file(path: str, name: str, error: type[AgentError]) -> str:
     """The Redis password in ``path`` (``name``: its config key), one trailing newline
     dropped; raises ``error`` saying what to fix."""
@@ -191,9 +207,7 @@ class RedisSink:
                     db=target.db,
                     username=s.username,
                     password=password,
-                    ssl=target.tls,
-                    ssl_cert_reqs="required",
-                    ssl_check_hostname=True,
+                    **(tls_options(s.ca_cert) if target.tls else {}),
                     socket_timeout=self._timeout,
                     socket_connect_timeout=self._timeout,
                     # one retry layer: the agent's (STYLE); redis-py retries 3 times by default
@@ -263,7 +277,7 @@ class RedisSink:
             if "ssl" in said.lower() or "certificate" in said.lower():
                 return SinkError(
                     f"TLS with {where} failed ({said}): its certificate must be valid for "
-                    f"{target.host} and signed by a CA in the system store"
+                    f"{target.host} and signed by {tls_trust(s.ca_cert, self._config_key)}"
                 )
             return SinkError(
                 f"cannot reach {where} ({said}): check {self._config_key}.url and that Redis runs"
