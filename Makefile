@@ -12,7 +12,7 @@ VENV_STAMP := $(VENV)/.venv-stamp
 RUN_STAMP := $(VENV)/.run-stamp
 DEV_STAMP := $(VENV)/.dev-stamp
 
-.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll system-deps man completions
+.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll bench-fleet system-deps man completions
 
 $(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "dvs-agent needs Python 3.11 or newer" or 0)'
@@ -81,6 +81,10 @@ bench-hostile: $(DEV_STAMP)
 
 bench-vault-poll: $(DEV_STAMP)
 	$(BIN)/python bench/vault_poll.py
+
+# N = 10, 50, 200 agent processes with fleet mode off and on (about 25 minutes; --quick: 2)
+bench-fleet: $(DEV_STAMP)
+	$(BIN)/python bench/fleet.py $(BENCH_FLEET_ARGS)
 
 # Generated from the argument parser (agent/cli.py build_parser), never edited by hand and not
 # committed: the .deb build installs them from here. `man -l build/man/dvs-agent.8` reads it;

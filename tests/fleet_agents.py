@@ -26,6 +26,9 @@ from tests.conftest import CLIENT_ID, REPO, agent_env, metric_samples
 #: health ports are taken below the ephemeral range (where the agents' own client sockets
 #: and free_port() live), so that two agents never race for one
 _PORTS = range(20000, 32000)
+#: every health port handed out in this test process: two fleets of one test (each with its own
+#: ``taken`` set) never get the same port before either agent has bound it
+_HANDED_OUT: set[int] = set()
 
 
 def health_port(taken: set[int]) -> int:
@@ -33,7 +36,7 @@ def health_port(taken: set[int]) -> int:
     rng = random.Random()
     for _ in range(1000):
         port = rng.choice(_PORTS)
-        if port in taken:
+        if port in taken or port in _HANDED_OUT:
             continue
         with socket.socket() as probe:
             try:
@@ -41,6 +44,7 @@ def health_port(taken: set[int]) -> int:
             except OSError:
                 continue
         taken.add(port)
+        _HANDED_OUT.add(port)
         return port
     raise RuntimeError("no free port below the ephemeral range")
 
