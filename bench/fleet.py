@@ -512,7 +512,9 @@ def report(runs: list[Run], args: argparse.Namespace, command: str, total_s: flo
     print(table(header, rows, right))
     print(
         "\ntargets: requests per lifetime 1 with fleet mode (N without); 0 429s at the cold "
-        f"start and the rotation; take-over ≤ lease + 1 s = {args.lease + 1:g} s"
+        f"start and the rotation; take-over ≤ lease + 1 s = {args.lease + 1:g} s. A token is in "
+        "use for one refresh period (it is replaced at half its life): requests per lifetime "
+        "are counted per refresh period"
     )
     print("\nper run:")
     for r in runs:
