@@ -12,7 +12,7 @@ VENV_STAMP := $(VENV)/.venv-stamp
 RUN_STAMP := $(VENV)/.run-stamp
 DEV_STAMP := $(VENV)/.dev-stamp
 
-.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll bench-fleet system-deps man completions
+.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll bench-fleet system-deps man completions deb
 
 $(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "dvs-agent needs Python 3.11 or newer" or 0)'
@@ -32,11 +32,11 @@ run: $(RUN_STAMP)
 	$(BIN)/dvs-agent dev
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check agent tests bench
-	$(BIN)/ruff format --check agent tests bench
+	$(BIN)/ruff check agent tests bench packaging
+	$(BIN)/ruff format --check agent tests bench packaging
 
 typecheck: $(DEV_STAMP)
-	$(BIN)/mypy agent
+	$(BIN)/mypy agent packaging/build-deb.py
 
 unit: $(DEV_STAMP)
 	$(BIN)/pytest
@@ -60,6 +60,14 @@ system-deps:
 	    { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }; \
 	    rc=$$?; [ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d; exit $$rc; \
 	  else echo "note: the Debian package redis-server is not installed: Redis TLS tests skip"; fi; \
+	fi
+	@# the .deb build and its tests (tests/test_deb.py): dpkg-dev, python3-venv, lintian
+	@if ! command -v dpkg-shlibdeps >/dev/null || ! command -v lintian >/dev/null || \
+	    ! /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q dpkg-dev python3-venv lintian >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q dpkg-dev python3-venv lintian >/dev/null; }; \
+	  else echo "note: dpkg-dev, python3-venv or lintian is not installed: the .deb tests skip"; fi; \
 	fi
 
 unit: system-deps
@@ -105,6 +113,12 @@ completions: $(DEV_STAMP)
 	  --output $(BUILD)/completions/dvs-agent.bash
 	$(BIN)/shtab --error-unimportable --prefix dvs_agent --shell zsh agent.cli.build_parser \
 	  --output $(BUILD)/completions/_dvs-agent
+
+# The Debian package, build/deb/dvs-agent_<version>_<arch>.deb: the agent in a venv of the system's
+# python3 under /opt/dvs-agent, the unit, the example config as /etc/dvs-agent/agent.toml, the man
+# page and completions (packaging/build-deb.py says what else; needs dpkg-dev and python3-venv).
+deb: man completions
+	$(BIN)/python packaging/build-deb.py --build $(BUILD)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
