@@ -142,9 +142,11 @@ class Installed:
         return Path(self.path(real))
 
     def shell(self, line: str, stdin: str = "") -> None:
-        """A README command as root, remapped: no sudo, the unit's group as the test gid."""
-        group = self.service["Group"][0]
-        line = line.replace("sudo ", "").replace(f"-g {group} ", f"-g {AGENT_GID} ")
+        """A README command as root, remapped: no sudo, the unit's user and group as the test
+        uid and gid."""
+        user, group = self.service["User"][0], self.service["Group"][0]
+        line = line.replace("sudo ", "").replace(f"-o {user} ", f"-o {AGENT_UID} ")
+        line = line.replace(f"-g {group} ", f"-g {AGENT_GID} ")
         subprocess.run(["bash", "-c", self.path(line)], input=stdin, text=True, check=True)
 
     def make_dirs(self) -> None:
@@ -314,9 +316,9 @@ class AgentRun:
 
 
 def assert_private(path: Path) -> None:
-    """root's file, group the agent's, 0640: as the README installs the credentials."""
+    """the agent's user's file, group root, 0400: as the README installs the credentials."""
     info = path.stat()
-    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, AGENT_GID, 0o640), (
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (AGENT_UID, 0, 0o400), (
         path,
         info.st_uid,
         info.st_gid,
@@ -406,11 +408,11 @@ def test_the_readme_and_the_unit_agree() -> None:
         assert f"Environment={var}={path}" in section
         line = next((line for line in commands(install) if line.split()[-1] == path), None)
         assert line is not None, f"the README's install does not create {path}"
-        assert f"install -m 0640 -o root -g {group} /dev/stdin {path}" in line
+        assert f"install -m 0400 -o {service['User'][0]} -g root /dev/stdin {path}" in line
     # the runbook replaces the unit's secret file through a temp file in the same directory
     secret = env["DVS_CLIENT_SECRET_FILE"]
     staged, replace, reload = commands(runbook_block())
-    assert f"install -m 0640 -o root -g {group} /dev/stdin {secret}.new" in staged
+    assert f"install -m 0400 -o {service['User'][0]} -g root /dev/stdin {secret}.new" in staged
     assert replace.split() == ["sudo", "mv", "-f", f"{secret}.new", secret]
     assert reload.split()[:4] == ["sudo", "systemctl", "reload", "dvs-agent"]
     # LoadCredential=: one credential per variable, named as the file %d/NAME the variable names
@@ -436,7 +438,7 @@ def test_the_credential_files_are_the_agents_to_read_and_nobody_elses(
     for real in env.values():
         path = installed.local(real)
         assert_private(path)
-        # the agent's user reads it through its group ...
+        # the agent's user reads it ...
         agent = as_user(AGENT_UID, AGENT_GID, "cat", str(path))
         assert agent.returncode == 0, agent.stderr
         assert agent.stdout.rstrip("\n") in (CLIENT_ID, CLIENT_SECRET)
@@ -449,6 +451,9 @@ def test_the_credential_files_are_the_agents_to_read_and_nobody_elses(
         other = as_user(OTHER_UID, OTHER_GID, "cat", str(path))
         assert other.returncode != 0 and "Permission denied" in other.stderr, other
         assert CLIENT_SECRET not in other.stdout
+        # nor does a consumer, a member of the agent's group (it reads the token, never this)
+        consumer = as_user(OTHER_UID, AGENT_GID, "cat", str(path))
+        assert consumer.returncode != 0 and "Permission denied" in consumer.stderr, consumer
 
 
 def test_the_installed_agent_rotates_by_polling(installed: Installed) -> None:
@@ -466,7 +471,7 @@ def test_the_installed_agent_rotates_by_polling(installed: Installed) -> None:
     assert wait_for(lambda: installed.secret_of_token() == NEW_SECRET, 10), agent.output()
     assert time.monotonic() - rotated < 6  # poll_interval 1 s, generous for a shared machine
     assert "rotation detected" in agent.output()
-    assert_private(installed.local(f"{ETC}/client_secret"))  # still root's, 0640
+    assert_private(installed.local(f"{ETC}/client_secret"))  # still the agent's, 0400
     assert NEW_SECRET not in agent.output() and CLIENT_SECRET not in agent.output()
     assert agent.stop() == 0
 
