@@ -1371,6 +1371,7 @@ def test_each_write_back_sink_type_decodes_with_defaults() -> None:
         "username": None,
         "password_file": None,
         "password_env": None,
+        "ca_cert": None,
     }
     assert redis == RedisSinkConfig()
     assert DEFAULT_REDIS_URL == "redis://127.0.0.1:6379/0"
