@@ -9,9 +9,9 @@ the directory. A reader sees the old content or the new, never part, even after 
 full disk (the temp is removed on any failure and the old file left as it was).
 
 Temp files are named ``.<basename>.dvs-agent.<16 hex>.tmp``: the writer's pid in 8 hex digits,
-then 8 random ones. :func:`stale_temps` finds those a kill -9 left behind, never this
-process's own (a write in flight: a reload checks a rebuilt sink while another profile's
-refresh may be writing, DESIGN §10).
+then 8 random ones. :func:`stale_temps` finds those a kill -9 left behind, never one of a live
+process (a write in flight: a reload checks a rebuilt sink while another profile's refresh may
+be writing, DESIGN §10; ``check --connect`` prepares the state directory of a running daemon).
 """
 
 from __future__ import annotations
@@ -73,6 +73,25 @@ def unlink_quietly(path: Path) -> None:
 def own_temp_prefix() -> str:
     """The start of this process's temp names: its pid in 8 hex digits (of the 16)."""
     return f"{os.getpid() & 0xFFFFFFFF:08x}"
+
+
+def _writer_alive(pid_hex: str) -> bool:
+    """Whether the process whose pid a temp name holds (8 hex digits) still runs: its temp may
+    be a write in flight. A pid reused since keeps a stale temp a while longer, never worse."""
+    pid = int(pid_hex, 16)
+    if pid == os.getpid() & 0xFFFFFFFF:
+        return True
+    if pid <= 0:  # kill(0) would signal our own process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another uid
+        return True
+    except OverflowError:
+        return False
+    return True
 
 
 def temp_pattern(basename: str | None = None) -> re.Pattern[str]:
@@ -152,9 +171,8 @@ def _set_attributes(fd: int, mode: int, uid: int, gid: int) -> None:
 def stale_temps(directory: Path, basename: str | None = None) -> list[Path]:
     """The temp files of :func:`atomic_write` (for ``basename``; None: for any file, and those
     of earlier releases) that a kill -9 left in ``directory``: regular files only, never one
-    of this process (a write in flight). Raises the OSError of listing the directory."""
+    of a live process (a write in flight). Raises the OSError of listing the directory."""
     pattern = temp_pattern(basename)
-    ours = own_temp_prefix()
     found = []
     with os.scandir(directory) as entries:
         for entry in entries:
@@ -162,7 +180,7 @@ def stale_temps(directory: Path, basename: str | None = None) -> list[Path]:
                 continue
             if pattern.fullmatch(entry.name):
                 hex_part = entry.name[: -len(TEMP_SUFFIX)][-_TEMP_HEX:]
-                if not hex_part.startswith(ours):
+                if not _writer_alive(hex_part[: len(own_temp_prefix())]):
                     found.append(Path(entry.path))
             elif basename is None and _LEGACY_TEMP.fullmatch(entry.name):
                 found.append(Path(entry.path))

@@ -7,7 +7,10 @@ import errno
 import logging
 import os
 import re
+import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import SinkError
-from agent.fsutil import NotDurable, atomic_write
+from agent.fsutil import NotDurable, atomic_write, remove_stale_temps, stale_temps
 from agent.models import Secret, Token
 from agent.state import StateStore
 from tests.conftest import file_sink
@@ -153,18 +156,69 @@ def test_the_state_store_keeps_this_process_temp_files_and_removes_stale_ones(
     state.mkdir(mode=0o700)
     ours = f".p.json.dvs-agent.{OWN}c0ffee00.tmp"
     stale = [
-        ".p.json.dvs-agent.00000001deadbeef.tmp",
+        ".p.json.dvs-agent.7fffffffdeadbeef.tmp",  # no such pid (above any pid_max)
         ".p.json.0123456789ab.tmp",
         ".key.a1b2c3d4e5f6.tmp",
     ]
     kept = [ours, "notes.tmp", ".p.json.dvs-agent.xyz.tmp"]
     for name in stale + kept:
         (state / name).write_bytes(b"partial")
-    (state / ".q.json.dvs-agent.00000001feedface.tmp").mkdir()  # not a file: left alone
+    (state / ".q.json.dvs-agent.7ffffffffeedface.tmp").mkdir()  # not a file: left alone
     with caplog.at_level(logging.INFO):
         StateStore(state).prepare()
     names = set(os.listdir(state))
     assert names.isdisjoint(stale)
     assert set(kept) <= names
-    assert ".q.json.dvs-agent.00000001feedface.tmp" in names
+    assert ".q.json.dvs-agent.7ffffffffeedface.tmp" in names
     assert sum("removed stale temp file" in r.getMessage() for r in caplog.records) == 3
+
+
+def _temp_of(pid: int, basename: str = "p.json") -> str:
+    return f".{basename}.dvs-agent.{pid & 0xFFFFFFFF:08x}0badf00d.tmp"
+
+
+def test_a_temp_of_another_live_process_is_kept_and_removed_once_it_is_gone(
+    tmp_path: Path,
+) -> None:
+    """``check --connect`` prepares the state directory beside a running daemon: the daemon's
+    write in flight (its pid in the temp name) is kept; once that process is gone the temp is
+    stale and removed. A pid of 0 is never taken for a live process (kill(0) signals a group)."""
+    writer = subprocess.Popen(["sleep", "60"])
+    try:
+        live = _temp_of(writer.pid)
+        (tmp_path / live).write_bytes(b"partial")
+        (tmp_path / _temp_of(0)).write_bytes(b"partial")
+        assert stale_temps(tmp_path) == [tmp_path / _temp_of(0)]
+        assert remove_stale_temps(tmp_path) == [tmp_path / _temp_of(0)]
+        assert (tmp_path / live).exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert remove_stale_temps(tmp_path) == [tmp_path / live]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+def test_a_temp_of_a_live_process_under_another_uid_is_kept(shared_dir: Path) -> None:
+    """A process of another uid answers kill(pid, 0) with EPERM: it is alive, its temp kept."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): cannot drop privileges")
+    tmp_path = shared_dir  # traversable and readable by the unprivileged lister
+    (tmp_path / _temp_of(os.getpid())).write_bytes(b"partial")  # this root process's
+    dead = _temp_of(0x7FFFFFFF)
+    (tmp_path / dead).write_bytes(b"partial")
+    script = (
+        "import sys; from pathlib import Path; from agent.fsutil import stale_temps; "
+        "print([p.name for p in stale_temps(Path(sys.argv[1]))])"
+    )
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+    run = subprocess.run(
+        [*argv, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == repr([dead])

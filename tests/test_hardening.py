@@ -292,7 +292,7 @@ def test_a_check_of_a_sink_never_removes_this_process_temp_files(tmp_path: Path)
     sink = file_sink(tmp_path / "token")
     sink.check()
     ours = tmp_path / f".token.dvs-agent.{os.getpid() & 0xFFFFFFFF:08x}00c0ffee.tmp"
-    stale = tmp_path / ".token.dvs-agent.00000001deadbeef.tmp"  # pid 1's: not ours
+    stale = tmp_path / ".token.dvs-agent.7fffffffdeadbeef.tmp"  # no such pid: a kill -9's
     ours.write_text("in flight")
     stale.write_text("left by a kill -9")
     sink.check()
