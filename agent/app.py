@@ -41,6 +41,7 @@ from agent.reload import (
     Action,
     AddProfile,
     ChangeProfile,
+    ChangeProxy,
     NeedsRestart,
     RemoveProfile,
     Retrigger,
@@ -56,6 +57,7 @@ from agent.wiring import build_profile, checked
 if TYPE_CHECKING:
     from agent.health import HealthServer, ProfileStatus, RefreshAnswer
     from agent.metrics import Metrics
+    from agent.proxy.service import ProxyService
     from agent.schedule import RefreshScheduler
 
 #: SIGTERM/SIGINT: stop within this long, whatever is in flight (files are replaced atomically)
@@ -117,6 +119,9 @@ class Agent:
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._listeners: list[RotationListener] = []
         self._health: HealthServer | None = None
+        #: the local proxies (DESIGN §14); None while no profile has one
+        self._proxy: ProxyService | None = None
+        self._refresh_lock = threading.Lock()
         self._last_refresh_request: dict[str, float] = {}
         #: when each profile runs next after its first attempt (see _start_first_attempts)
         self._first_runs: dict[str, datetime] = {}
@@ -299,6 +304,7 @@ class Agent:
         self.prepare()
         with signals_to_main_thread():
             self._start_health()
+            self._start_proxies()
             self._start_first_attempts()
 
     def _check_fixed_credentials(self) -> None:
@@ -463,6 +469,8 @@ class Agent:
             self._scheduler.trigger(profile, Reason.EVENT)
 
     def _on_outcome(self, profile: Profile, reason: Reason, outcome: Outcome) -> None:
+        if self._proxy is not None:
+            self._proxy.refreshed(profile.name)  # a 401 replay may wait for it
         self._first_done.add(profile.name)
         self._check_ready()
         self._arm_expiry()
@@ -528,6 +536,53 @@ class Agent:
             ) from None
         self._health.start()
 
+    # --------------------------------------------------------------------- proxy
+    def _start_proxies(self) -> None:
+        """Each profile's local proxy (DESIGN §14); aiohttp is imported only when one is set."""
+        from agent.proxy.settings import specs_of
+
+        specs = specs_of(self.config.profiles)
+        if not specs:
+            return
+        from agent.proxy.service import ProxyListenError, ProxyService
+        from agent.proxy.tokens import ProfileTokens
+
+        service = ProxyService(
+            ProfileTokens(lambda: self.profiles, clock=self._clock, renew=self._proxy_renew),
+            tls=self._tls,
+            metrics=self.metrics,
+            logger=logging.getLogger("agent.proxy"),
+        )
+        try:
+            service.start(specs)
+        except ProxyListenError as exc:
+            raise ListenError(str(exc)) from None
+        self._proxy = service
+
+    def _apply_proxies(self) -> None:
+        """A reload: the proxies of the config now running (started, restarted, stopped)."""
+        from agent.proxy.settings import specs_of
+
+        specs = specs_of(self.config.profiles)
+        if self._proxy is not None:
+            self._proxy.apply(specs)
+            return
+        if specs:
+            try:
+                with signals_to_main_thread():
+                    self._start_proxies()
+            except ListenError as exc:
+                self._log.error("%s", exc, extra={"event": "reload_failed"})
+
+    def _proxy_renew(self, name: str) -> bool:
+        """A proxy got 401 from its upstream: refresh now, within refresh's rate limit."""
+        if self._scheduler is None or self._stopping.is_set():
+            return False
+        try:
+            return self.refresh_request(name).accepted
+        except KeyError:
+            return False
+
     def _wall_now(self) -> datetime:
         """Now as the wall clock shows it (what /readyz compares the shown times with)."""
         return to_wall(self._clock, self._clock())
@@ -559,12 +614,16 @@ class Agent:
 
     def refresh_request(self, name: str | None) -> RefreshAnswer:
         """``dvs-agent refresh``: re-auth now, at most once per REFRESH_INTERVAL per profile."""
-        from agent.health import RefreshAnswer
-
         names = list(self.profiles) if name is None else [name]
         for each in names:
             if each not in self.profiles:
                 raise KeyError(each)
+        with self._refresh_lock:  # the health server's threads and the proxy's loop ask
+            return self._refresh_now(names)
+
+    def _refresh_now(self, names: list[str]) -> RefreshAnswer:
+        from agent.health import RefreshAnswer
+
         now = time.monotonic()
         waits = [
             self._last_refresh_request.get(each, -REFRESH_INTERVAL) + REFRESH_INTERVAL - now
@@ -586,14 +645,17 @@ class Agent:
         self._log.info("stopping; token files are left in place", extra={"event": "stopping"})
         self._systemd.stopping()
         self._stopping.set()
+        deadline = time.monotonic() + STOP_DEADLINE_SECONDS
+        drain = self._drain_proxies(STOP_DEADLINE_SECONDS)
         self._stop_listeners()
         if self._health is not None:
             self._health.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown()
-        deadline = time.monotonic() + STOP_DEADLINE_SECONDS
         while self._busy() and time.monotonic() < deadline:
             time.sleep(0.05)
+        if drain is not None:
+            drain.join(max(0.0, deadline - time.monotonic()) + 2.0)
         clean = not self._busy()
         if clean:  # closing a client that a stuck thread still uses could block
             self.close()
@@ -601,6 +663,19 @@ class Agent:
             for profile in self.profiles.values():
                 profile.stop_local()
         return RunResult(EX_OK, clean)
+
+    def _drain_proxies(self, timeout: float) -> threading.Thread | None:
+        """The proxies stop listening and drain their requests within ``timeout``, beside the
+        rest of the stop (one deadline for both)."""
+        proxy = self._proxy
+        if proxy is None:
+            return None
+        with signals_to_main_thread():
+            thread = threading.Thread(
+                target=proxy.stop, args=(timeout,), name="dvs-proxy-stop", daemon=True
+            )
+            thread.start()
+        return thread
 
     def _busy(self) -> bool:
         """A refresh (or a first attempt) is still running."""
@@ -666,6 +741,9 @@ class Agent:
                 case Retrigger(name):
                     self._scheduler.trigger(name, Reason.SIGHUP)
                     applied[name] = old.profiles[name]
+                case ChangeProxy(name, pc):
+                    self._scheduler.trigger(name, Reason.SIGHUP)
+                    applied[name] = pc
                 case AddProfile(name, pc) | ChangeProfile(name, pc):
                     if self._rebuild(name, pc):
                         applied[name] = pc
@@ -674,6 +752,7 @@ class Agent:
         if new == old:
             return
         self.config = msgspec.structs.replace(new, profiles=applied)
+        self._apply_proxies()
         self._stop_listeners()
         with signals_to_main_thread():
             self._start_listeners()

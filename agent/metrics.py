@@ -28,6 +28,8 @@ STATES: tuple[str, ...] = tuple(state.value for state in State)
 #: from a token served from a local test server (~5 ms) to retries and backoff inside one
 #: refresh (tens of seconds)
 REFRESH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+#: the local proxy's added latency: well under a millisecond when healthy
+PROXY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 _Series = tuple[MetricWrapperBase, tuple[str, ...]]
 
@@ -138,6 +140,27 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._proxy_requests = Counter(
+            "dvs_agent_proxy_requests",
+            "Local proxy: requests answered, by status (499: the client went away first)",
+            ["profile", "status"],
+            registry=self.registry,
+        )
+        self._proxy_added = Histogram(
+            "dvs_agent_proxy_added_seconds",
+            "Local proxy: the time it adds to a request before the answer starts (the whole "
+            "time minus the upstream's)",
+            ["profile"],
+            buckets=PROXY_BUCKETS,
+            registry=self.registry,
+        )
+        self._proxy_replays = Counter(
+            "dvs_agent_proxy_replays",
+            "Local proxy: requests replayed once with a renewed token after a 401",
+            ["profile"],
+            registry=self.registry,
+        )
+
     # ------------------------------------------------------------------------------- counters
 
     def token_request(self, profile: str, outcome: str) -> None:
@@ -234,6 +257,19 @@ class Metrics:
         with self._lock:
             self._track(self._fleet_store_up, profile)
             self._fleet_store_up.labels(profile).set(1 if up else 0)
+
+    def proxy_request(self, profile: str, status: int) -> None:
+        with self._lock:
+            self._counter(self._proxy_requests, profile, str(status)).inc()
+
+    def proxy_added(self, profile: str, seconds: float) -> None:
+        with self._lock:
+            self._track(self._proxy_added, profile)
+            self._proxy_added.labels(profile).observe(seconds)
+
+    def proxy_replay(self, profile: str) -> None:
+        with self._lock:
+            self._counter(self._proxy_replays, profile).inc()
 
     # ------------------------------------------------------------------------------ lifecycle
 

@@ -74,6 +74,15 @@ class ChangeProfile:
 
 
 @dataclass(frozen=True, slots=True)
+class ChangeProxy:
+    """Only a profile's ``[proxy]`` table changed: its listener restarts with the new settings,
+    the profile keeps its token (and re-reads its credentials, as at any SIGHUP)."""
+
+    name: str
+    config: ProfileConfig
+
+
+@dataclass(frozen=True, slots=True)
 class Retrigger:
     """A profile whose settings did not change: re-read its credentials now (coalesced)."""
 
@@ -87,6 +96,7 @@ Action = (
     | RemoveProfile
     | AddProfile
     | ChangeProfile
+    | ChangeProxy
     | Retrigger
 )
 
@@ -141,5 +151,9 @@ def diff(running: Config, new: Config) -> list[Action]:
         elif _same(before, pc):
             actions.append(Retrigger(name))
         else:
-            actions.append(ChangeProfile(name, pc, changed_keys(before, pc)))
+            changed = changed_keys(before, pc)
+            if changed == ("proxy",):
+                actions.append(ChangeProxy(name, pc))
+            else:
+                actions.append(ChangeProfile(name, pc, changed))
     return actions

@@ -493,8 +493,9 @@ def test_no_profiles(text: str) -> None:
 
 def test_no_sinks_key() -> None:
     message = error_of('[profiles.dvs]\nenvironment = "sandbox"\n')
-    assert "profiles.dvs.sinks: required" in message
+    assert "profiles.dvs.sinks: at least one sink is required" in message
     assert "[[profiles.dvs.sinks]]" in message
+    assert "[profiles.dvs.proxy]" in message
 
 
 def test_empty_sinks() -> None:

@@ -25,7 +25,7 @@ from agent.config.schema import (
     ProfileConfig,
     RotationConfig,
 )
-from agent.config.values import Duration, FileMode, parse_duration
+from agent.config.values import Duration, FileMode, Size, parse_duration, parse_size
 
 __all__ = [
     "CONFIG_PATH_ENV",
@@ -39,11 +39,13 @@ __all__ = [
     "HealthSection",
     "ProfileConfig",
     "RotationConfig",
+    "Size",
     "config_file_warnings",
     "fleet_store_name",
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_size",
     "resolve_config_path",
     "sink_kind_name",
 ]

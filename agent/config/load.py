@@ -33,6 +33,7 @@ from agent.config.values import dec_hook, parse_listen
 from agent.errors import ConfigError
 from agent.keypath import Segment, key_path, listing, toml_repr
 from agent.plugin import Target, Where
+from agent.proxy.settings import proxy_problems
 
 if TYPE_CHECKING:
     from agent.registry import Registry, Role
@@ -426,5 +427,10 @@ def _check_profile(name: str, profile: ProfileConfig, supported: str) -> Iterato
     poll = profile.rotation.poll_interval
     if timedelta(0) < poll < timedelta(seconds=1):
         yield f"{key('rotation', 'poll_interval')}: must be 0 (no polling) or at least 1s"
-    if not profile.sinks:
-        yield f"{key('sinks')}: at least one sink is required: add a [[{key('sinks')}]] table"
+    if not profile.sinks and profile.proxy is None:
+        yield (
+            f"{key('sinks')}: at least one sink is required: add a [[{key('sinks')}]] table "
+            f"(or a [{key('proxy')}] for consumers that use the local proxy)"
+        )
+    if profile.proxy is not None:
+        yield from proxy_problems(name, profile.proxy, key("proxy"))

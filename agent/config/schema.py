@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, cast
 import msgspec
 
 from agent.config.values import Duration, parse_listen
+from agent.proxy.settings import ProxyConfig
 
 if TYPE_CHECKING:
     from agent.plugin import FleetStoreKind, SinkKind, SourceKind
@@ -89,10 +90,12 @@ class ProfileConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: fallback order: the first source that yields credentials wins (names of source kinds)
     sources: list[str] = msgspec.field(default_factory=lambda: ["env"])
     rotation: RotationConfig = msgspec.field(default_factory=RotationConfig)
-    #: at least one; each a sink kind's Struct (required in the built schema)
+    #: at least one unless the profile has a proxy; each a sink kind's Struct
     sinks: list[Any] = msgspec.field(default_factory=list)
     #: ``[profiles.NAME.fleet]``: a fleet store kind's Struct (DESIGN §13); None: no fleet mode
     fleet: Any = None
+    #: ``[profiles.NAME.proxy]``: the local bearer proxy (DESIGN §14); None: no proxy
+    proxy: ProxyConfig | None = None
 
     @property
     def resolved_token_url(self) -> str:
@@ -164,7 +167,8 @@ def build_schema(
         else:
             fields.append((kind.name, kind.config_type | None, None))
     members = tuple(kind.config_type for kind in sinks)
-    fields.append(("sinks", list[Union[members]]))  # type: ignore[valid-type]  # noqa: UP007
+    sink_list: Any = list[Union[members]]  # type: ignore[valid-type]  # noqa: UP007
+    fields.append(("sinks", sink_list, msgspec.field(default_factory=list)))
     if fleets:
         stores = tuple(kind.config_type for kind in fleets)
         fleet_type: Any = Union[stores]  # noqa: UP007

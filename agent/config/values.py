@@ -1,4 +1,4 @@
-"""The config's own value types: durations, file modes, ``HOST:PORT`` (DESIGN §3).
+"""The config's own value types: durations, sizes, file modes, ``HOST:PORT`` (DESIGN §3).
 
 Every duration field of the schema is a :class:`Duration` and every mode a :class:`FileMode`, so
 that msgspec hands their values to :func:`dec_hook` (msgspec's own ``timedelta`` accepts
@@ -31,6 +31,10 @@ _DURATION_HINT = 'use seconds (30) or a number with a unit: "500ms", "30s", "5m"
 
 _OCTAL_RE = re.compile(r"(?:0o)?[0-7]+")
 
+_SIZE_RE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?")
+_SIZE_UNITS = MappingProxyType({"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30})
+_SIZE_HINT = 'use a number of bytes (1048576) or one with a unit: "512KiB", "10MiB", "1GiB"'
+
 
 class Duration(timedelta):
     """A ``timedelta`` read from the config with :func:`parse_duration`.
@@ -50,6 +54,30 @@ class FileMode(int):
 
     def __repr__(self) -> str:
         return f"0o{int(self):03o}"
+
+
+class Size(int):
+    """A number of bytes read from the config with :func:`parse_size`."""
+
+    __slots__ = ()
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer (``1048576``) or a string with a binary unit (``"10MiB"``).
+
+    Units: ``B``, ``KiB``, ``MiB``, ``GiB`` (powers of 1024; ``"10MB"`` is refused rather than
+    guessed). Negative values, fractions and booleans raise :class:`ValueError`.
+    """
+    shown = _toml_repr(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"invalid size {shown}: must not be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip())
+        if match:
+            return int(match[1]) * _SIZE_UNITS[match[2] or "B"]
+    raise ValueError(f"invalid size {shown}: {_SIZE_HINT}")
 
 
 def parse_duration(value: object) -> timedelta:
@@ -130,6 +158,8 @@ def dec_hook(type_: type, obj: Any) -> Any:
         return Duration(microseconds=_duration_microseconds(obj))
     if type_ is FileMode:
         return FileMode(_parse_mode(obj))
+    if type_ is Size:
+        return Size(parse_size(obj))
     raise NotImplementedError(f"no decoder for {type_!r}")
 
 
