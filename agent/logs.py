@@ -32,6 +32,9 @@ FIELDS = (
     # fleet mode (DESIGN §13): the generation adopted or published, the lease holder (host:pid)
     "generation",
     "holder",
+    # the local proxy's access log (DESIGN §14): never a header value, the query or a body
+    "method",
+    "duration_ms",
 )
 
 REDACTED = MASK

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -505,7 +506,8 @@ def upstream_failure(exc: BaseException, spec: ProxySpec, timeout: float) -> tup
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return 502, f"cannot resolve the upstream's host ({where}): check upstream and DNS"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        cause = exc.os_error.strerror or type(exc.os_error).__name__
+        error = exc.os_error
+        cause = os.strerror(error.errno) if error.errno else type(error).__name__
         return 502, f"cannot connect to the upstream {where}: {cause}"
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return 504, f"the upstream {where} did not answer within request_timeout ({timeout:g}s)"
