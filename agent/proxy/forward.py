@@ -61,6 +61,9 @@ _REPLACED = frozenset({"host", "authorization", "expect"})
 _HELD_401_LIMIT = 64 * 1024
 #: the most a request waits for the profile's renewal after a 401
 RENEW_WAIT_SECONDS = 30.0
+#: after a replay that still got 401: no renewal for this long, doubling up to the maximum
+FUTILE_PAUSE_FIRST = 10.0
+FUTILE_PAUSE_MAX = 300.0
 _CHUNK = 64 * 1024
 
 
@@ -165,6 +168,11 @@ class Forwarder:
         self._renewal: asyncio.Future[None] | None = None
         self._outcome_waiters: list[asyncio.Future[None]] = []
         self.in_flight = 0
+        #: replays with a renewed token that still got 401, in a row: the upstream refuses
+        #: the profile's tokens for another reason, so 401s stop renewing until _calm_until
+        self._futile = 0
+        self._futile_token: str | None = None
+        self._calm_until = 0.0
 
     @staticmethod
     def _allowed_hosts(listen: Listen) -> frozenset[str] | None:
@@ -373,6 +381,7 @@ class Forwarder:
                     except Exception as exc:
                         return self._failed(exc)
                     upstream_wait += time.monotonic() - upstream_started
+                    self._judge_replay(replay, answer.status)
             return await self._relay(request, answer, started, upstream_wait)
         finally:
             answer.release()
@@ -421,6 +430,8 @@ class Forwarder:
         current = self._tokens.current(self.spec.profile)
         if current is not None and current.access_token != used.access_token:
             return current
+        if time.monotonic() < self._calm_until:
+            return None  # renewing did not help the last time(s): the 401 goes back
         if self._renewal is None:
             self._renewal = asyncio.ensure_future(self._renew())
         try:
@@ -432,6 +443,29 @@ class Forwarder:
         if current is not None and current.access_token != used.access_token:
             return current
         return None
+
+    def _judge_replay(self, token: Token, status: int) -> None:
+        """After a replay: a 401 again with a renewed token means fresher tokens do not help
+        (a scope or permission the upstream wants, the wrong upstream): 401s go back without
+        a renewal for 10 s, doubling to 5 minutes while it lasts, so that a refusing API
+        cannot make the agent ask the auth server for a token every few seconds."""
+        if status != 401:
+            self._futile, self._futile_token = 0, None
+            return
+        value = token.access_token.reveal()
+        if value == self._futile_token:
+            return  # the concurrent replays of one renewal count once
+        self._futile_token = value
+        self._futile += 1
+        pause = min(FUTILE_PAUSE_MAX, FUTILE_PAUSE_FIRST * 2 ** (self._futile - 1))
+        self._calm_until = time.monotonic() + pause
+        self._log.warning(
+            "the upstream answered 401 again to a replay with a renewed token: it refuses the "
+            "profile's tokens for another reason (their scope or permissions, or upstream is "
+            "the wrong API); 401s go back to the clients without a renewal for %ds",
+            pause,
+            extra={"profile": self.spec.profile, "event": "proxy_401_futile"},
+        )
 
     async def _renew(self) -> None:
         try:
