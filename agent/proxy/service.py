@@ -173,7 +173,7 @@ class ProxyService:
             ),
             auto_decompress=False,
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            trust_env=False,
+            trust_env=True,  # HTTPS_PROXY/NO_PROXY, as the token requests honour them
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         forwarder = Forwarder(
