@@ -1,0 +1,228 @@
+"""The proxy service in-process, with a scripted profile (:class:`Tokens`) in place of the
+agent's: the renewal's single flight and rate limit, the pause after futile replays, drains,
+reloads, and what a listener that cannot start does."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from agent.config.values import dec_hook
+from agent.models import Secret, Token
+from agent.oauth import TlsContexts
+from agent.proxy.service import ProxyListenError, ProxyService
+from agent.proxy.settings import Listen, ProxyConfig, ProxySpec
+from tests.api_server import ApiServer
+from tests.servers import free_port
+
+
+def _token(value: str) -> Token:
+    now = datetime.now(UTC)
+    return Token(
+        access_token=Secret(value),
+        token_type="bearer",
+        expires_in=3600,
+        obtained_at=now,
+        expires_at=now + timedelta(hours=1),
+    )
+
+
+class Scripted:
+    """A profile whose renewals mint ``t1``, ``t2``, ... (each accepted by the upstream)."""
+
+    def __init__(self, api: ApiServer, *, mint: bool = True, allow: bool = True) -> None:
+        self.api = api
+        self.mint = mint
+        self.allow = allow
+        self.renewals = 0
+        self.held: Token | None = self._new()
+        self.service: ProxyService | None = None
+
+    def _new(self) -> Token:
+        value = f"t{self.renewals}"
+        self.api.accept(value)
+        return _token(value)
+
+    def current(self, profile: str) -> Token | None:
+        return self.held
+
+    def standing(self, profile: str) -> tuple[str, str | None]:
+        return ("ok", None) if self.held else ("starting", None)
+
+    def renew(self, profile: str) -> bool:
+        if not self.allow:
+            return False
+        self.renewals += 1
+
+        def later() -> None:  # the refresh runs on another thread, its end is reported
+            time.sleep(0.2)
+            if self.mint:
+                self.held = self._new()
+            assert self.service is not None
+            self.service.refreshed(profile)
+
+        threading.Thread(target=later, daemon=True).start()
+        return True
+
+
+@pytest.fixture
+def api() -> Iterator[ApiServer]:
+    with ApiServer() as upstream:
+        yield upstream
+
+
+def _spec(api: ApiServer, **keys: object) -> tuple[ProxySpec, str]:
+    port = free_port()
+    config = msgspec.convert(
+        {"listen": f"127.0.0.1:{port}", "allow_tcp": True, **keys},
+        ProxyConfig,
+        dec_hook=dec_hook,
+    )
+    spec = ProxySpec(
+        profile="dvs",
+        config=config,
+        listen=Listen(host="127.0.0.1", port=port),
+        upstream=api.url,
+        ca_bundle=None,
+        ca_key="profiles.dvs.proxy.ca_bundle",
+    )
+    return spec, f"http://127.0.0.1:{port}"
+
+
+def _serve(tokens: Scripted, *specs: ProxySpec) -> ProxyService:
+    service = ProxyService(tokens, tls=TlsContexts(), metrics=None)
+    tokens.service = service
+    service.start(specs)
+    return service
+
+
+def test_a_futile_replay_pauses_renewals(api: ApiServer) -> None:
+    """The upstream refuses fresh tokens too: one renewal and one replay, then 401s go back
+    with no renewal (no token request every 10 s for a refusing API)."""
+    tokens = Scripted(api)
+    spec, url = _spec(api)
+    service = _serve(tokens, spec)
+    try:
+        api.fail_next_with_401(2)
+        assert httpx.get(url + "/echo", timeout=10).status_code == 401
+        assert tokens.renewals == 1
+        for _ in range(3):
+            api.fail_next_with_401(1)
+            assert httpx.get(url + "/echo", timeout=10).status_code == 401
+        assert tokens.renewals == 1, "paused after the futile replay"
+        assert httpx.get(url + "/echo", timeout=10).status_code == 200
+    finally:
+        service.stop(2.0)
+
+
+def test_concurrent_401s_share_one_renewal(api: ApiServer) -> None:
+    tokens = Scripted(api)
+    spec, url = _spec(api)
+    service = _serve(tokens, spec)
+    try:
+        api.revoke("t0")
+        results: list[int] = []
+
+        def one() -> None:
+            results.append(httpx.get(url + "/echo", timeout=10).status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == [200] * 16
+        assert tokens.renewals == 1
+    finally:
+        service.stop(2.0)
+
+
+def test_a_refused_renewal_or_an_unchanged_token_passes_the_401_back(api: ApiServer) -> None:
+    refused = Scripted(api, allow=False)
+    spec, url = _spec(api)
+    service = _serve(refused, spec)
+    try:
+        api.fail_next_with_401(1)
+        assert httpx.get(url + "/echo", timeout=10).status_code == 401
+        assert len(api.requests()) == 1
+    finally:
+        service.stop(2.0)
+    same = Scripted(api, mint=False)  # a same-token server: the renewal brings the same token
+    spec, url = _spec(api)
+    service = _serve(same, spec)
+    try:
+        api.clear()
+        api.fail_next_with_401(1)
+        assert httpx.get(url + "/echo", timeout=10).status_code == 401
+        assert len(api.requests()) == 1 and same.renewals == 1
+    finally:
+        service.stop(2.0)
+
+
+def test_a_listener_that_cannot_start_leaves_nothing_listening(api: ApiServer) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        good, good_url = _spec(api)
+        port = taken.getsockname()[1]
+        bad = dataclasses.replace(good, listen=Listen(host="127.0.0.1", port=port))
+        service = ProxyService(Scripted(api), tls=TlsContexts(), metrics=None)
+        with pytest.raises(ProxyListenError, match=r"profiles\.dvs\.proxy\.listen .*another"):
+            service.start([good, bad])
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(good_url + "/echo", timeout=5)
+    finally:
+        taken.close()
+
+
+def test_apply_restarts_a_changed_listener_and_keeps_the_others(
+    api: ApiServer, tmp_path: Path
+) -> None:
+    tokens = Scripted(api)
+    one, one_url = _spec(api)
+    two, two_url = _spec(api)
+    two = dataclasses.replace(two, profile="other")
+    service = _serve(tokens, one, two)
+    try:
+        assert httpx.get(two_url + "/echo", timeout=5).status_code == 200
+        moved, moved_url = _spec(api)
+        service.apply([moved, two])
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(one_url + "/echo", timeout=5)
+        assert httpx.get(moved_url + "/echo", timeout=5).status_code == 200
+        assert httpx.get(two_url + "/echo", timeout=5).status_code == 200
+        service.apply([moved])  # "other" removed from the config
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(two_url + "/echo", timeout=5)
+    finally:
+        service.stop(2.0)
+
+
+def test_stop_cuts_a_request_that_outlives_the_deadline(api: ApiServer) -> None:
+    tokens = Scripted(api)
+    spec, url = _spec(api)
+    service = _serve(tokens, spec)
+    outcome: list[object] = []
+
+    def slow() -> None:
+        try:
+            outcome.append(httpx.get(url + "/slow?seconds=30", timeout=40).status_code)
+        except httpx.HTTPError as exc:
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.5)
+    began = time.monotonic()
+    assert service.stop(1.0) is False  # not every request finished in time
+    assert time.monotonic() - began < 5
+    thread.join(10)
+    assert outcome and outcome[0] != 200
