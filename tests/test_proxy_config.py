@@ -97,6 +97,10 @@ def test_max_body_in_the_file() -> None:
         ("max_connections = 0\n", "max_connections: must be from 1"),
         ('ca_bundle = "/nonexistent/ca.pem"\n', 'ca_bundle: "/nonexistent/ca.pem": no such file'),
         ("colour = 1\n", "colour"),
+        (
+            'listen = "127.0.0.1:8790"\nallow_tcp = true\nupstream = "http://localhost:8790"\n',
+            "the proxy's own listen address",
+        ),
     ],
 )
 def test_bad_proxy_tables_name_the_key(proxy: str, expected: str) -> None:

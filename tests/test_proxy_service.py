@@ -226,3 +226,25 @@ def test_stop_cuts_a_request_that_outlives_the_deadline(api: ApiServer) -> None:
     assert time.monotonic() - began < 5
     thread.join(10)
     assert outcome and outcome[0] != 200
+
+
+def test_bodies_beyond_the_held_budget_stream_and_are_not_replayed(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many concurrent uploads must not each hold a MiB: past the profile's budget a body is
+    streamed (intact), and its 401 goes back."""
+    monkeypatch.setattr("agent.proxy.forward.HELD_BUDGET", 100)
+    tokens = Scripted(api)
+    spec, url = _spec(api)
+    service = _serve(tokens, spec)
+    try:
+        assert httpx.post(url + "/upload", content=b"s" * 50, timeout=10).status_code == 200
+        api.fail_next_with_401(1)
+        small = httpx.post(url + "/upload", content=b"s" * 50, timeout=10)
+        assert small.status_code == 200 and tokens.renewals == 1  # held: replayed
+        api.fail_next_with_401(1)
+        big = httpx.post(url + "/upload", content=b"b" * 500, timeout=10)
+        assert big.status_code == 401  # streamed: not replayed
+        assert httpx.post(url + "/upload", content=b"b" * 500, timeout=10).json()["body_len"] == 500
+    finally:
+        service.stop(2.0)

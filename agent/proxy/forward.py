@@ -65,6 +65,9 @@ RENEW_WAIT_SECONDS = 30.0
 FUTILE_PAUSE_FIRST = 10.0
 FUTILE_PAUSE_MAX = 300.0
 _CHUNK = 64 * 1024
+#: the most request-body bytes one profile's proxy holds at once for replays; bodies beyond
+#: it are streamed (their 401 goes back)
+HELD_BUDGET = 32 << 20
 
 
 class Tokens(Protocol):
@@ -105,6 +108,8 @@ class _Body:
 
     held: bytes | None
     stream: AsyncIterator[bytes] | None = None
+    #: bytes of ``held`` counted in the profile's budget until the request ends
+    counted: int = 0
 
 
 def _pairs(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, str]]:
@@ -168,6 +173,8 @@ class Forwarder:
         self._renewal: asyncio.Future[None] | None = None
         self._outcome_waiters: list[asyncio.Future[None]] = []
         self.in_flight = 0
+        #: bytes of request bodies held (for a replay) by the requests in flight
+        self._held = 0
         #: replays with a renewed token that still got 401, in a row: the upstream refuses
         #: the profile's tokens for another reason, so 401s stop renewing until _calm_until
         self._futile = 0
@@ -243,7 +250,10 @@ class Forwarder:
             if token is None:
                 return self._no_token()
             body = await self._read_body(request)
-            return await self._exchange(request, token, body, started)
+            try:
+                return await self._exchange(request, token, body, started)
+            finally:
+                self._held -= body.counted
         except _Refused as refused:
             return self._answer(refused.status, refused.error)
 
@@ -292,6 +302,9 @@ class Forwarder:
 
     # ----------------------------------------------------------------------------- body
     async def _read_body(self, request: web.BaseRequest) -> _Body:
+        """The body, held when it fits the replay limit and the profile's budget for held
+        bodies (:data:`HELD_BUDGET`: many concurrent uploads must not grow the agent by a MiB
+        each), else streamed from what was read so far."""
         if not request.body_exists:
             return _Body(held=b"")
         if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == (
@@ -300,15 +313,22 @@ class Forwarder:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         held = bytearray()
         content = request.content
-        while len(held) <= REPLAY_BODY_LIMIT:
-            chunk = await self._client_read(content)
-            if not chunk:
-                return _Body(held=bytes(held))
-            held += chunk
-            if len(held) > self._cfg.max_body:
-                raise _Refused(
-                    413, f"the body is larger than max_body ({self._cfg.max_body} bytes)"
-                )
+        limit = min(REPLAY_BODY_LIMIT, max(0, HELD_BUDGET - self._held))
+        try:
+            while len(held) <= limit:
+                chunk = await self._client_read(content)
+                if not chunk:
+                    return _Body(held=bytes(held), counted=len(held))
+                held += chunk
+                self._held += len(chunk)
+                if len(held) > self._cfg.max_body:
+                    raise _Refused(
+                        413, f"the body is larger than max_body ({self._cfg.max_body} bytes)"
+                    )
+        except BaseException:
+            self._held -= len(held)
+            raise
+        self._held -= len(held)  # streamed from here: no longer held for a replay
         return _Body(held=None, stream=self._rest(bytes(held), content))
 
     async def _client_read(self, content: aiohttp.StreamReader) -> bytes:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -148,6 +149,7 @@ def upstream_of(proxy: ProxyConfig, environment: str) -> str:
 
 def proxy_problems(profile: str, proxy: ProxyConfig, where: str) -> Iterator[str]:
     """Every problem of a proxy table, as ``key.path: what is wrong`` (``where`` is its path)."""
+    listen: Listen | None = None
     try:
         listen = listen_of(profile, proxy)
     except ValueError as exc:
@@ -159,6 +161,11 @@ def proxy_problems(profile: str, proxy: ProxyConfig, where: str) -> Iterator[str
         yield from _listen_problems(listen, proxy, where)
     if proxy.upstream is not None:
         yield from _upstream_problems(proxy.upstream, where)
+        if listen is not None and _is_itself(listen, proxy.upstream):
+            yield (
+                f"{where}.upstream: {toml_repr(proxy.upstream)} is the proxy's own listen "
+                "address: every request would loop through it"
+            )
     if proxy.ca_bundle is not None:
         problem = readable_file_problem(proxy.ca_bundle)
         if problem:
@@ -197,6 +204,16 @@ def _listen_problems(listen: Listen, proxy: ProxyConfig, where: str) -> Iterator
             f"{where}.listen: {toml_repr(proxy.listen)}: the proxy listens on loopback only "
             "(127.0.0.1 or [::1]): anyone who reaches it acts with the profile's token"
         )
+
+
+def _is_itself(listen: Listen, upstream: str) -> bool:
+    try:
+        parts = urlsplit(upstream)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    return listen.path is None and port == listen.port and is_loopback(host)
 
 
 def _is_loopback_address(host: str) -> bool:
