@@ -728,9 +728,19 @@ def test_a_reload_of_the_proxy_table_restarts_only_the_listener(
     p.agent.signal(signal.SIGHUP)
     assert wait_for(lambda: "proxy stopped" in p.agent.output(), timeout=15), p.agent.output()
     assert wait_for(lambda: _one_request(p) == 200, timeout=15)
-    held = p.connect()
-    held.sendall(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    assert _read_response(held).startswith(b"HTTP/1.1 200")
+    holding: list[socket.socket] = []
+
+    def hold() -> bool:  # the probe's connection may still count for a moment after closing
+        raw = p.connect()
+        raw.sendall(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        if _read_response(raw).startswith(b"HTTP/1.1 200"):
+            holding.append(raw)
+            return True
+        raw.close()
+        return False
+
+    assert wait_for(hold, timeout=10)
+    held = holding[0]
     extra = p.connect()
     assert extra.recv(4096).startswith(b"HTTP/1.1 503")  # the new cap
     held.close()
