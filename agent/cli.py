@@ -311,6 +311,19 @@ def _error(message: str) -> None:
         print(f"dvs-agent: error: {message}", file=sys.stderr)
 
 
+def _describe_proxy(name: str, pc: ProfileConfig) -> str:
+    from agent.proxy.settings import specs_of
+
+    [spec] = specs_of({name: pc})
+    cfg = spec.config
+    group = cfg.socket_group or "the agent's group"
+    who = f"{group}, mode 0660" if spec.listen.path is not None else "TCP: any local user"
+    return (
+        f"proxy {spec.listen} → {spec.upstream} ({who}; max_body {cfg.max_body} bytes, "
+        f"{cfg.max_connections} connections)"
+    )
+
+
 def _logins(pc: ProfileConfig) -> set[str]:
     """The Vault login methods (``auth_method``) a profile's tables and sinks use."""
     tables = pc.tables()
@@ -365,6 +378,8 @@ def _check(
         fleet = kinds.describe_fleet(registry, name, pc)
         if fleet is not None:
             print(f"  {fleet}", file=out)
+        if pc.proxy is not None:
+            print(f"  {_describe_proxy(name, pc)}", file=out)
     used = {("source", source) for pc in config.profiles.values() for source in pc.sources}
     used |= {("sink", sink_kind_name(sink)) for pc in config.profiles.values() for sink in pc.sinks}
     used |= {("login", method) for pc in config.profiles.values() for method in _logins(pc)}

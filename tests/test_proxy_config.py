@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,19 @@ def test_loading_a_config_with_a_proxy_does_not_import_aiohttp() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert run.stdout.strip() == "False"
+
+
+def test_check_prints_the_proxy(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\nstate_dir = "{tmp_path}/state"\n[profiles.dvs]\n[profiles.dvs.proxy]\n'
+        'socket_group = "dvs-clients"\n'
+    )
+    done = run_cli("check", "-c", str(config))
+    assert done.returncode == 0, done.stderr
+    assert (
+        "proxy unix:/run/dvs-agent-proxy/dvs.sock → https://sandbox.osigu.com (dvs-clients, "
+        "mode 0660" in done.stdout
+    ), done.stdout
