@@ -71,6 +71,9 @@ def _exported() -> dict[str, set[str]]:
     metrics.fleet_store_up("dvs", True)
     metrics.fleet_lease("dvs", "won")
     metrics.fleet_adoption("dvs")
+    metrics.proxy_request("dvs", 200)
+    metrics.proxy_added("dvs", 0.0003)
+    metrics.proxy_replay("dvs")
     text = generate_latest(metrics.registry).decode()
     found: dict[str, set[str]] = {}
     for name, labels in metric_samples(text):
