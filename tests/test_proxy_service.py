@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -17,23 +16,13 @@ import msgspec
 import pytest
 
 from agent.config.values import dec_hook
-from agent.models import Secret, Token
+from agent.models import Token
 from agent.oauth import TlsContexts
 from agent.proxy.service import ProxyListenError, ProxyService
 from agent.proxy.settings import Listen, ProxyConfig, ProxySpec
 from tests.api_server import ApiServer
+from tests.conftest import hour_token
 from tests.servers import free_port
-
-
-def _token(value: str) -> Token:
-    now = datetime.now(UTC)
-    return Token(
-        access_token=Secret(value),
-        token_type="bearer",
-        expires_in=3600,
-        obtained_at=now,
-        expires_at=now + timedelta(hours=1),
-    )
 
 
 class Scripted:
@@ -50,7 +39,7 @@ class Scripted:
     def _new(self) -> Token:
         value = f"t{self.renewals}"
         self.api.accept(value)
-        return _token(value)
+        return hour_token(value)
 
     def current(self, profile: str) -> Token | None:
         return self.held
