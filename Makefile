@@ -12,7 +12,7 @@ VENV_STAMP := $(VENV)/.venv-stamp
 RUN_STAMP := $(VENV)/.run-stamp
 DEV_STAMP := $(VENV)/.dev-stamp
 
-.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll bench-fleet system-deps man completions deb
+.PHONY: run test lint typecheck unit bench bench-rotation clean bench-scale bench-hostile bench-vault-poll bench-fleet bench-proxy system-deps man completions deb
 
 $(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "dvs-agent needs Python 3.11 or newer" or 0)'
@@ -93,6 +93,11 @@ bench-vault-poll: $(DEV_STAMP)
 # N = 10, 50, 200 agent processes with fleet mode off and on (about 25 minutes; --quick: 2)
 bench-fleet: $(DEV_STAMP)
 	$(BIN)/python bench/fleet.py $(BENCH_FLEET_ARGS)
+
+# the local proxy (DESIGN §14) beside nginx and the upstream direct, under wrk at 1 and 64
+# connections (about 4 minutes; BENCH_PROXY_ARGS=--quick: 30 s); needs wrk and nginx-light
+bench-proxy: $(DEV_STAMP)
+	$(BIN)/python bench/proxy.py $(BENCH_PROXY_ARGS)
 
 # Generated from the argument parser (agent/cli.py build_parser), never edited by hand and not
 # committed: the .deb build installs them from here. `man -l build/man/dvs-agent.8` reads it;

@@ -464,12 +464,12 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         """One answer with a Content-Length, written at once (one segment when small)."""
         extra = list(headers or [])
-        if content_type is not None and body:
-            extra.append(("Content-Type", content_type))
-        if status not in (204, 304):
-            extra.append(("Content-Length", str(len(body))))
+        if status in (204, 304):
+            body = b""  # no body, no Content-Length, no Content-Type (RFC 9110 §8.6, §15.4.5)
         else:
-            body = b""
+            if content_type is not None and body:
+                extra.append(("Content-Type", content_type))
+            extra.append(("Content-Length", str(len(body))))
         data = self._head(status, extra)
         if self.command != "HEAD":
             data += body

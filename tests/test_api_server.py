@@ -201,6 +201,7 @@ def test_status_without_body_and_bad_ones(client: httpx.Client) -> None:
     answer = client.get("/status/204")
     assert (answer.status_code, answer.content) == (204, b"")
     assert "content-length" not in answer.headers
+    assert "content-type" not in answer.headers
     assert client.get("/status/304").status_code == 304
     assert client.get("/status/99").status_code == 400
     assert client.get("/status/abc").status_code == 400

@@ -18,7 +18,7 @@ import pytest
 from agent.config.values import dec_hook
 from agent.models import Token
 from agent.oauth import TlsContexts
-from agent.proxy.service import ProxyListenError, ProxyService
+from agent.proxy.service import ProxyListenError, ProxyService, environment_proxy
 from agent.proxy.settings import Listen, ProxyConfig, ProxySpec
 from tests.api_server import ApiServer
 from tests.conftest import hour_token
@@ -108,7 +108,7 @@ def test_a_futile_replay_pauses_renewals(api: ApiServer) -> None:
             api.fail_next_with_401(1)
             assert httpx.get(url + "/echo", timeout=10).status_code == 401
         assert tokens.renewals == 1, "paused after the futile replay"
-        assert httpx.get(url + "/echo", timeout=10).status_code == 200
+        assert httpx.get(url + "/echo", timeout=10, trust_env=False).status_code == 200
     finally:
         service.stop(2.0)
 
@@ -235,5 +235,48 @@ def test_bodies_beyond_the_held_budget_stream_and_are_not_replayed(
         big = httpx.post(url + "/upload", content=b"b" * 500, timeout=10)
         assert big.status_code == 401  # streamed: not replayed
         assert httpx.post(url + "/upload", content=b"b" * 500, timeout=10).json()["body_len"] == 500
+    finally:
+        service.stop(2.0)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, None),
+        ({"HTTPS_PROXY": "http://egress:3128"}, "http://egress:3128"),
+        ({"https_proxy": "http://lower:3128"}, "http://lower:3128"),
+        ({"HTTP_PROXY": "http://plain:3128"}, None),  # the upstream is https
+        ({"ALL_PROXY": "http://all:3128"}, "http://all:3128"),
+        ({"ALL_PROXY": "socks5://s:1080"}, None),  # not an HTTP proxy: aiohttp cannot use it
+        ({"HTTPS_PROXY": "http://e:3128", "NO_PROXY": "osigu.com"}, None),
+        ({"HTTPS_PROXY": "http://e:3128", "no_proxy": ".osigu.com,other"}, None),
+        ({"HTTPS_PROXY": "http://e:3128", "NO_PROXY": "*"}, None),
+        ({"HTTPS_PROXY": "http://e:3128", "NO_PROXY": "gu.com"}, "http://e:3128"),
+    ],
+)
+def test_the_environment_proxy_is_resolved_once_as_httpx_would(
+    environ: dict[str, str], expected: str | None
+) -> None:
+    assert environment_proxy("https://api.osigu.com", environ) == expected
+
+
+def test_the_upstream_requests_go_through_https_proxy_unless_no_proxy(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = free_port()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead}")
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    try:
+        answer = httpx.get(url + "/echo", timeout=10, trust_env=False)
+        assert answer.status_code == 502  # the proxy was used
+        assert f"forward proxy 127.0.0.1:{dead}" in answer.json()["error"]
+    finally:
+        service.stop(2.0)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    try:
+        assert httpx.get(url + "/echo", timeout=10, trust_env=False).status_code == 200
     finally:
         service.stop(2.0)

@@ -559,6 +559,14 @@ def upstream_failure(exc: BaseException, spec: ProxySpec, timeout: float) -> tup
         )
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return 502, f"cannot resolve the upstream's host ({where}): check upstream and DNS"
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        error = exc.os_error
+        cause = os.strerror(error.errno) if error.errno else type(error).__name__
+        return 502, (
+            f"cannot connect to the forward proxy {exc.host}:{exc.port} (HTTPS_PROXY, "
+            f"HTTP_PROXY or ALL_PROXY in the agent's environment) for {where}: {cause}; "
+            "fix it, or name the upstream's host in NO_PROXY"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         error = exc.os_error
         cause = os.strerror(error.errno) if error.errno else type(error).__name__
@@ -568,7 +576,10 @@ def upstream_failure(exc: BaseException, spec: ProxySpec, timeout: float) -> tup
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return 502, f"the upstream {where} closed the connection without an answer"
     if isinstance(exc, aiohttp.ClientResponseError):
-        return 502, f"the upstream {where} sent an invalid HTTP answer ({exc.status})"
+        return 502, (
+            f"the upstream {where} sent an answer that is not valid HTTP, or with a header "
+            "line over 64 KiB"
+        )
     if isinstance(exc, aiohttp.ClientError | OSError):
         return 502, f"the upstream {where} could not be asked ({type(exc).__name__})"
     raise exc

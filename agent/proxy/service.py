@@ -26,8 +26,9 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -40,6 +41,28 @@ from agent.proxy.settings import SOCKET_DIR, ProxySpec
 SOCKET_MODE = 0o660
 #: the most a listener's start or stop may take on the loop before the caller gives up
 _CALL_TIMEOUT = 30.0
+
+
+#: the longest status line or header line accepted in an upstream's answer
+UPSTREAM_HEADER_LIMIT = 64 * 1024
+
+
+def environment_proxy(upstream: str, environ: Mapping[str, str]) -> str | None:
+    """The forward proxy for ``upstream`` from ``HTTPS_PROXY``/``HTTP_PROXY`` (either case),
+    unless ``NO_PROXY`` names its host: the variables the token requests honour (httpx)."""
+    parts = urlsplit(upstream)
+    host = (parts.hostname or "").lower()
+    scheme = parts.scheme.lower()
+
+    def variable(name: str) -> str:
+        return environ.get(name.lower()) or environ.get(name.upper()) or ""
+
+    for entry in variable("no_proxy").split(","):
+        entry = entry.strip().lower().lstrip(".")
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    found = variable(f"{scheme}_proxy") or variable("all_proxy")
+    return found if found.lower().startswith(("http://", "https://")) else None
 
 
 class ProxyListenError(OSError):
@@ -173,8 +196,15 @@ class ProxyService:
             ),
             auto_decompress=False,
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            trust_env=True,  # HTTPS_PROXY/NO_PROXY, as the token requests honour them
+            # not trust_env: aiohttp would then read netrc and the proxy variables on a worker
+            # thread for every request (~450 µs each), and a netrc entry for the upstream
+            # would clash with the bearer; the proxy variables are resolved once, here
+            trust_env=False,
+            proxy=environment_proxy(spec.upstream, os.environ),
             cookie_jar=aiohttp.DummyCookieJar(),
+            # an upstream's answer may carry long headers (cookies, CSP): 64 KiB a line
+            max_line_size=UPSTREAM_HEADER_LIMIT,
+            max_field_size=UPSTREAM_HEADER_LIMIT,
         )
         forwarder = Forwarder(
             spec,
