@@ -153,6 +153,10 @@ class EdgeHandler(RequestHandler):
             error = f"malformed request ({type(exc).__name__ if exc else 'bad request'})"
         elif status == 504:
             error = "the proxy timed out"
+        elif isinstance(exc, ConnectionError):  # the client went away: nothing to answer
+            error = "the client closed the connection"
+            if log is not None:
+                log.debug("%s (%s)", error, type(exc).__name__, extra={"event": "proxy_gone"})
         else:
             error = "internal error in the proxy"
             if log is not None:
@@ -170,10 +174,11 @@ class EdgeHandler(RequestHandler):
                 )
         if request.writer.output_size > 0:  # the answer had begun: the connection is cut
             raise ConnectionError("the answer had begun; closing the connection")
-        if log is not None and status != 500:
+        if log is not None and status not in (500, 499):
             log.debug("refused a request: %d %s", status, error, extra={"event": "proxy_bad"})
-        if isinstance(self._manager, EdgeServer) and self._manager.on_refused is not None:
-            self._manager.on_refused(status)
+        manager = self._manager
+        if status in (400, 431) and isinstance(manager, EdgeServer) and manager.on_refused:
+            manager.on_refused(status)  # no handler ran (the handler counts its own answers)
         resp = web.Response(status=status, body=error_body(status, error))
         resp.content_type = "application/json"
         resp.force_close()

@@ -36,6 +36,7 @@ from typing import Protocol
 import aiohttp
 import yarl
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from agent.models import Token
 from agent.proxy.edge import error_body
@@ -98,7 +99,7 @@ class _Refused(Exception):
         self.error = error
 
 
-class _ClientGone(Exception):
+class _ClientGone(ConnectionResetError):
     """The client closed its connection while sending the body."""
 
 
@@ -211,11 +212,11 @@ class Forwarder:
             response = await self._handle(request, started)
             status = response.status
             return response
-        except _ClientGone:
-            status = 499  # nginx's code for it: no answer could be sent
-            raise
         except (ConnectionError, asyncio.CancelledError):
-            status = 499
+            status = 499  # nginx's code for it: the client went away, no answer was sent
+            raise
+        except Exception:
+            status = 500  # the edge answers it and logs the exception's type
             raise
         finally:
             self.in_flight -= 1
@@ -339,6 +340,8 @@ class Forwarder:
             raise _Refused(
                 408, f"the client sent no body data for client_timeout ({self._client_timeout:g}s)"
             ) from None
+        except RequestPayloadError:
+            raise _Refused(400, "malformed request body (its chunked framing)") from None
         except (aiohttp.ClientPayloadError, ConnectionError) as exc:
             raise _ClientGone(type(exc).__name__) from None
 
