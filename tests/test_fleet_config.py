@@ -24,7 +24,7 @@ def fleet_block(store: str) -> str:
     blocks = re.split(r"^# \[profiles\.dvs\.fleet\]\n", tail, flags=re.M)[1:]
     found = [b for b in blocks if f'# store = "{store}"' in b.splitlines()[0]]
     assert len(found) == 1, f"the example has one commented {store} fleet table"
-    return found[0].split("\n#\n")[0]
+    return re.split(r"\n#?\n", found[0])[0]  # it ends at a "#" line or a blank one
 
 
 def uncomment(block: str, *, without: tuple[str, ...] = ()) -> str:
