@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from agent.health import HealthServer, ProfileStatus, RefreshAnswer
     from agent.metrics import Metrics
     from agent.proxy.service import ProxyService
+    from agent.proxy.settings import ProxySpec
     from agent.schedule import RefreshScheduler
 
 #: SIGTERM/SIGINT: stop within this long, whatever is in flight (files are replaced atomically)
@@ -537,11 +538,11 @@ class Agent:
         self._health.start()
 
     # --------------------------------------------------------------------- proxy
-    def _start_proxies(self) -> None:
+    def _start_proxies(self, specs: list[ProxySpec] | None = None) -> None:
         """Each profile's local proxy (DESIGN §14); aiohttp is imported only when one is set."""
         from agent.proxy.settings import specs_of
 
-        specs = specs_of(self.config.profiles)
+        specs = specs_of(self.config.profiles) if specs is None else specs
         if not specs:
             return
         from agent.proxy.service import ProxyListenError, ProxyService
@@ -570,7 +571,7 @@ class Agent:
         if specs:
             try:
                 with signals_to_main_thread():
-                    self._start_proxies()
+                    self._start_proxies(specs)
             except ListenError as exc:
                 self._log.error("%s", exc, extra={"event": "reload_failed"})
 

@@ -42,6 +42,12 @@ class Recorder(Protocol):
 
     def fleet_store_up(self, profile: str, up: bool) -> None: ...
 
+    def proxy_request(self, profile: str, status: int) -> None: ...
+
+    def proxy_added(self, profile: str, seconds: float) -> None: ...
+
+    def proxy_replay(self, profile: str) -> None: ...
+
     def forget(self, profile: str) -> None: ...
 
 
@@ -88,6 +94,15 @@ class NullRecorder:
         pass
 
     def fleet_store_up(self, profile: str, up: bool) -> None:
+        pass
+
+    def proxy_request(self, profile: str, status: int) -> None:
+        pass
+
+    def proxy_added(self, profile: str, seconds: float) -> None:
+        pass
+
+    def proxy_replay(self, profile: str) -> None:
         pass
 
     def forget(self, profile: str) -> None:

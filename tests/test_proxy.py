@@ -27,7 +27,6 @@ from tests.api_server import ApiServer, pattern_sha256
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
-    REPO,
     AgentProcess,
     Spawn,
     metric_samples,
@@ -95,7 +94,11 @@ def start(tmp_path: Path, spawn: Spawn, server: TokenServer, api: ApiServer) -> 
         wait: bool = True,
         profile: str = "",
         directory: Path | None = None,
+        token_server: TokenServer | None = None,
+        upstream_api: ApiServer | None = None,
     ) -> Proxied:
+        tokens = token_server or server
+        behind = upstream_api or api
         where = directory or tmp_path
         where.mkdir(parents=True, exist_ok=True)
         health = free_port()
@@ -113,19 +116,19 @@ log_level = "debug"
 [health]
 listen = "127.0.0.1:{health}"
 [profiles.dvs]
-token_url = "{server.url}"
+token_url = "{tokens.url}"
 {profile}
 [profiles.dvs.proxy]
 {listen}
-upstream = "{upstream or api.url}"
+upstream = "{upstream or behind.url}"
 {proxy}
 """
         )
         agent = spawn(config)
         proxied = Proxied(
             agent,
-            api,
-            server,
+            behind,
+            tokens,
             None if tcp else sock,
             ("127.0.0.1", port) if tcp else None,
             health,
@@ -318,33 +321,25 @@ def test_never_more_than_one_replay_and_a_rate_limited_renewal_passes_the_401_ba
         assert len(server.token_requests()) == requests_before
 
 
-def test_a_same_token_server_gets_the_401_back_without_a_replay(tmp_path: Path) -> None:
+def test_a_same_token_server_gets_the_401_back_without_a_replay(start: Start) -> None:
     """A server that hands back the token just rejected: no replay (the token did not
     change); one renewal was asked for."""
     with (
         TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, reuse_tokens=True) as server,
         ApiServer(server) as api,
     ):
-        proc, health, sock = _run_plain(tmp_path, server, api)
-        try:
-            with _uds(sock) as client:
-                assert client.get("/echo").status_code == 200
-                before = len(server.token_requests())
-                api.fail_next_with_401(1)
-                answer = client.get("/echo?x=1")
-                assert answer.status_code == 401
-                assert len([r for r in api.requests() if r.query == "x=1"]) == 1
-                assert wait_for(lambda: len(server.token_requests()) == before + 1)
-            page = httpx.get(f"http://127.0.0.1:{health}/metrics", timeout=5).text
-            assert (
-                metric_value(
-                    metric_samples(page), "dvs_agent_proxy_replays_total", 0.0, profile="dvs"
-                )
-                == 0.0
-            )
-        finally:
-            proc.terminate()
-            proc.wait(15)
+        p = start(token_server=server, upstream_api=api)
+        with p.client() as client:
+            assert client.get("/echo").status_code == 200
+            before = len(server.token_requests())
+            api.fail_next_with_401(1)
+            answer = client.get("/echo?x=1")
+            assert answer.status_code == 401
+            assert len([r for r in api.requests() if r.query == "x=1"]) == 1
+            assert wait_for(lambda: len(server.token_requests()) == before + 1)
+        replays = metric_value(p.metrics(), "dvs_agent_proxy_replays_total", 0.0, profile="dvs")
+        assert replays == 0.0
+        p.agent.stop()
 
 
 def test_a_streamed_body_is_not_replayed(start: Start) -> None:
@@ -355,54 +350,6 @@ def test_a_streamed_body_is_not_replayed(start: Start) -> None:
         answer = client.post("/upload?big=1", content=b"b" * ((1 << 20) + 10))
     assert answer.status_code == 401
     assert len([r for r in p.api.requests() if r.query == "big=1"]) == 1
-
-
-def _run_plain(
-    tmp_path: Path, server: TokenServer, api: ApiServer, proxy: str = ""
-) -> tuple[subprocess.Popen[bytes], int, Path]:
-    health = free_port()
-    sock = tmp_path / "p.sock"
-    config = tmp_path / "plain.toml"
-    config.write_text(
-        f"""
-[agent]
-state_dir = "{tmp_path}/state"
-[health]
-listen = "127.0.0.1:{health}"
-[profiles.dvs]
-token_url = "{server.url}"
-[profiles.dvs.proxy]
-listen = "unix:{sock}"
-upstream = "{api.url}"
-{proxy}
-"""
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVS_")}
-    env.update(DVS_CLIENT_ID=CLIENT_ID, DVS_CLIENT_SECRET=CLIENT_SECRET)
-    log = open(tmp_path / "plain.log", "wb")  # noqa: SIM115 - the child holds it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "-c", str(config)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    log.close()
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{health}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    assert wait_for(ready, timeout=20), (tmp_path / "plain.log").read_text()
-    return proc, health, sock
-
-
-def _uds(sock: Path) -> httpx.Client:
-    return httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=30
-    )
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -611,20 +558,19 @@ def test_the_socket_is_0660_with_its_group_and_refuses_others(
         "    s.sendall(b'GET /echo HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n')\n"
         "    print(s.recv(12).decode())\n"
     )
-    base = ["setpriv", "--reuid=65534", "--regid=12345"]
-    outsider = subprocess.run(
-        [*base, "--clear-groups", sys.executable, "-c", probe, str(p.sock)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+
+    def connect_as(*groups: str) -> subprocess.CompletedProcess[str]:
+        user = ["setpriv", "--reuid=65534", "--regid=12345", *groups]
+        return subprocess.run(
+            [*user, sys.executable, "-c", probe, str(p.sock)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    outsider = connect_as("--clear-groups")
     assert outsider.stdout.strip() == "refused", outsider.stderr
-    member = subprocess.run(
-        [*base, "--groups=65534", sys.executable, "-c", probe, str(p.sock)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    member = connect_as("--groups=65534")
     assert member.stdout.strip() == "HTTP/1.1 200", member.stderr
 
 

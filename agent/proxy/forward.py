@@ -41,6 +41,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from agent.models import Token
 from agent.proxy.edge import error_body
 from agent.proxy.settings import REPLAY_BODY_LIMIT, Listen, ProxySpec
+from agent.recorder import Recorder
 
 #: RFC 9110 §7.6.1 and the old proxy headers: never forwarded in either direction
 HOP_BY_HOP = frozenset(
@@ -82,12 +83,6 @@ class Tokens(Protocol):
 
     def renew(self, profile: str) -> bool:
         """Ask for a new token now, within ``refresh``'s rate limit (False: refused)."""
-
-
-class Recorder(Protocol):
-    def proxy_request(self, profile: str, status: int) -> None: ...
-    def proxy_added(self, profile: str, seconds: float) -> None: ...
-    def proxy_replay(self, profile: str) -> None: ...
 
 
 class _Refused(Exception):
@@ -155,7 +150,7 @@ class Forwarder:
         *,
         tokens: Tokens,
         session: aiohttp.ClientSession,
-        metrics: Recorder | None,
+        metrics: Recorder,
         log: logging.Logger,
         access: logging.Logger,
     ) -> None:
@@ -200,8 +195,7 @@ class Forwarder:
 
     def refused(self, status: int) -> None:
         """The edge answered a request (or a connection) itself: 431, 400, 503 (metrics)."""
-        if self._metrics is not None:
-            self._metrics.proxy_request(self.spec.profile, status)
+        self._metrics.proxy_request(self.spec.profile, status)
 
     # -------------------------------------------------------------------------- handler
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -223,8 +217,7 @@ class Forwarder:
             self._record(request, status, started)
 
     def _record(self, request: web.BaseRequest, status: int, started: float) -> None:
-        if self._metrics is not None:
-            self._metrics.proxy_request(self.spec.profile, status)
+        self._metrics.proxy_request(self.spec.profile, status)
         if self._cfg.access_log and self._access.isEnabledFor(logging.INFO):
             path = request.raw_path.split("?", 1)[0]
             seconds = time.monotonic() - started
@@ -392,8 +385,7 @@ class Forwarder:
                 replay = await self._replay_token(token)
                 if replay is not None:
                     answer.release()
-                    if self._metrics is not None:
-                        self._metrics.proxy_replay(self.spec.profile)
+                    self._metrics.proxy_replay(self.spec.profile)
                     self._log.info(
                         "the upstream answered 401: replayed once with the renewed token",
                         extra={"profile": self.spec.profile, "event": "proxy_replay"},
@@ -419,10 +411,9 @@ class Forwarder:
         response = web.StreamResponse(status=answer.status, reason=_reason(answer.reason))
         for name, value in forwarded_response_headers(_pairs(answer.raw_headers)):
             response.headers.add(name, value)
-        if self._metrics is not None:
-            self._metrics.proxy_added(
-                self.spec.profile, max(0.0, time.monotonic() - started - upstream_wait)
-            )
+        self._metrics.proxy_added(
+            self.spec.profile, max(0.0, time.monotonic() - started - upstream_wait)
+        )
         try:
             await self._client_write(response.prepare(request))
             async for chunk in answer.content.iter_chunked(_CHUNK):
@@ -545,6 +536,11 @@ def _cut_cause(exc: BaseException, client_timeout: float) -> str:
     return f"the client went away ({type(exc).__name__})"
 
 
+def _os_cause(error: OSError) -> str:
+    """``Connection refused`` (asyncio's message says only "Connect call failed")."""
+    return os.strerror(error.errno) if error.errno else type(error).__name__
+
+
 def upstream_failure(exc: BaseException, spec: ProxySpec, timeout: float) -> tuple[int, str]:
     """The status and the message for an upstream that could not be asked or did not answer."""
     where = spec.upstream
@@ -563,16 +559,14 @@ def upstream_failure(exc: BaseException, spec: ProxySpec, timeout: float) -> tup
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return 502, f"cannot resolve the upstream's host ({where}): check upstream and DNS"
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
-        error = exc.os_error
-        cause = os.strerror(error.errno) if error.errno else type(error).__name__
+        cause = _os_cause(exc.os_error)
         return 502, (
             f"cannot connect to the forward proxy {exc.host}:{exc.port} (HTTPS_PROXY, "
             f"HTTP_PROXY or ALL_PROXY in the agent's environment) for {where}: {cause}; "
             "fix it, or name the upstream's host in NO_PROXY"
         )
     if isinstance(exc, aiohttp.ClientConnectorError):
-        error = exc.os_error
-        cause = os.strerror(error.errno) if error.errno else type(error).__name__
+        cause = _os_cause(exc.os_error)
         return 502, f"cannot connect to the upstream {where}: {cause}"
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return 504, f"the upstream {where} did not answer within request_timeout ({timeout:g}s)"

@@ -35,8 +35,9 @@ from aiohttp import web
 
 from agent.oauth import TlsContexts
 from agent.proxy.edge import MAX_HEADERS, EdgeServer, quiet_logger
-from agent.proxy.forward import Forwarder, Recorder, Tokens
+from agent.proxy.forward import Forwarder, Tokens
 from agent.proxy.settings import SOCKET_DIR, ProxySpec
+from agent.recorder import NULL, Recorder
 
 SOCKET_MODE = 0o660
 #: the most a listener's start or stop may take on the loop before the caller gives up
@@ -87,12 +88,12 @@ class ProxyService:
         tokens: Tokens,
         *,
         tls: TlsContexts,
-        metrics: Recorder | None,
+        metrics: Recorder | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self._tokens = tokens
         self._tls = tls
-        self._metrics = metrics
+        self._metrics: Recorder = metrics if metrics is not None else NULL
         self._log = logger or logging.getLogger("agent.proxy")
         self._access = self._log.getChild("access")
         self._quiet = quiet_logger(self._log)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from agent.config.checks import is_loopback, readable_file_problem, split_url
+from agent.config.checks import is_loopback, readable_file_problem, url_problem
 from agent.config.values import Duration, Size, parse_listen
 from agent.keypath import toml_repr
 
@@ -224,21 +224,8 @@ def _is_loopback_address(host: str) -> bool:
 
 
 def _upstream_problems(upstream: str, where: str) -> Iterator[str]:
-    split = split_url(
-        upstream,
-        schemes=("http", "https"),
-        kind="an absolute http(s) URL",
-        example='"https://api.osigu.com"',
-        userinfo="; the proxy adds the profile's token",
-    )
-    if isinstance(split, str):
-        yield f"{where}.upstream: {split}"
-        return
-    parts, host = split
-    if parts.scheme.lower() == "http" and not is_loopback(host):
-        yield (
-            f"{where}.upstream: plain http is allowed only for loopback hosts: the token would "
-            f"cross the network in clear; use https://{parts.netloc}{parts.path}"
-        )
-    if parts.query or parts.fragment:
+    problem = url_problem(upstream, example='"https://api.osigu.com"', exposed="the token")
+    if problem:
+        yield f"{where}.upstream: {problem}"
+    elif (parts := urlsplit(upstream)).query or parts.fragment:
         yield f"{where}.upstream: {toml_repr(upstream)}: no query or fragment (a base URL)"
