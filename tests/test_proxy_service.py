@@ -280,3 +280,32 @@ def test_the_upstream_requests_go_through_https_proxy_unless_no_proxy(
         assert httpx.get(url + "/echo", timeout=10, trust_env=False).status_code == 200
     finally:
         service.stop(2.0)
+
+
+def test_an_upstream_that_trickles_its_body_is_cut_after_request_timeout(
+    api: ApiServer,
+) -> None:
+    """The answer began, then the upstream stalls: the client's connection is cut after
+    request_timeout (it sees the body incomplete), and the proxy keeps serving."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    port = upstream.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = upstream.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nab")
+        time.sleep(6)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    spec, url = _spec(api, request_timeout="1s")
+    spec = dataclasses.replace(spec, upstream=f"http://127.0.0.1:{port}")
+    service = _serve(Scripted(api), spec)
+    try:
+        began = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(url + "/x", timeout=10)
+        assert time.monotonic() - began < 5
+    finally:
+        service.stop(2.0)
+        upstream.close()
