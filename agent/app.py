@@ -539,7 +539,7 @@ class Agent:
 
     # --------------------------------------------------------------------- proxy
     def _start_proxies(self, specs: list[ProxySpec] | None = None) -> None:
-        """Each profile's local proxy (DESIGN §14); aiohttp is imported only when one is set."""
+        """Each profile's local proxy (DESIGN §14); httptools is imported only when one is set."""
         from agent.proxy.settings import specs_of
 
         specs = specs_of(self.config.profiles) if specs is None else specs

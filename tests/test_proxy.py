@@ -377,7 +377,7 @@ def test_header_floods_get_431(start: Start) -> None:
         assert many.status_code == 431
         assert "a" * 100 not in long.text
     assert p.api.requests() == []
-    assert "a" * 50 not in p.agent.output()  # aiohttp's own log would hold its first 100 bytes
+    assert "a" * 50 not in p.agent.output()  # nothing of the header is logged
     assert (
         metric_value(p.metrics(), "dvs_agent_proxy_requests_total", profile="dvs", status="431")
         == 2
@@ -612,7 +612,7 @@ def test_a_live_socket_of_another_process_is_not_taken_over(start: Start, tmp_pa
 def test_no_token_secret_header_value_or_body_in_logs_or_metrics(
     start: Start, server: TokenServer
 ) -> None:
-    p = start()
+    p = start("access_log = true")
     with p.client() as client:
         client.post(
             "/echo?api_key=query-secret-value",
@@ -765,12 +765,11 @@ def test_a_malformed_chunked_body_is_a_400(start: Start, streamed: bool) -> None
     p = start('client_timeout = "2s"')
     raw = p.connect()
     head = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
-    good = b"100000\r\n" + b"a" * 0x100000 + b"\r\n" if streamed else b""  # past the 1 MiB held
+    good = (b"100000\r\n" + b"a" * 0x100000 + b"\r\n") * 2 if streamed else b""  # > 1 MiB held
     raw.sendall(head + good + b"zz\r\nnot hex\r\n")
     reply = raw.recv(4096)
     # held: 400 at once; streamed: the framing error is seen after the upstream got the
-    # first MiB, and the answer may be a 400, a 502 or (aiohttp does not always wake the
-    # reader) the 408 of client_timeout; never a 500 or a hang
-    expected = (b"400", b"408", b"502") if streamed else (b"400",)
+    # first MiB, and the upstream request is cut: a 400 too, never a 500, a 408 or a hang
+    expected = (b"400",)
     assert reply.split(b" ")[1] in expected, reply
     assert "internal error" not in p.agent.output()

@@ -150,18 +150,19 @@ def test_a_reload_that_changes_only_the_proxy_keeps_the_profile() -> None:
     assert isinstance(action, ChangeProfile) and set(action.changed) == {"scope", "proxy"}
 
 
-def test_loading_a_config_with_a_proxy_does_not_import_aiohttp() -> None:
-    """The config and its checks import no HTTP stack; only the running proxy does."""
+def test_loading_a_config_with_a_proxy_does_not_import_the_proxy_stack() -> None:
+    """The config and its checks import no proxy code and no parser; only the running proxy
+    does."""
     code = (
         "import sys; from agent.config import parse_config; "
         "parse_config('[profiles.dvs]\\n[profiles.dvs.proxy]\\n', source='x'); "
         "import agent.app, agent.cli; "
-        "print('aiohttp' in sys.modules)"
+        "print(sorted(m for m in sys.modules if m.startswith(('httptools', 'agent.proxy.'))))"
     )
     run = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
-    assert run.stdout.strip() == "False"
+    assert run.stdout.strip() == "['agent.proxy.settings']"
 
 
 def test_check_prints_the_proxy(tmp_path: Path) -> None:

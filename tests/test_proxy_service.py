@@ -247,7 +247,7 @@ def test_bodies_beyond_the_held_budget_stream_and_are_not_replayed(
         ({"https_proxy": "http://lower:3128"}, "http://lower:3128"),
         ({"HTTP_PROXY": "http://plain:3128"}, None),  # the upstream is https
         ({"ALL_PROXY": "http://all:3128"}, "http://all:3128"),
-        ({"ALL_PROXY": "socks5://s:1080"}, None),  # not an HTTP proxy: aiohttp cannot use it
+        ({"ALL_PROXY": "socks5://s:1080"}, None),  # not an HTTP proxy
         ({"HTTPS_PROXY": "http://e:3128", "NO_PROXY": "osigu.com"}, None),
         ({"HTTPS_PROXY": "http://e:3128", "no_proxy": ".osigu.com,other"}, None),
         ({"HTTPS_PROXY": "http://e:3128", "NO_PROXY": "*"}, None),

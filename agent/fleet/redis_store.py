@@ -242,7 +242,10 @@ class RedisFleetStore:
             if sentinel_password is not None:
                 sentinel_kwargs["password"] = sentinel_password
                 sentinel_kwargs["username"] = c.sentinel_username
-            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            # through Any: redis-py types Sentinel() from 8.2 only (an ignore would be
+            # unused there, needed before)
+            make: Any = Sentinel
+            self._sentinel = make(
                 [a for a in addresses if isinstance(a, tuple)],
                 sentinel_kwargs=sentinel_kwargs,
                 **tls,

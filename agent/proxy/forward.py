@@ -25,51 +25,65 @@ duration; never a header value, the token or the body.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
-import yarl
-from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
-
 from agent.models import Token
-from agent.proxy.edge import error_body
+from agent.proxy.edge import (
+    Body,
+    BodyError,
+    ClientConnection,
+    ClientGone,
+    Request,
+    error_body,
+    simple_answer,
+)
 from agent.proxy.settings import REPLAY_BODY_LIMIT, Listen, ProxySpec
+from agent.proxy.upstream import (
+    BadAnswer,
+    ForwardProxyError,
+    Head,
+    Upstream,
+    UpstreamClosed,
+    UpstreamPool,
+)
 from agent.recorder import Recorder
 
 #: RFC 9110 §7.6.1 and the old proxy headers: never forwarded in either direction
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
-#: request headers the proxy sets itself (or, for Expect, answers itself)
-_REPLACED = frozenset({"host", "authorization", "expect"})
-#: a 401's body is held up to this size to be passed back after a refused replay
-_HELD_401_LIMIT = 64 * 1024
+#: request headers the proxy sets itself (the framing too: bodies are framed anew)
+_REPLACED = frozenset({b"host", b"authorization", b"expect", b"content-length"})
+#: response headers re-framed by the proxy
+_REFRAMED = frozenset({b"content-length"})
 #: the most a request waits for the profile's renewal after a 401
 RENEW_WAIT_SECONDS = 30.0
 #: after a replay that still got 401: no renewal for this long, doubling up to the maximum
 FUTILE_PAUSE_FIRST = 10.0
 FUTILE_PAUSE_MAX = 300.0
-_CHUNK = 64 * 1024
 #: the most request-body bytes one profile's proxy holds at once for replays; bodies beyond
 #: it are streamed (their 401 goes back)
 HELD_BUDGET = 32 << 20
+#: methods a request on a reused connection that the upstream closed unanswered is sent again
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_NO_BODY = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Tokens(Protocol):
@@ -85,63 +99,76 @@ class Tokens(Protocol):
         """Ask for a new token now, within ``refresh``'s rate limit (False: refused)."""
 
 
-class _Refused(Exception):
-    """An answer the proxy gives itself (status, error)."""
-
-    def __init__(self, status: int, error: str) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
+class UpstreamTimeout(TimeoutError):
+    """The upstream did not answer within request_timeout."""
 
 
-class _ClientGone(ConnectionResetError):
-    """The client closed its connection while sending the body."""
+def _upstream_slow(conn: ClientConnection) -> BaseException:
+    return UpstreamTimeout()
 
 
-@dataclass(slots=True)
-class _Body:
-    """A request body: ``held`` when it was read whole (replayable), else streamed."""
-
-    held: bytes | None
-    stream: AsyncIterator[bytes] | None = None
-    #: bytes of ``held`` counted in the profile's budget until the request ends
-    counted: int = 0
-
-
-def _pairs(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, str]]:
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
-
-
-def _connection_tokens(pairs: list[tuple[str, str]]) -> set[str]:
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return {
         token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
     }
 
 
-def forwarded_request_headers(pairs: list[tuple[str, str]], token: Token) -> list[tuple[str, str]]:
-    """The client's headers as the upstream gets them, with the profile's bearer token."""
-    drop = HOP_BY_HOP | _REPLACED | _connection_tokens(pairs)
-    out = [(n, v) for n, v in pairs if n.lower() not in drop]
-    out.append(("Authorization", "Bearer " + token.access_token.reveal()))
+_REQUEST_DROP = HOP_BY_HOP | _REPLACED
+_RESPONSE_DROP = HOP_BY_HOP | _REFRAMED
+
+
+def _dropped(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> frozenset[bytes]:
+    """``drop`` and the names listed in the headers' Connection values."""
+    for name, _ in headers:
+        if name.lower() == b"connection":
+            return drop | _connection_tokens(headers)
+    return drop
+
+
+def forwarded_request_headers(
+    headers: list[tuple[bytes, bytes]], bearer: bytes
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers as the upstream gets them (framing aside), with the bearer token."""
+    drop = _dropped(headers, _REQUEST_DROP)
+    out = [(n, v) for n, v in headers if n.lower() not in drop]
+    out.append((b"Authorization", b"Bearer " + bearer))
     return out
 
 
-def forwarded_response_headers(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    drop = HOP_BY_HOP | _connection_tokens(pairs)
-    return [(n, v) for n, v in pairs if n.lower() not in drop]
-
-
-def _reason(text: str | None) -> str | None:
-    if text and text.isprintable() and text.isascii() and len(text) <= 64:
+def _reason(status: int, text: bytes) -> bytes:
+    if text and len(text) <= 64 and text.isascii() and text.decode("ascii").isprintable():
         return text
-    return None
+    try:
+        from http import HTTPStatus
+
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+class _Relay:
+    """Where the upstream's body chunks go: the client, re-framed (chunked or as they are)."""
+
+    __slots__ = ("chunked", "conn")
+
+    def __init__(self, conn: ClientConnection, chunked: bool) -> None:
+        self.conn, self.chunked = conn, chunked
+
+    def body(self, chunk: bytes) -> None:
+        if self.chunked:
+            self.conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        else:
+            self.conn.send(chunk)
+
+    def writable(self) -> bool:
+        return self.conn.writable()
 
 
 class Forwarder:
-    """The request handler of one profile's proxy (see the module's doc). Runs on the proxy
+    """The exchange of one profile's proxy (see the module's doc). Runs on the proxy
     service's event loop only."""
 
     def __init__(
@@ -149,19 +176,22 @@ class Forwarder:
         spec: ProxySpec,
         *,
         tokens: Tokens,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         metrics: Recorder,
         log: logging.Logger,
         access: logging.Logger,
     ) -> None:
         self.spec = spec
         self._cfg = spec.config
+        self._profile = spec.profile
         self._tokens = tokens
-        self._session = session
+        self._pool = pool
+        self._route = pool.route
         self._metrics = metrics
         self._log = log
         self._access = access
-        self._base = spec.upstream
+        self._access_log = self._cfg.access_log
+        self._max_body = int(self._cfg.max_body)
         self._hosts = self._allowed_hosts(spec.listen)
         self._client_timeout = self._cfg.client_timeout.total_seconds()
         self._request_timeout = self._cfg.request_timeout.total_seconds()
@@ -176,14 +206,19 @@ class Forwarder:
         self._futile = 0
         self._futile_token: str | None = None
         self._calm_until = 0.0
+        #: status lines sent, by (status, reason)
+        self._status_lines: dict[tuple[int, bytes], bytes] = {}
+        #: the token last used, and its header bytes (revealed once per token)
+        self._bearer_of: Token | None = None
+        self._bearer = b""
 
     @staticmethod
-    def _allowed_hosts(listen: Listen) -> frozenset[str] | None:
+    def _allowed_hosts(listen: Listen) -> frozenset[bytes] | None:
         """The ``Host`` values accepted on TCP (None: a unix socket, any Host)."""
         if listen.path is not None:
             return None
         shown = f"[{listen.host}]" if ":" in listen.host else listen.host
-        return frozenset({f"{shown}:{listen.port}", f"localhost:{listen.port}"})
+        return frozenset({f"{shown}:{listen.port}".encode(), f"localhost:{listen.port}".encode()})
 
     # ------------------------------------------------------------------------- outcomes
     def refreshed(self) -> None:
@@ -194,247 +229,427 @@ class Forwarder:
                 waiter.set_result(None)
 
     def refused(self, status: int) -> None:
-        """The edge answered a request (or a connection) itself: 431, 400, 503 (metrics)."""
-        self._metrics.proxy_request(self.spec.profile, status)
+        """The edge answered a request (or a connection) itself: 431, 400, 408, 503."""
+        self._metrics.proxy_request(self._profile, status)
 
-    # -------------------------------------------------------------------------- handler
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.monotonic()
+    # ------------------------------------------------------------------------- exchange
+    async def __call__(self, conn: ClientConnection, request: Request) -> None:
         status = 0
         self.in_flight += 1
         try:
-            response = await self._handle(request, started)
-            status = response.status
-            return response
-        except (ConnectionError, asyncio.CancelledError):
+            status = await self._handle(conn, request)
+        except (ClientGone, asyncio.CancelledError):
             status = 499  # nginx's code for it: the client went away, no answer was sent
-            raise
-        except Exception:
-            status = 500  # the edge answers it and logs the exception's type
-            raise
+        except Exception as exc:
+            status = 500
+            self._internal(conn, exc)
         finally:
             self.in_flight -= 1
-            self._record(request, status, started)
+            self._record(request, status)
 
-    def _record(self, request: web.BaseRequest, status: int, started: float) -> None:
-        self._metrics.proxy_request(self.spec.profile, status)
-        if self._cfg.access_log and self._access.isEnabledFor(logging.INFO):
-            path = request.raw_path.split("?", 1)[0]
-            seconds = time.monotonic() - started
+    def _record(self, request: Request, status: int) -> None:
+        self._metrics.proxy_request(self._profile, status)
+        if self._access_log and self._access.isEnabledFor(logging.INFO):
+            path = request.path
+            method = request.method.decode("latin-1")
+            seconds = time.monotonic() - request.started
             self._access.info(
                 "%s %s %d %.1fms",
-                request.method,
+                method,
                 path,
                 status,
                 seconds * 1000,
                 extra={
-                    "profile": self.spec.profile,
+                    "profile": self._profile,
                     "event": "proxy_request",
-                    "method": request.method,
+                    "method": method,
                     "path": path,
                     "status": status,
                     "duration_ms": round(seconds * 1000, 1),
                 },
             )
 
-    async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
-        try:
-            self._admit(request)
-            token = self._tokens.current(self.spec.profile)
-            if token is None:
-                return self._no_token()
-            body = await self._read_body(request)
-            try:
-                return await self._exchange(request, token, body, started)
-            finally:
-                self._held -= body.counted
-        except _Refused as refused:
-            return self._answer(refused.status, refused.error)
+    def _internal(self, conn: ClientConnection, exc: BaseException) -> None:
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        self._log.error(
+            "internal error in the proxy: %s%s",
+            type(exc).__name__,
+            where,
+            extra={"profile": self._profile, "event": "proxy_internal"},
+        )
+        if conn.answer_began:
+            conn.abort()
+        else:
+            conn.send(
+                simple_answer(500, error_body(500, "internal error in the proxy"), close=True)
+            )
+            conn.close()
 
-    def _admit(self, request: web.BaseRequest) -> None:
-        if request.method == "CONNECT":
-            raise _Refused(405, "CONNECT is not supported: the proxy forwards to its upstream")
-        target = request.raw_path
-        if not target.startswith("/"):
-            raise _Refused(
+    async def _handle(self, conn: ClientConnection, request: Request) -> int:
+        refusal = self._admit(request)
+        if refusal is not None:
+            return self._answer(conn, request, *refusal)
+        token = self._tokens.current(self._profile)
+        if token is None:
+            return self._no_token(conn, request)
+        body = request.body
+        held: bytes | None = b""
+        first = b""
+        counted = 0
+        try:
+            if body.exists:
+                if request.version == "1.1" and (request.header(b"expect") or b"").lower() == (
+                    b"100-continue"
+                ):
+                    conn.send(_CONTINUE)
+                held, first, counted = await self._read_body(body)
+            return await self._exchange(conn, request, token, held, first)
+        except BodyError as refused:
+            conn.close_after()
+            if conn.answer_began:
+                conn.abort()
+                return refused.status
+            return self._answer(conn, request, refused.status, refused.error)
+        finally:
+            self._held -= counted
+
+    def _admit(self, request: Request) -> tuple[int, str] | None:
+        if request.method == b"CONNECT":
+            return 405, "CONNECT is not supported: the proxy forwards to its upstream"
+        if not request.target.startswith(b"/"):
+            return (
                 400,
                 "only origin-form targets (/path?query): the proxy forwards to its upstream, "
                 "never to a URL the client names",
             )
         if self._hosts is not None:
-            host = request.headers.get("Host", "")
-            if host.lower() not in self._hosts:
-                raise _Refused(
+            host = (request.header(b"host") or b"").lower()
+            if host not in self._hosts:
+                shown = sorted(self._hosts)[0].decode()
+                return (
                     421,
-                    f"the Host header must be {sorted(self._hosts)[0]} (the proxy's listen "
-                    "address): another name may be a DNS-rebinding page",
+                    f"the Host header must be {shown} (the proxy's listen address): another "
+                    "name may be a DNS-rebinding page",
                 )
-            if "Origin" in request.headers:
-                raise _Refused(403, "requests with an Origin header (from a browser) are refused")
-        length = request.content_length
-        if length is not None and length > self._cfg.max_body:
-            raise _Refused(413, f"the body is larger than max_body ({self._cfg.max_body} bytes)")
+            if request.header(b"origin") is not None:
+                return 403, "requests with an Origin header (from a browser) are refused"
+        length = request.body.length
+        if length is not None and length > self._max_body:
+            return 413, f"the body is larger than max_body ({self._max_body} bytes)"
+        return None
 
-    def _no_token(self) -> web.Response:
-        state, last_error = self._tokens.standing(self.spec.profile)
-        response = self._answer(
+    def _no_token(self, conn: ClientConnection, request: Request) -> int:
+        state, last_error = self._tokens.standing(self._profile)
+        return self._answer(
+            conn,
+            request,
             503,
-            f"profile {self.spec.profile} holds no valid token (state: {state}); see "
-            "dvs-agent status",
+            f"profile {self._profile} holds no valid token (state: {state}); see dvs-agent status",
+            extra=(("Retry-After", "5"),),
             state=state,
             last_error=last_error,
         )
-        response.headers["Retry-After"] = "5"
-        return response
 
-    def _answer(self, status: int, error: str, **fields: object) -> web.Response:
-        response = web.Response(
-            status=status, body=error_body(status, error, profile=self.spec.profile, **fields)
-        )
-        response.content_type = "application/json"
-        return response
+    def _answer(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        status: int,
+        error: str,
+        *,
+        extra: tuple[tuple[str, str], ...] = (),
+        **fields: object,
+    ) -> int:
+        """An answer of the proxy's own; the connection closes if the body was not read."""
+        close = not request.body.ended or not request.keep_alive
+        if close:
+            conn.close_after()
+        body = error_body(status, error, profile=self._profile, **fields)
+        conn.send(simple_answer(status, body, close=close, extra=extra))
+        conn.answer_began = True
+        return status
 
     # ----------------------------------------------------------------------------- body
-    async def _read_body(self, request: web.BaseRequest) -> _Body:
-        """The body, held when it fits the replay limit and the profile's budget for held
-        bodies (:data:`HELD_BUDGET`: many concurrent uploads must not grow the agent by a MiB
-        each), else streamed from what was read so far."""
-        if not request.body_exists:
-            return _Body(held=b"")
-        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == (
-            "100-continue"
-        ):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        held = bytearray()
-        content = request.content
+    async def _read_body(self, body: Body) -> tuple[bytes | None, bytes, int]:
+        """(held, first, counted): the body held whole when it fits the replay limit and the
+        profile's budget for held bodies (:data:`HELD_BUDGET`: many concurrent uploads must
+        not grow the agent by a MiB each), else None and what was read of it so far (the
+        rest is streamed)."""
         limit = min(REPLAY_BODY_LIMIT, max(0, HELD_BUDGET - self._held))
+        if body.length is not None and body.length > limit:
+            return None, b"", 0
+        held = bytearray()
         try:
             while len(held) <= limit:
-                chunk = await self._client_read(content)
+                chunk = await body.read()
                 if not chunk:
-                    return _Body(held=bytes(held), counted=len(held))
+                    return bytes(held), b"", len(held)  # counted until the request ends
                 held += chunk
                 self._held += len(chunk)
-                if len(held) > self._cfg.max_body:
-                    raise _Refused(
-                        413, f"the body is larger than max_body ({self._cfg.max_body} bytes)"
+                if len(held) > self._max_body:
+                    raise BodyError(
+                        413, f"the body is larger than max_body ({self._max_body} bytes)"
                     )
         except BaseException:
             self._held -= len(held)
             raise
         self._held -= len(held)  # streamed from here: no longer held for a replay
-        return _Body(held=None, stream=self._rest(bytes(held), content))
+        return None, bytes(held), 0
 
-    async def _client_read(self, content: aiohttp.StreamReader) -> bytes:
-        try:
-            async with asyncio.timeout(self._client_timeout):
-                return await content.readany()
-        except TimeoutError:
-            raise _Refused(
-                408, f"the client sent no body data for client_timeout ({self._client_timeout:g}s)"
-            ) from None
-        except RequestPayloadError:
-            raise _Refused(400, "malformed request body (its chunked framing)") from None
-        except (aiohttp.ClientPayloadError, ConnectionError) as exc:
-            raise _ClientGone(type(exc).__name__) from None
-
-    async def _rest(self, first: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    async def _send_body(self, up: Upstream, body: Body, first: bytes, chunked: bool) -> None:
         total = len(first)
-        yield first
+        chunk = first
         while True:
-            chunk = await self._client_read(content)
+            if chunk:
+                up.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n" if chunked else chunk)
+                await up.drain()
+            chunk = await body.read()
             if not chunk:
-                return
+                break
             total += len(chunk)
-            if total > self._cfg.max_body:
-                raise _Refused(
-                    413, f"the body is larger than max_body ({self._cfg.max_body} bytes)"
-                )
-            yield chunk
+            if total > self._max_body:
+                raise BodyError(413, f"the body is larger than max_body ({self._max_body} bytes)")
+        if chunked:
+            up.write(b"0\r\n\r\n")
 
     # ------------------------------------------------------------------------- upstream
-    async def _send(
+    def _bearer_for(self, token: Token) -> bytes:
+        if token is not self._bearer_of:
+            self._bearer = token.access_token.reveal().encode("latin-1")
+            self._bearer_of = token
+        return self._bearer
+
+    def _request_head(
+        self, request: Request, token: Token, held: bytes | None, chunked: bool
+    ) -> bytes:
+        route = self._route
+        parts = [
+            request.method,
+            b" ",
+            route.prefix,
+            request.target,
+            b" HTTP/1.1\r\nHost: ",
+            route.authority,
+            b"\r\n",
+        ]
+        for name, value in forwarded_request_headers(request.headers, self._bearer_for(token)):
+            parts += (name, b": ", value, b"\r\n")
+        if route.via_auth is not None and route.tls is None:
+            parts += (b"Proxy-Authorization: ", route.via_auth, b"\r\n")
+        if held is not None:
+            if held or request.body.exists or request.body.length == 0:
+                parts.append(b"Content-Length: %d\r\n" % len(held))
+        elif chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            parts.append(b"Content-Length: %d\r\n" % (request.body.length or 0))
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _connect(self) -> Upstream:
+        async with asyncio.timeout(min(10.0, self._request_timeout)):
+            return await self._pool.connect()
+
+    async def _ask(
         self,
-        request: web.BaseRequest,
+        conn: ClientConnection,
+        request: Request,
         token: Token,
-        data: bytes | AsyncIterator[bytes],
-    ) -> aiohttp.ClientResponse:
-        url = yarl.URL(self._base + request.raw_path, encoded=True)
-        headers = forwarded_request_headers(_pairs(request.raw_headers), token)
-        return await self._session.request(
-            request.method, url, headers=headers, data=data, allow_redirects=False
-        )
+        held: bytes | None,
+        first: bytes,
+    ) -> tuple[Upstream, Head, asyncio.Task[None] | None]:
+        """Send the request; the connection, the answer's head and the body's sender."""
+        body = request.body
+        chunked = held is None and (body.chunked or body.length is None)
+        head_only = request.method == b"HEAD"
+        retried = False
+        while True:
+            up = self._pool.take()
+            reused = up is not None
+            if up is None:
+                up = await self._connect()
+            data = self._request_head(request, token, held, chunked)
+            up.begin(data + held if held else data, head_only=head_only)
+            sender: asyncio.Task[None] | None = None
+            if held is None:
+                sender = asyncio.ensure_future(self._send_body(up, body, first, chunked))
+                sender.add_done_callback(functools.partial(_sender_ended, up))
+            conn.waiting(up.head, self._request_timeout, _upstream_slow)
+            try:
+                head = await up.head
+            except UpstreamClosed as exc:
+                up.abort()
+                if sender is not None:
+                    sender.cancel()
+                if (
+                    reused
+                    and not retried
+                    and not exc.began
+                    and held is not None
+                    and request.method in _IDEMPOTENT
+                ):
+                    retried = True  # the upstream closed an idle connection as it was reused
+                    continue
+                raise
+            except BaseException:
+                up.abort()
+                if sender is not None:
+                    sender.cancel()
+                raise
+            finally:
+                conn.waiting(None)
+            return up, head, sender
 
     async def _exchange(
-        self, request: web.BaseRequest, token: Token, body: _Body, started: float
-    ) -> web.StreamResponse:
-        data: bytes | AsyncIterator[bytes]
-        if body.held is not None:
-            data = body.held
-        else:
-            assert body.stream is not None
-            data = body.stream
-        upstream_started = time.monotonic()
+        self,
+        conn: ClientConnection,
+        request: Request,
+        token: Token,
+        held: bytes | None,
+        first: bytes,
+    ) -> int:
         try:
-            answer = await self._send(request, token, data)
+            up, head, sender = await self._ask(conn, request, token, held, first)
+        except (BodyError, ClientGone):
+            raise
         except Exception as exc:
-            return self._failed(exc)
-        upstream_wait = time.monotonic() - upstream_started
+            return self._failed(conn, request, exc)
+        if head.status == 401 and held is not None:
+            replay = await self._replay_token(token)
+            if replay is not None:
+                self._discard(up)
+                self._metrics.proxy_replay(self._profile)
+                self._log.info(
+                    "the upstream answered 401: replayed once with the renewed token",
+                    extra={"profile": self._profile, "event": "proxy_replay"},
+                )
+                try:
+                    up, head, sender = await self._ask(conn, request, replay, held, first)
+                except (BodyError, ClientGone):
+                    raise
+                except Exception as exc:
+                    return self._failed(conn, request, exc)
+                self._judge_replay(replay, head.status)
         try:
-            if answer.status == 401 and body.held is not None:
-                replay = await self._replay_token(token)
-                if replay is not None:
-                    answer.release()
-                    self._metrics.proxy_replay(self.spec.profile)
-                    self._log.info(
-                        "the upstream answered 401: replayed once with the renewed token",
-                        extra={"profile": self.spec.profile, "event": "proxy_replay"},
-                    )
-                    upstream_started = time.monotonic()
-                    try:
-                        answer = await self._send(request, replay, body.held)
-                    except Exception as exc:
-                        return self._failed(exc)
-                    upstream_wait += time.monotonic() - upstream_started
-                    self._judge_replay(replay, answer.status)
-            return await self._relay(request, answer, started, upstream_wait)
+            await self._relay(conn, request, up, head)
         finally:
-            answer.release()
+            if sender is not None and not _sent(sender):
+                # the upstream answered before it took the whole body (or the body broke
+                # off after its answer began): neither connection can carry another request
+                sender.cancel()
+                up.abort()
+                conn.close_after()
+            self._discard(up)
+        return head.status
+
+    def _discard(self, up: Upstream) -> None:
+        if up.done.done() and not up.done.cancelled() and up.done.exception() is None:
+            self._pool.give_back(up)
+        else:
+            up.abort()
 
     async def _relay(
-        self,
-        request: web.BaseRequest,
-        answer: aiohttp.ClientResponse,
-        started: float,
-        upstream_wait: float,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(status=answer.status, reason=_reason(answer.reason))
-        for name, value in forwarded_response_headers(_pairs(answer.raw_headers)):
-            response.headers.add(name, value)
+        self, conn: ClientConnection, request: Request, up: Upstream, head: Head
+    ) -> None:
+        status = head.status
+        line = self._status_lines.get((status, head.reason))
+        if line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status, head.reason))
+            if len(self._status_lines) < 64:
+                self._status_lines[(status, head.reason)] = line
+        parts = [line]
+        drop = _dropped(head.headers, _RESPONSE_DROP)
+        length: bytes | None = None
+        framed = False  # chunked by the upstream
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in drop:
+                if lower == b"content-length":
+                    length = value
+                elif lower == b"transfer-encoding":
+                    framed = True
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        bodiless = request.method == b"HEAD" or status in _NO_BODY
+        chunked = False
+        close = not request.keep_alive or conn.closing_after
+        if not bodiless and (length is None or framed):
+            length = None
+            if request.version == "1.1":
+                chunked = True
+            else:
+                close = True  # an HTTP/1.0 client: the body ends with the connection
+        if length is not None:
+            parts += (b"Content-Length: ", length, b"\r\n")
+        elif chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if close:
+            parts.append(b"Connection: close\r\n")
+            conn.close_after()
+        parts.append(b"\r\n")
         self._metrics.proxy_added(
-            self.spec.profile, max(0.0, time.monotonic() - started - upstream_wait)
+            self._profile, max(0.0, time.monotonic() - request.started - up.waited)
         )
+        if bodiless:
+            conn.send(b"".join(parts))
+            conn.answer_began = True
+            return
+        sink = _Relay(conn, chunked)
+        held_chunks = up.relay(sink)
+        if held_chunks:  # the head and the body received so far in one write
+            parts.append(
+                b"%x\r\n" % len(held_chunks) + held_chunks + b"\r\n" if chunked else held_chunks
+            )
+        if chunked and up.done.done() and up.done.exception() is None:
+            parts.append(b"0\r\n\r\n")
+            chunked = False
+        conn.send(b"".join(parts))
+        conn.answer_began = True
+        if up.done.done():
+            if up.done.exception() is not None:
+                conn.abort()
+            return
+        cut: list[str] = []
+
+        def watch(now: float) -> None:
+            if conn.write_paused_at and now - conn.write_paused_at > self._client_timeout:
+                cut.append(
+                    f"the client read nothing for client_timeout ({self._client_timeout:g}s)"
+                )
+                up.abort()
+            elif not conn.write_paused_at and now - up.last_read > self._request_timeout:
+                cut.append(
+                    f"the upstream sent nothing for request_timeout ({self._request_timeout:g}s)"
+                )
+                up.abort()
+
+        conn.relay_watch = watch
+        conn.on_writable = up.resume
+        if not conn.writable():
+            up.pause()
         try:
-            await self._client_write(response.prepare(request))
-            async for chunk in answer.content.iter_chunked(_CHUNK):
-                await self._client_write(response.write(chunk))
-            await self._client_write(response.write_eof())
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            await up.done
+        except (UpstreamClosed, BadAnswer) as exc:
             # the answer had begun: cut the connection, so that the client sees it incomplete
+            cause = cut[0] if cut else f"the upstream's answer broke off ({type(exc).__name__})"
             self._log.warning(
                 "the answer to %s %s was cut: %s",
-                request.method,
-                request.raw_path.split("?", 1)[0],
-                _cut_cause(exc, self._client_timeout),
-                extra={"profile": self.spec.profile, "event": "proxy_cut"},
+                request.method.decode("latin-1"),
+                request.path,
+                cause,
+                extra={"profile": self._profile, "event": "proxy_cut"},
             )
-            if request.transport is not None:
-                request.transport.abort()
-        return response
-
-    async def _client_write(self, pending: Awaitable[object]) -> None:
-        async with asyncio.timeout(self._client_timeout):
-            await pending
+            conn.abort()
+            return
+        finally:
+            conn.relay_watch = conn.on_writable = None
+        if chunked:
+            conn.send(b"0\r\n\r\n")
 
     # ---------------------------------------------------------------------------- 401
     async def _replay_token(self, used: Token) -> Token | None:
@@ -504,36 +719,27 @@ class Forwarder:
             self._renewal = None
 
     # ------------------------------------------------------------------------- failures
-    def _failed(self, exc: BaseException) -> web.StreamResponse:
-        refused = _find(exc, _Refused)
-        if isinstance(refused, _Refused):
-            return self._answer(refused.status, refused.error)
-        if _find(exc, _ClientGone) is not None:
-            raise ConnectionResetError("the client went away")
+    def _failed(self, conn: ClientConnection, request: Request, exc: BaseException) -> int:
         status, error = upstream_failure(exc, self.spec, self._request_timeout)
         self._log.warning(
-            "%s", error, extra={"profile": self.spec.profile, "event": "proxy_upstream_error"}
+            "%s", error, extra={"profile": self._profile, "event": "proxy_upstream_error"}
         )
-        return self._answer(status, error)
+        return self._answer(conn, request, status, error)
 
 
-def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+def _sent(task: asyncio.Task[None]) -> bool:
+    """The body's sender ended having sent it whole."""
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
-def _cut_cause(exc: BaseException, client_timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"the client read nothing for client_timeout ({client_timeout:g}s)"
-    if isinstance(exc, aiohttp.ClientError):
-        return f"the upstream's answer broke off ({type(exc).__name__})"
-    return f"the client went away ({type(exc).__name__})"
+def _sender_ended(up: Upstream, task: asyncio.Task[None]) -> None:
+    """A body that could not be sent ends the wait for the answer (413, 400, 408, gone)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not up.head.done():
+        up.head.set_exception(exc)
+        up.abort()
 
 
 def _os_cause(error: OSError) -> str:
@@ -544,39 +750,34 @@ def _os_cause(error: OSError) -> str:
 def upstream_failure(exc: BaseException, spec: ProxySpec, timeout: float) -> tuple[int, str]:
     """The status and the message for an upstream that could not be asked or did not answer."""
     where = spec.upstream
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        cert = exc.certificate_error
-        reason = getattr(cert, "verify_message", None) or getattr(cert, "reason", None) or cert
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or exc.reason or type(exc).__name__
         return 502, (
             f"the upstream {where} presented a certificate that is not trusted ({reason}): "
             f"set {spec.ca_key} to the CA file (PEM) that signs it"
         )
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+    if isinstance(exc, ssl.SSLError):
         return 502, (
             f"TLS with the upstream {where} failed ({type(exc).__name__}); check {spec.ca_key} "
             "and that the upstream speaks https"
         )
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+    if isinstance(exc, socket.gaierror):
         return 502, f"cannot resolve the upstream's host ({where}): check upstream and DNS"
-    if isinstance(exc, aiohttp.ClientProxyConnectionError):
-        cause = _os_cause(exc.os_error)
+    if isinstance(exc, ForwardProxyError):
         return 502, (
             f"cannot connect to the forward proxy {exc.host}:{exc.port} (HTTPS_PROXY, "
-            f"HTTP_PROXY or ALL_PROXY in the agent's environment) for {where}: {cause}; "
+            f"HTTP_PROXY or ALL_PROXY in the agent's environment) for {where}: {exc.cause}; "
             "fix it, or name the upstream's host in NO_PROXY"
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        cause = _os_cause(exc.os_error)
-        return 502, f"cannot connect to the upstream {where}: {cause}"
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError):
         return 504, f"the upstream {where} did not answer within request_timeout ({timeout:g}s)"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+    if isinstance(exc, UpstreamClosed):
         return 502, f"the upstream {where} closed the connection without an answer"
-    if isinstance(exc, aiohttp.ClientResponseError):
+    if isinstance(exc, BadAnswer):
         return 502, (
-            f"the upstream {where} sent an answer that is not valid HTTP, or with a header "
-            "line over 64 KiB"
+            f"the upstream {where} sent an answer that is not valid HTTP, or with a head "
+            "over 64 KiB"
         )
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return 502, f"the upstream {where} could not be asked ({type(exc).__name__})"
+    if isinstance(exc, OSError):
+        return 502, f"cannot connect to the upstream {where}: {_os_cause(exc)}"
     raise exc

@@ -30,22 +30,16 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp import web
-
 from agent.oauth import TlsContexts
-from agent.proxy.edge import MAX_HEADERS, EdgeServer, quiet_logger
+from agent.proxy.edge import TICK_SECONDS, Listener
 from agent.proxy.forward import Forwarder, Tokens
 from agent.proxy.settings import SOCKET_DIR, ProxySpec
+from agent.proxy.upstream import UpstreamPool, route_of
 from agent.recorder import NULL, Recorder
 
 SOCKET_MODE = 0o660
 #: the most a listener's start or stop may take on the loop before the caller gives up
 _CALL_TIMEOUT = 30.0
-
-
-#: the longest status line or header line accepted in an upstream's answer
-UPSTREAM_HEADER_LIMIT = 64 * 1024
 
 
 def environment_proxy(upstream: str, environ: Mapping[str, str]) -> str | None:
@@ -74,8 +68,10 @@ class ProxyListenError(OSError):
 class _Running:
     spec: ProxySpec
     forwarder: Forwarder
-    runner: web.ServerRunner
-    session: aiohttp.ClientSession
+    listener: Listener
+    pool: UpstreamPool
+    server: asyncio.Server | None = None
+    ticker: asyncio.TimerHandle | None = None
     #: the socket file bound (device, inode), removed at stop if still in place
     socket_id: tuple[int, int] | None = None
 
@@ -96,7 +92,6 @@ class ProxyService:
         self._metrics: Recorder = metrics if metrics is not None else NULL
         self._log = logger or logging.getLogger("agent.proxy")
         self._access = self._log.getChild("access")
-        self._quiet = quiet_logger(self._log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running: dict[str, _Running] = {}
@@ -185,61 +180,38 @@ class ProxyService:
 
     async def _start_one(self, spec: ProxySpec) -> None:
         cfg = spec.config
-        timeout = cfg.request_timeout.total_seconds()
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=cfg.max_connections,
-                ssl=self._tls.get(spec.ca_bundle) if spec.upstream.startswith("https:") else False,
-                enable_cleanup_closed=False,
-            ),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=min(10.0, timeout), sock_read=timeout
-            ),
-            auto_decompress=False,
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            # not trust_env: aiohttp would then read netrc and the proxy variables on a worker
-            # thread for every request (~450 µs each), and a netrc entry for the upstream
-            # would clash with the bearer; the proxy variables are resolved once, here
-            trust_env=False,
-            proxy=environment_proxy(spec.upstream, os.environ),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # an upstream's answer may carry long headers (cookies, CSP): 64 KiB a line
-            max_line_size=UPSTREAM_HEADER_LIMIT,
-            max_field_size=UPSTREAM_HEADER_LIMIT,
+        loop = asyncio.get_running_loop()
+        tls = self._tls.get(spec.ca_bundle) if spec.upstream.startswith("https:") else None
+        pool = UpstreamPool(
+            loop, route_of(spec.upstream, tls, environment_proxy(spec.upstream, os.environ))
         )
         forwarder = Forwarder(
             spec,
             tokens=self._tokens,
-            session=session,
+            pool=pool,
             metrics=self._metrics,
             log=self._log,
             access=self._access,
         )
-        server = EdgeServer(
-            forwarder,
-            max_connections=cfg.max_connections,
+        listener = Listener(
+            loop,
+            exchange=forwarder,
+            refused=forwarder.refused,
             log=self._log,
-            on_refused=forwarder.refused,
-            handler_cancellation=True,
-            keepalive_timeout=cfg.client_timeout.total_seconds(),
-            max_line_size=cfg.max_header_size,
-            max_field_size=cfg.max_header_size,
-            max_headers=MAX_HEADERS,
-            logger=self._quiet,
-            access_log=None,
+            max_connections=cfg.max_connections,
+            max_header_size=int(cfg.max_header_size),
+            client_timeout=cfg.client_timeout.total_seconds(),
         )
-        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
-        await runner.setup()
-        running = _Running(spec, forwarder, runner, session)
+        running = _Running(spec, forwarder, listener, pool)
         try:
-            site = await self._site(spec, runner, running)
-            await site.start()
+            sock = self._bind(spec, running)
+            running.server = await loop.create_server(listener, sock=sock, backlog=1024)
         except BaseException:
-            await runner.cleanup()
-            await session.close()
             self._unlink(running)
+            pool.close()
             raise
         self._running[spec.profile] = running
+        self._tick(running)
         self._log.info(
             "proxy listening on %s, forwarding to %s",
             spec.listen,
@@ -247,25 +219,33 @@ class ProxyService:
             extra={"profile": spec.profile, "event": "proxy_started"},
         )
 
-    async def _site(
-        self, spec: ProxySpec, runner: web.ServerRunner, running: _Running
-    ) -> web.BaseSite:
+    def _tick(self, running: _Running) -> None:
+        running.listener.tick()
+        loop = asyncio.get_running_loop()
+        running.ticker = loop.call_later(TICK_SECONDS, self._tick_soon, running)
+
+    def _tick_soon(self, running: _Running) -> None:
+        if self._running.get(running.spec.profile) is running or running.listener.connections:
+            running.listener.tick()
+            assert self._loop is not None
+            running.ticker = self._loop.call_later(TICK_SECONDS, self._tick_soon, running)
+
+    def _bind(self, spec: ProxySpec, running: _Running) -> socket.socket:
         listen = spec.listen
         key = f"profiles.{spec.profile}.proxy.listen"
         if listen.path is None:
             try:
-                probe = socket.create_server((listen.host, listen.port), reuse_port=False)
+                return socket.create_server((listen.host, listen.port), reuse_port=False)
             except OSError as exc:
                 raise ProxyListenError(
                     exc.errno,
                     f"{key} {listen}: {exc.strerror or exc}; is another dvs-agent running? "
                     "choose another port",
                 ) from None
-            return web.SockSite(runner, probe, backlog=1024)
         sock = bind_unix(listen.path, spec.config.socket_group, key)
         info = os.stat(listen.path)
         running.socket_id = (info.st_dev, info.st_ino)
-        return web.SockSite(runner, sock, backlog=1024)
+        return sock
 
     async def _stop_one(self, name: str, timeout: float) -> bool:
         running = self._running.pop(name, None)
@@ -274,11 +254,9 @@ class ProxyService:
         # no new connections (the socket file goes too), idle ones closed, busy ones closed
         # after their answer; then the requests in flight get until the deadline
         self._unlink(running)
-        for site in list(running.runner.sites):
-            await site.stop()
-        server = running.runner.server
-        if server is not None:
-            server.pre_shutdown()
+        if running.server is not None:
+            running.server.close()
+        running.listener.close_idle()
         clean = True
         try:
             async with asyncio.timeout(timeout):
@@ -291,8 +269,12 @@ class ProxyService:
                 running.forwarder.in_flight,
                 extra={"profile": name, "event": "proxy_drain"},
             )
-        await running.runner.cleanup()  # cancels what still runs (its shutdown_timeout)
-        await running.session.close()
+        for conn in list(running.listener.connections):
+            conn.abort()
+        if running.ticker is not None:
+            running.ticker.cancel()
+        running.pool.close()
+        await asyncio.sleep(0)  # the cancelled exchanges end
         return clean
 
     async def _stop_all(self, names: list[str], timeout: float) -> bool:

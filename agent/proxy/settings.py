@@ -1,7 +1,7 @@
 """``[profiles.NAME.proxy]``: the local bearer proxy's config and its checks (DESIGN §14).
 
-This module imports no HTTP stack: the config loads and is checked without aiohttp, which
-:mod:`agent.proxy.service` imports only when a profile has a proxy.
+This module imports no HTTP code: the config loads and is checked without the proxy's parser
+(httptools), which :mod:`agent.proxy.service` imports only when a profile has a proxy.
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ class ProxyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     client_timeout: Duration = Duration(seconds=15)
     #: connections served at once; more are answered 503 and closed
     max_connections: int = 256
-    #: one line per request: method, path without query, status, duration (never a header)
-    access_log: bool = True
+    #: one line per request: method, path without query, status, duration (never a header);
+    #: off by default: at a few hundred requests a second journald's rate limit would drop
+    #: the agent's own lines with them (dvs_agent_proxy_requests_total counts every answer)
+    access_log: bool = False
 
 
 class ProfileLike(Protocol):

@@ -1,0 +1,362 @@
+"""The proxy's HTTP/1.1 wire in-process (agent.proxy.edge and agent.proxy.upstream): what a
+client or an upstream may do on a connection that the higher-level tests do not: pipelining,
+half-closes, HEAD, 1xx, chunked and close-delimited answers, HTTP/1.0 clients, idle upstream
+connections that the upstream closed, smuggling attempts and floods of pipelined requests."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from agent.proxy.service import ProxyService
+from tests.api_server import ApiServer, pattern_sha256
+from tests.test_proxy_service import Scripted, _serve, _spec
+
+Handler = Callable[[socket.socket, bytes], None]
+
+
+@pytest.fixture
+def api() -> Iterator[ApiServer]:
+    with ApiServer() as upstream:
+        yield upstream
+
+
+class RawUpstream:
+    """An upstream that answers each request head with ``handler(conn, head)`` (raw bytes),
+    keeping the connection for the next request until the handler closes it."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.heads: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                self.heads.append(head)
+                try:
+                    self.handler(conn, head)
+                except OSError:
+                    return
+                if conn.fileno() == -1:
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _raw_service(api: ApiServer, upstream: RawUpstream, **keys: object) -> tuple[ProxyService, int]:
+    import dataclasses
+
+    spec, url = _spec(api, **keys)
+    spec = dataclasses.replace(spec, upstream=f"http://127.0.0.1:{upstream.port}")
+    return _serve(Scripted(api), spec), int(url.rsplit(":", 1)[1])
+
+
+def _exchange(port: int, data: bytes, *, shut: bool = False, wait: float = 5.0) -> bytes:
+    """Send ``data`` raw and read until the proxy closes the connection (or ``wait``)."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(data)
+        if shut:
+            conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(wait)
+        out = b""
+        try:
+            while chunk := conn.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+        return out
+
+
+def _host(port: int) -> bytes:
+    return b"Host: 127.0.0.1:%d\r\n" % port
+
+
+def test_pipelined_requests_are_answered_in_order(api: ApiServer) -> None:
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        requests = b"".join(
+            b"GET /status/%d HTTP/1.1\r\n" % status + _host(port) + b"\r\n"
+            for status in (201, 202, 203)
+        )
+        out = _exchange(
+            port, requests + b"GET /echo HTTP/1.1\r\n" + _host(port) + b"Connection: close\r\n\r\n"
+        )
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
+        assert statuses == [b"201", b"202", b"203", b"200"], out[:300]
+    finally:
+        service.stop(2.0)
+
+
+def test_a_flood_of_pipelined_requests_is_served_one_by_one(api: ApiServer) -> None:
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        one = b"GET /status/204 HTTP/1.1\r\n" + _host(port) + b"\r\n"
+        out = _exchange(
+            port,
+            one * 2000 + b"GET /echo HTTP/1.1\r\n" + _host(port) + b"Connection: close\r\n\r\n",
+            wait=30,
+        )
+        assert out.count(b"HTTP/1.1 204 ") == 2000
+        assert out.count(b"HTTP/1.1 200 ") == 1
+    finally:
+        service.stop(2.0)
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
+    api: ApiServer,
+) -> None:
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        out = _exchange(
+            port, b"GET /slow?seconds=0.3 HTTP/1.1\r\n" + _host(port) + b"\r\n", shut=True
+        )
+        assert out.startswith(b"HTTP/1.1 200 "), out
+        assert b"Connection: close" in out
+    finally:
+        service.stop(2.0)
+
+
+def test_head_answers_carry_the_length_and_no_body_and_the_connection_is_reused(
+    api: ApiServer,
+) -> None:
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            head = client.head("/stream?bytes=5000&length=1")
+            assert head.status_code == 200 and head.headers["Content-Length"] == "5000"
+            assert head.content == b""
+            after = client.get("/stream?bytes=5000&length=1")
+            assert after.status_code == 200 and len(after.content) == 5000
+    finally:
+        service.stop(2.0)
+
+
+def test_chunked_answers_are_rechunked_for_http11_and_close_delimited_for_http10(
+    api: ApiServer,
+) -> None:
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    port = int(url.rsplit(":", 1)[1])
+    size = 300_000
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            answer = client.get(f"/stream?bytes={size}")  # chunked by the upstream
+            assert answer.headers.get("Transfer-Encoding") == "chunked"
+            assert hashlib.sha256(answer.content).hexdigest() == pattern_sha256(size)
+        old = _exchange(port, b"GET /stream?bytes=%d HTTP/1.0\r\n" % size + _host(port) + b"\r\n")
+        head, body = old.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head.lower()
+        assert b"Connection: close" in head
+        assert hashlib.sha256(body).hexdigest() == pattern_sha256(size)
+    finally:
+        service.stop(2.0)
+
+
+def test_a_close_delimited_answer_reaches_the_client_whole(api: ApiServer) -> None:
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"z" * 100_000)
+        conn.close()
+
+    upstream = RawUpstream(handler)
+    service, port = _raw_service(api, upstream)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(2):  # the upstream connection is not reused
+                answer = client.get("/x")
+                assert answer.status_code == 200 and answer.content == b"z" * 100_000
+        assert upstream.connections == 2
+    finally:
+        service.stop(2.0)
+        upstream.close()
+
+
+def test_early_hints_are_skipped_and_an_unasked_upgrade_is_a_502(api: ApiServer) -> None:
+    def handler(conn: socket.socket, head: bytes) -> None:
+        if head.startswith(b"GET /hints"):
+            conn.sendall(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            )
+        else:
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+            )
+
+    upstream = RawUpstream(handler)
+    service, port = _raw_service(api, upstream)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            hints = client.get("/hints")
+            assert hints.status_code == 200 and hints.content == b"ok"
+            upgrade = client.get("/upgrade")
+            assert upgrade.status_code == 502 and "not valid HTTP" in upgrade.json()["error"]
+    finally:
+        service.stop(2.0)
+        upstream.close()
+
+
+def test_an_idle_connection_the_upstream_closed_is_not_a_502(api: ApiServer) -> None:
+    """The upstream closes each connection quietly after its answer (its keep-alive timeout):
+    the next request must not fail on the dead pooled connection."""
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        time.sleep(0.1)
+        conn.close()
+
+    upstream = RawUpstream(handler)
+    service, port = _raw_service(api, upstream)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(5):
+                answer = client.get("/x")
+                assert answer.status_code == 200, answer.text
+                time.sleep(0.3)
+    finally:
+        service.stop(2.0)
+        upstream.close()
+
+
+def test_a_reused_connection_closed_unanswered_is_retried_once_for_idempotent_requests(
+    api: ApiServer,
+) -> None:
+    """The upstream takes a request on a kept-alive connection and closes it without an
+    answer (it timed the connection out as the request came): a GET goes again on a new
+    connection, a POST gets the 502 (it may have been acted on)."""
+    answered: list[bytes] = []
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        if answered:
+            conn.close()  # every second request on a connection: dropped unanswered
+            return
+        answered.append(head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = RawUpstream(handler)
+    service, port = _raw_service(api, upstream)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert client.get("/first").status_code == 200
+            answered.clear()
+            again = client.get("/second")  # on the kept connection: dropped, then retried
+            assert again.status_code == 200, again.text
+            post = client.post("/third", content=b"x")
+            assert post.status_code == 502
+            assert "closed the connection without an answer" in post.json()["error"]
+    finally:
+        service.stop(2.0)
+        upstream.close()
+
+
+def test_both_content_length_and_transfer_encoding_is_a_400(api: ApiServer) -> None:
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        smuggle = (
+            b"POST /upload HTTP/1.1\r\n" + _host(port) + b"Content-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /echo HTTP/1.1\r\n\r\n"
+        )
+        out = _exchange(port, smuggle)
+        assert out.startswith(b"HTTP/1.1 400 "), out
+        assert out.count(b"HTTP/1.1 ") == 1
+        assert api.requests() == []
+    finally:
+        service.stop(2.0)
+
+
+def test_an_upgrade_request_is_forwarded_without_upgrading_then_closed(api: ApiServer) -> None:
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        out = _exchange(
+            port,
+            b"GET /echo HTTP/1.1\r\n"
+            + _host(port)
+            + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        assert out.startswith(b"HTTP/1.1 200 "), out
+        [seen] = api.requests()
+        assert not seen.header("Upgrade")
+    finally:
+        service.stop(2.0)
+
+
+def test_a_large_401_that_is_not_replayed_comes_back_whole(api: ApiServer) -> None:
+    """A 401 is held while the proxy decides on a replay; its body beyond what is held stays
+    in the upstream's socket and is relayed once the decision is to pass it back."""
+    big = b"e" * 300_000
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+
+    upstream = RawUpstream(handler)
+    import dataclasses
+
+    spec, url = _spec(api)
+    spec = dataclasses.replace(spec, upstream=f"http://127.0.0.1:{upstream.port}")
+    tokens = Scripted(api, mint=False)  # a renewal brings the same token: no replay
+    service = _serve(tokens, spec)
+    try:
+        answer = httpx.get(url + "/x", timeout=10)
+        assert answer.status_code == 401 and answer.content == big
+        assert tokens.renewals == 1
+    finally:
+        service.stop(2.0)
+        upstream.close()
+
+
+def test_a_held_chunked_body_reaches_the_upstream_with_its_length(api: ApiServer) -> None:
+    spec, url = _spec(api)
+    service = _serve(Scripted(api), spec)
+    try:
+
+        def body() -> Iterator[bytes]:
+            yield b"a" * 1000
+            yield b"b" * 1000
+
+        answer = httpx.post(url + "/upload", content=body(), timeout=10)
+        assert answer.json()["body_len"] == 2000
+        [seen] = api.requests()
+        assert seen.header("Content-Length") == ["2000"] and not seen.header("Transfer-Encoding")
+    finally:
+        service.stop(2.0)
