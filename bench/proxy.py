@@ -535,7 +535,12 @@ def main() -> int:
     parser.add_argument(
         "--python", default=sys.executable, help="the interpreter that runs `-m agent`"
     )
-    parser.add_argument("--access-log", choices=["on", "off"], default="on")
+    parser.add_argument(
+        "--access-log",
+        choices=["on", "off"],
+        default="off",
+        help="the agent's access_log (off: its default)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = parser.parse_args()

@@ -5,12 +5,16 @@ connections that the upstream closed, smuggling attempts and floods of pipelined
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +22,7 @@ import pytest
 from agent.proxy.service import ProxyService
 from tests.api_server import ApiServer, pattern_sha256
 from tests.test_proxy_service import Scripted, _serve, _spec
+from tests.vault_logins import make_ca, make_server_cert
 
 Handler = Callable[[socket.socket, bytes], None]
 
@@ -75,8 +80,6 @@ class RawUpstream:
 
 
 def _raw_service(api: ApiServer, upstream: RawUpstream, **keys: object) -> tuple[ProxyService, int]:
-    import dataclasses
-
     spec, url = _spec(api, **keys)
     spec = dataclasses.replace(spec, upstream=f"http://127.0.0.1:{upstream.port}")
     return _serve(Scripted(api), spec), int(url.rsplit(":", 1)[1])
@@ -330,8 +333,6 @@ def test_a_large_401_that_is_not_replayed_comes_back_whole(api: ApiServer) -> No
         conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
 
     upstream = RawUpstream(handler)
-    import dataclasses
-
     spec, url = _spec(api)
     spec = dataclasses.replace(spec, upstream=f"http://127.0.0.1:{upstream.port}")
     tokens = Scripted(api, mint=False)  # a renewal brings the same token: no replay
@@ -358,5 +359,130 @@ def test_a_held_chunked_body_reaches_the_upstream_with_its_length(api: ApiServer
         assert answer.json()["body_len"] == 2000
         [seen] = api.requests()
         assert seen.header("Content-Length") == ["2000"] and not seen.header("Transfer-Encoding")
+    finally:
+        service.stop(2.0)
+
+
+class ConnectProxy:
+    """A forward proxy that speaks only CONNECT: it records each request head, then pipes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.heads: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(4096)
+            if not data:
+                conn.close()
+                return
+            head += data
+        self.heads.append(head)
+        target = head.split(b" ")[1].decode()
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (a, b):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+        pipe(upstream, conn)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_https_upstream_is_reached_through_the_connect_tunnel_of_https_proxy(
+    api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    where = tmp_path
+    ca = make_ca("upstream test CA")
+    ca_cert = where / "ca.pem"
+    ca_cert.write_text(ca.cert_pem)
+    files = make_server_cert(ca, where / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert, files.key)
+    forward = ConnectProxy()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://user:p%40ss@127.0.0.1:{forward.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with ApiServer(tls=context, check_tokens=False) as tls_api:
+        spec, url = _spec(api)
+        upstream = tls_api.url.replace("http://", "https://")
+        spec = dataclasses.replace(spec, upstream=upstream, ca_bundle=str(ca_cert))
+        service = _serve(Scripted(api), spec)
+        try:
+            with httpx.Client(base_url=url, timeout=10) as client:
+                for _ in range(3):  # the tunnelled connection is kept alive and reused
+                    answer = client.get("/echo?via=tunnel")
+                    assert answer.status_code == 200, answer.text
+                    assert answer.json()["query"] == "via=tunnel"
+        finally:
+            service.stop(2.0)
+            forward.close()
+    [head] = forward.heads
+    assert head.startswith(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n" % tls_api.port)
+    assert b"Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in head  # user:p@ss
+    [seen] = {r.header("Host")[0] for r in tls_api.requests()}
+    assert seen == f"127.0.0.1:{tls_api.port}"
+
+
+def test_a_forward_proxy_that_refuses_the_tunnel_is_a_502_naming_it(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    forward = RawUpstream(refuse)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{forward.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    spec, url = _spec(api)
+    spec = dataclasses.replace(spec, upstream="https://api.example.test")
+    service = _serve(Scripted(api), spec)
+    try:
+        answer = httpx.get(url + "/x", timeout=10)
+        assert answer.status_code == 502
+        error = answer.json()["error"]
+        assert f"forward proxy 127.0.0.1:{forward.port}" in error and "407" in error, error
+    finally:
+        service.stop(2.0)
+        forward.close()
+
+
+def test_a_streamed_body_that_stalls_is_a_408_while_the_upstream_waits(api: ApiServer) -> None:
+    """The body's sender waits for the client while the exchange waits for the upstream's
+    answer: each has its own deadline (client_timeout for the body)."""
+    spec, url = _spec(api, client_timeout="1s", request_timeout="30s")
+    service = _serve(Scripted(api), spec)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        head = (
+            b"POST /upload HTTP/1.1\r\n" + _host(port) + b"Content-Length: %d\r\n\r\n" % (3 << 20)
+        )
+        began = time.monotonic()
+        out = _exchange(port, head + b"x" * (2 << 20), wait=10)
+        assert out.startswith(b"HTTP/1.1 408 "), out[:200]
+        assert time.monotonic() - began < 6
     finally:
         service.stop(2.0)

@@ -38,6 +38,10 @@ MAX_HEADERS = 100
 BODY_QUEUE = 256 * 1024
 #: a listener checks its connections' deadlines this often
 TICK_SECONDS = 0.5
+#: request headers whose first value is noted as they are parsed (read for every request)
+NOTED = frozenset(
+    {b"host", b"origin", b"connection", b"expect", b"content-length", b"transfer-encoding"}
+)
 
 
 def error_body(status: int, error: str, **fields: object) -> bytes:
@@ -163,7 +167,16 @@ def _body_stalled(conn: ClientConnection) -> BaseException:
 class Request:
     """A parsed request head, and its body."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "started", "target", "version")
+    __slots__ = (
+        "body",
+        "headers",
+        "keep_alive",
+        "method",
+        "noted",
+        "started",
+        "target",
+        "version",
+    )
 
     def __init__(
         self,
@@ -171,15 +184,19 @@ class Request:
         target: bytes,
         version: str,
         headers: list[tuple[bytes, bytes]],
+        noted: dict[bytes, bytes],
         keep_alive: bool,
         body: Body,
     ) -> None:
         self.method, self.target, self.version = method, target, version
-        self.headers, self.keep_alive, self.body = headers, keep_alive, body
+        self.headers, self.noted = headers, noted
+        self.keep_alive, self.body = keep_alive, body
         self.started = time.monotonic()
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of ``name`` (lower case)."""
+        if name in NOTED:
+            return self.noted.get(name)
         for key, value in self.headers:
             if key.lower() == name:
                 return value
@@ -256,6 +273,7 @@ class ClientConnection(asyncio.Protocol):
         # the request head being parsed
         self._url = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
+        self._noted: dict[bytes, bytes] = {}
         self._length: int | None = None
         self._chunked = False
         self._head_bytes = 0
@@ -364,6 +382,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = bytearray()
         self._headers = []
+        self._noted = {}
         self._length = None
         self._chunked = False
         self._head_size = 0
@@ -385,13 +404,17 @@ class ClientConnection(asyncio.Protocol):
             self._too_large()
             raise _Stop
         lower = name.lower()
-        if lower == b"content-length":
-            try:
-                self._length = int(value)
-            except ValueError:
-                self._length = None
-        elif lower == b"transfer-encoding":
-            self._chunked = True
+        if lower in NOTED:
+            noted = self._noted
+            if lower not in noted:
+                noted[lower] = value
+            if lower == b"content-length":
+                try:
+                    self._length = int(value)
+                except ValueError:
+                    self._length = None
+            elif lower == b"transfer-encoding":
+                self._chunked = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -402,6 +425,7 @@ class ClientConnection(asyncio.Protocol):
             bytes(self._url),
             parser.get_http_version(),
             self._headers,
+            self._noted,
             parser.should_keep_alive(),
             body,
         )

@@ -129,10 +129,11 @@ def _dropped(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> froz
 
 
 def forwarded_request_headers(
-    headers: list[tuple[bytes, bytes]], bearer: bytes
+    headers: list[tuple[bytes, bytes]], bearer: bytes, *, connection: bool = True
 ) -> list[tuple[bytes, bytes]]:
-    """The client's headers as the upstream gets them (framing aside), with the bearer token."""
-    drop = _dropped(headers, _REQUEST_DROP)
+    """The client's headers as the upstream gets them (framing aside), with the bearer token
+    (``connection``: a Connection header may name more to drop)."""
+    drop = _dropped(headers, _REQUEST_DROP) if connection else _REQUEST_DROP
     out = [(n, v) for n, v in headers if n.lower() not in drop]
     out.append((b"Authorization", b"Bearer " + bearer))
     return out
@@ -437,7 +438,9 @@ class Forwarder:
             route.authority,
             b"\r\n",
         ]
-        for name, value in forwarded_request_headers(request.headers, self._bearer_for(token)):
+        for name, value in forwarded_request_headers(
+            request.headers, self._bearer_for(token), connection=b"connection" in request.noted
+        ):
             parts += (name, b": ", value, b"\r\n")
         if route.via_auth is not None and route.tls is None:
             parts += (b"Proxy-Authorization: ", route.via_auth, b"\r\n")

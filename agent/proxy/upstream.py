@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -56,8 +56,7 @@ class ForwardProxyError(OSError):
         self.host, self.port, self.cause = host, port, cause
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+class Head(NamedTuple):
     """An upstream answer's status line and headers (raw bytes, as sent)."""
 
     status: int
