@@ -117,6 +117,8 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
 
 
 _REQUEST_DROP = HOP_BY_HOP | _REPLACED
+#: Connection values that name no header to drop
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 _RESPONSE_DROP = HOP_BY_HOP | _REFRAMED
 
 
@@ -124,7 +126,9 @@ def _dropped(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> froz
     """``drop`` and the names listed in the headers' Connection values."""
     for name, _ in headers:
         if name.lower() == b"connection":
-            return drop | _connection_tokens(headers)
+            named = _connection_tokens(headers)
+            # most name only keep-alive or close: no new set per request then
+            return drop if named <= _PLAIN_CONNECTION else drop | named
     return drop
 
 
