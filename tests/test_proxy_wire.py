@@ -486,3 +486,26 @@ def test_a_streamed_body_that_stalls_is_a_408_while_the_upstream_waits(api: ApiS
         assert time.monotonic() - began < 6
     finally:
         service.stop(2.0)
+
+
+def test_an_answer_nobody_asked_for_is_never_given_to_the_next_request(api: ApiServer) -> None:
+    """An upstream that sends a second, unasked-for answer on a kept-alive connection (a
+    desync): the connection is dropped, the next client gets the answer to its own request."""
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        path = head.split(b" ")[1]
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(path) + path)
+        time.sleep(0.2)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!")
+
+    upstream = RawUpstream(handler)
+    service, port = _raw_service(api, upstream)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert client.get("/one").content == b"/one"
+            time.sleep(0.5)  # the unasked-for answer has come
+            assert client.get("/two").content == b"/two"
+        assert upstream.connections == 2
+    finally:
+        service.stop(2.0)
+        upstream.close()

@@ -530,15 +530,6 @@ class ClientConnection(asyncio.Protocol):
     def writable(self) -> bool:
         return self._can_write is None
 
-    async def drain(self) -> None:
-        """Wait while the client reads slower than the answer comes (client_timeout)."""
-        if self._can_write is not None:
-            await self.wait_for(
-                asyncio.shield(self._can_write), self.client_timeout, _client_not_reading
-            )
-        if self.closed:
-            raise ClientGone()
-
     # --------------------------------------------------------------------- deadlines
     def waiting(
         self,
@@ -551,18 +542,6 @@ class ClientConnection(asyncio.Protocol):
         if future is not None:
             self._wait_deadline = time.monotonic() + seconds
             self._wait_error = error
-
-    async def wait_for(
-        self,
-        future: asyncio.Future[Any],
-        seconds: float,
-        error: Callable[[ClientConnection], BaseException],
-    ) -> Any:
-        self.waiting(future, seconds, error)
-        try:
-            return await future
-        finally:
-            self._wait = None
 
     def check(self, now: float) -> None:
         """The listener's tick: enforce this connection's deadlines."""
@@ -645,7 +624,3 @@ class ClientConnection(asyncio.Protocol):
 
 class _Stop(Exception):
     """Raised in a parser callback to stop parsing (httptools wraps it)."""
-
-
-def _client_not_reading(conn: ClientConnection) -> BaseException:
-    return TimeoutError(f"the client read nothing for client_timeout ({conn.client_timeout:g}s)")

@@ -9,12 +9,16 @@
 3. read the body: up to :data:`~agent.proxy.settings.REPLAY_BODY_LIMIT` is held (a 401 can
    then be replayed), a longer one is streamed (and cut with 413 beyond ``max_body``);
 4. send method, target, headers (hop-by-hop ones, ``Host`` and the client's
-   ``Authorization`` removed; ``Authorization: Bearer`` added) and body upstream, redirects
-   not followed;
+   ``Authorization`` removed; ``Authorization: Bearer`` added) and body upstream on a pooled
+   kept-alive connection (a held body with its ``Content-Length``, a streamed one as it came:
+   with its length, else chunked), redirects not followed; a pooled connection that the
+   upstream closed as it was reused carries an idempotent request once more on a new one;
 5. a 401 with a held body: a fresh token from the profile (single-flight: one renewal for any
    number of concurrent 401s, sharing ``refresh``'s rate limit; a token newer than the one
    used is taken at once) and one replay, only when the token changed; else the 401 goes back;
-6. stream the answer back (hop-by-hop headers removed), chunk by chunk: memory stays flat.
+6. stream the answer back (hop-by-hop headers removed; a body without a length re-chunked
+   for HTTP/1.1 clients), chunk by chunk, reading the upstream only as fast as the client
+   reads: memory stays flat.
 
 Failures before the answer begins become JSON answers naming the cause (502 upstream
 unreachable or TLS, 504 upstream too slow, 408 client too slow); after it began, the

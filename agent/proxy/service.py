@@ -182,9 +182,8 @@ class ProxyService:
         cfg = spec.config
         loop = asyncio.get_running_loop()
         tls = self._tls.get(spec.ca_bundle) if spec.upstream.startswith("https:") else None
-        pool = UpstreamPool(
-            loop, route_of(spec.upstream, tls, environment_proxy(spec.upstream, os.environ))
-        )
+        route = route_of(spec.upstream, tls, environment_proxy(spec.upstream, os.environ))
+        pool = UpstreamPool(loop, route, idle_max=cfg.max_connections)
         forwarder = Forwarder(
             spec,
             tokens=self._tokens,

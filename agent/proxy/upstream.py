@@ -32,8 +32,6 @@ HEAD_LIMIT = 64 * 1024
 HOLD_LIMIT = 64 * 1024
 #: the longest connect to the upstream (within request_timeout)
 CONNECT_SECONDS = 10.0
-#: idle upstream connections kept per listener
-IDLE_MAX = 64
 
 
 class BadAnswer(Exception):
@@ -147,6 +145,10 @@ class Upstream(asyncio.Protocol):
     def resume(self) -> None:
         if self.transport is not None and not self.closed and self.transport.is_reading() is False:
             self.transport.resume_reading()
+
+    def restart(self) -> None:
+        """A new parser: the CONNECT tunnel's answer ended, TLS and HTTP begin afresh."""
+        self._parser = httptools.HttpResponseParser(self)
 
     def reusable(self) -> bool:
         return self._reusable and not self.closed
@@ -334,9 +336,12 @@ def route_of(upstream: str, tls: ssl.SSLContext | None, forward: str | None) -> 
 class UpstreamPool:
     """Idle kept-alive connections to one upstream, and new ones (see the module's doc)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, route: Route) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, route: Route, *, idle_max: int) -> None:
         self._loop = loop
         self.route = route
+        #: idle connections kept at most (the listener's max_connections: as many as can be
+        #: busy at once, so that a steady load opens none)
+        self._idle_max = idle_max
         self._idle: list[Upstream] = []
 
     def take(self) -> Upstream | None:
@@ -348,7 +353,7 @@ class UpstreamPool:
         return None
 
     def give_back(self, up: Upstream) -> None:
-        if up.reusable() and len(self._idle) < IDLE_MAX:
+        if up.reusable() and len(self._idle) < self._idle_max:
             self._idle.append(up)
         else:
             up.abort()
@@ -408,7 +413,7 @@ class UpstreamPool:
         if not 200 <= answer.status < 300:
             up.abort()
             raise ForwardProxyError(host, port, f"it answered {answer.status} to CONNECT")
-        up._parser = httptools.HttpResponseParser(up)  # the tunnel carries a new stream
+        up.restart()  # the tunnel carries a new stream
 
     def close(self) -> None:
         for up in self._idle:
