@@ -14,6 +14,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -691,6 +692,45 @@ def test_a_reload_of_the_proxy_table_restarts_only_the_listener(
     assert extra.recv(4096).startswith(b"HTTP/1.1 503")  # the new cap
     held.close()
     assert len(server.token_requests()) == before  # the profile kept its token
+
+
+def test_a_burst_of_sighups_leaves_the_proxy_serving_on_its_kept_connections(
+    start: Start, server: TokenServer
+) -> None:
+    """Reloads that leave the [proxy] table as it was do not touch the listener: requests on
+    a kept-alive connection go on through a burst of SIGHUPs, none fails, no token is asked."""
+    p = start()
+    before = len(server.token_requests())
+    failures: list[str] = []
+    done = threading.Event()
+    count = 0
+
+    def traffic() -> None:
+        nonlocal count
+        with p.client() as client:
+            while not done.is_set():
+                try:
+                    answer = client.get("/echo")
+                except httpx.HTTPError as exc:
+                    failures.append(type(exc).__name__)
+                    continue
+                if answer.status_code != 200:
+                    failures.append(str(answer.status_code))
+                count += 1
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        for _ in range(30):
+            p.agent.signal(signal.SIGHUP)
+            time.sleep(0.02)
+        time.sleep(1.0)
+    finally:
+        done.set()
+        worker.join(10)
+    assert failures == [] and count > 30
+    assert "proxy stopped" not in p.agent.output()
+    assert len(server.token_requests()) == before
 
 
 def test_token_endpoint_failures_do_not_reach_proxy_clients(

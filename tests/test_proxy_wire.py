@@ -33,12 +33,10 @@ def api() -> Iterator[ApiServer]:
         yield upstream
 
 
-class RawUpstream:
-    """An upstream that answers each request head with ``handler(conn, head)`` (raw bytes),
-    keeping the connection for the next request until the handler closes it."""
+class _Acceptor:
+    """A loopback TCP server handing each connection to :meth:`_one` on a thread."""
 
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
+    def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections = 0
@@ -53,6 +51,21 @@ class RawUpstream:
                 return
             self.connections += 1
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawUpstream(_Acceptor):
+    """An upstream that answers each request head with ``handler(conn, head)`` (raw bytes),
+    keeping the connection for the next request until the handler closes it."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        super().__init__()
 
     def _one(self, conn: socket.socket) -> None:
         buffer = b""
@@ -74,9 +87,6 @@ class RawUpstream:
                     return
                 if conn.fileno() == -1:
                     return
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _raw_service(api: ApiServer, upstream: RawUpstream, **keys: object) -> tuple[ProxyService, int]:
@@ -363,22 +373,8 @@ def test_a_held_chunked_body_reaches_the_upstream_with_its_length(api: ApiServer
         service.stop(2.0)
 
 
-class ConnectProxy:
+class ConnectProxy(_Acceptor):
     """A forward proxy that speaks only CONNECT: it records each request head, then pipes."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.heads: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
     def _one(self, conn: socket.socket) -> None:
         head = b""
@@ -407,9 +403,6 @@ class ConnectProxy:
 
         threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
         pipe(upstream, conn)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_an_https_upstream_is_reached_through_the_connect_tunnel_of_https_proxy(

@@ -473,8 +473,24 @@ class Forwarder:
         token: Token,
         held: bytes | None,
         first: bytes,
+    ) -> tuple[Upstream, Head, asyncio.Task[None] | None] | int:
+        """Send the request: the connection, the answer's head and the body's sender; or the
+        status the proxy answered with when the upstream could not be asked (502, 504)."""
+        try:
+            return await self._send(conn, request, token, held, first)
+        except (BodyError, ClientGone):
+            raise
+        except Exception as exc:
+            return self._failed(conn, request, exc)
+
+    async def _send(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        token: Token,
+        held: bytes | None,
+        first: bytes,
     ) -> tuple[Upstream, Head, asyncio.Task[None] | None]:
-        """Send the request; the connection, the answer's head and the body's sender."""
         body = request.body
         chunked = held is None and (body.chunked or body.length is None)
         head_only = request.method == b"HEAD"
@@ -524,12 +540,10 @@ class Forwarder:
         held: bytes | None,
         first: bytes,
     ) -> int:
-        try:
-            up, head, sender = await self._ask(conn, request, token, held, first)
-        except (BodyError, ClientGone):
-            raise
-        except Exception as exc:
-            return self._failed(conn, request, exc)
+        asked = await self._ask(conn, request, token, held, first)
+        if isinstance(asked, int):
+            return asked
+        up, head, sender = asked
         if head.status == 401 and held is not None:
             replay = await self._replay_token(token)
             if replay is not None:
@@ -539,12 +553,10 @@ class Forwarder:
                     "the upstream answered 401: replayed once with the renewed token",
                     extra={"profile": self._profile, "event": "proxy_replay"},
                 )
-                try:
-                    up, head, sender = await self._ask(conn, request, replay, held, first)
-                except (BodyError, ClientGone):
-                    raise
-                except Exception as exc:
-                    return self._failed(conn, request, exc)
+                asked = await self._ask(conn, request, replay, held, first)
+                if isinstance(asked, int):
+                    return asked
+                up, head, sender = asked
                 self._judge_replay(replay, head.status)
         try:
             await self._relay(conn, request, up, head)
