@@ -81,8 +81,6 @@ class Upstream(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        #: requests answered on this connection (0: a new one)
-        self.used = 0
         #: the current request's answer head, and its end (pending until :meth:`begin`)
         self.head: asyncio.Future[Head] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -126,13 +124,10 @@ class Upstream(asyncio.Protocol):
         if self.closed:
             raise UpstreamClosed(began=self.head.done())
 
-    def held_body(self) -> bytes:
-        """The body received while not relaying (up to HOLD_LIMIT, then reading paused)."""
-        return b"".join(self._held)
-
     def relay(self, sink: Sink) -> bytes:
-        """From now on, chunks go to ``sink``; returns the ones held so far."""
-        held = self.held_body()
+        """From now on, chunks go to ``sink``; returns the body held so far (received while
+        not relaying: up to HOLD_LIMIT, then reading paused)."""
+        held = b"".join(self._held)
         self._held, self._held_size = [], 0
         self._sink = sink
         self.resume()
@@ -259,7 +254,6 @@ class Upstream(asyncio.Protocol):
             return  # a 1xx answer ended
         if self.done.done():
             return
-        self.used += 1
         self._reusable = self._parser.should_keep_alive() and not self._head_only
         self.done.set_result(None)
 
