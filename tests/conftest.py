@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,16 @@ from agent.models import Secret, Token
 from agent.sinks.file import FileSink, FileSinkConfig
 from agent.sources.vault import VaultSourceConfig
 from agent.stores.vault.settings import VaultAuth
-from tests.servers import MOTO_ENV, Bao, Moto, RedisServer, bao_server, moto_server, redis_server
+from tests.servers import (
+    MOTO_ENV,
+    Bao,
+    Moto,
+    RedisServer,
+    bao_server,
+    free_port,
+    moto_server,
+    redis_server,
+)
 
 CLIENT_ID = "svc-client"
 CLIENT_SECRET = "s3cr3t-Value_with+chars/and=more"
@@ -62,6 +72,13 @@ path = "{directory}/token.json"
 format = "json"
 """
     path = directory / "agent.toml"
+    # the default health port (8787) would be shared by every agent a test run starts, and
+    # with a dvs-agent running on the machine: each config gets a free port of its own
+    health = (
+        ""
+        if "[health]" in agent + extra_profile + sinks
+        else (f'\n[health]\nlisten = "127.0.0.1:{free_port()}"\n')
+    )
     path.write_text(
         f"""
 [agent]
@@ -69,6 +86,7 @@ log_level = "{log_level}"
 log_format = "{log_format}"
 state_dir = "{directory}/state"
 {agent}
+{health}
 
 [profiles.dvs]
 token_url = "{url}"
@@ -80,6 +98,17 @@ poll_interval = "{poll}"
 """
     )
     return path
+
+
+def set_health(config: Path, listen: str) -> Path:
+    """``config`` (from :func:`write_config`) with ``health.listen`` set (``""``: off)."""
+    text = config.read_text()
+    table = '[health]\nlisten = "' + listen + '"\n'
+    text, found = re.subn(r'\[health\]\nlisten = "[^"]*"\n', lambda _: table, text, count=1)
+    if not found:
+        text = text.replace("[profiles.dvs]", table + "\n[profiles.dvs]", 1)
+    config.write_text(text)
+    return config
 
 
 def agent_env(**extra: str) -> dict[str, str]:

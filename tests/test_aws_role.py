@@ -971,3 +971,100 @@ def test_unit_a_denied_read_as_the_role_names_the_role() -> None:
     )
     plain = map_error(denied, secret_id="dvs/osigu", where="eu-west-1")
     assert "the agent's IAM identity needs secretsmanager:GetSecretValue" in str(plain)
+
+
+def test_rotation_events_are_read_from_sqs_as_the_assumed_role(
+    iam: IamMoto, base: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SQS trigger reads the events queue as the profile's role: the base identity may
+    only assume roles, so a receive as itself is refused."""
+    from agent.stores.aws.events import SqsRotationListener
+    from agent.triggers.sqs import KIND as SQS_KIND
+
+    sm, sqs = iam.admin("secretsmanager"), iam.admin("sqs")
+    secret = sm.create_secret(
+        Name=f"dvs/ev-{uuid.uuid4().hex[:8]}",
+        SecretString=json.dumps({"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}),
+    )["ARN"]
+    queue_url = sqs.create_queue(QueueName=f"rot-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    # AWS authorizes DeleteMessageBatch by sqs:DeleteMessage; moto wants the batch action
+    role = iam.role(["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:DeleteMessageBatch"])
+    event = {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "AWS Service Event via CloudTrail",
+        "source": "aws.secretsmanager",
+        "detail": {"eventName": "RotationSucceeded", "additionalEventData": {"SecretId": secret}},
+    }
+    base_only = SqsRotationListener(
+        queue_url=queue_url,
+        region=iam.region,
+        endpoint_url=iam.endpoint_url,
+        watch={PROFILE: [secret]},
+        on_rotation=lambda profile, detail: None,
+        wait_seconds=0,
+    )
+    with pytest.raises(bx.ClientError):
+        base_only.poll_once()  # the base identity may only assume roles
+    base_only.stop()
+
+    def profiles(arn_line: str) -> Any:
+        text = f"""
+[profiles.{PROFILE}]
+sources = ["aws"]
+[profiles.{PROFILE}.aws]
+secret_id = "{secret}"
+region = "{iam.region}"
+events_queue_url = "{queue_url}"
+{arn_line}
+[[profiles.{PROFILE}.sinks]]
+path = "/nonexistent/token"
+"""
+        return parse_config(text, source="test").profiles
+
+    woken: list[str] = []
+    [listener] = SQS_KIND.listeners(
+        profiles(f'role_arn = "{role}"\nexternal_id = "{EXTERNAL_ID}"'),
+        lambda profile, detail: woken.append(profile),
+        logging.getLogger("test"),
+    )
+    assert isinstance(listener, SqsRotationListener)
+    sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(event))
+    deadline = 0
+    while not woken and deadline < 10:
+        listener.poll_once()
+        deadline += 1
+    listener.stop()
+    assert woken == [PROFILE]
+    assert iam.sessions(role), "the queue was read through an assumed session"
+
+
+def test_profiles_reading_one_queue_as_different_roles_share_one_listener_and_are_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each message is taken once, so one queue has one listener, as the first role."""
+    from agent.triggers.sqs import KIND as SQS_KIND
+
+    queue = "https://sqs.us-east-1.amazonaws.com/123456789012/rotations"
+    tables = "".join(
+        f"""
+[profiles.{name}]
+sources = ["aws"]
+[profiles.{name}.aws]
+secret_id = "dvs/{name}"
+region = "us-east-1"
+events_queue_url = "{queue}"
+role_arn = "arn:aws:iam::123456789012:role/{role}"
+[[profiles.{name}.sinks]]
+path = "/nonexistent/{name}"
+"""
+        for name, role in (("a", "reader-a"), ("b", "reader-b"), ("c", "reader-a"))
+    )
+    profiles = parse_config(tables, source="test").profiles
+    with caplog.at_level(logging.WARNING, logger="test"):
+        listeners = SQS_KIND.listeners(profiles, lambda p, d: None, logging.getLogger("test"))
+    assert len(listeners) == 1
+    [warning] = [r.getMessage() for r in caplog.records if "different roles" in r.getMessage()]
+    assert "profiles a and b" in warning and "role/reader-a" in warning
+    for listener in listeners:
+        listener.stop()

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from agent.devserver import Fault, TokenServer
-from tests.conftest import REPO, Spawn, agent_env, run_cli, wait_for, write_config
+from tests.conftest import REPO, Spawn, agent_env, run_cli, set_health, wait_for, write_config
 from tests.servers import free_port
 from tests.test_dev import _free_pair
 
@@ -29,11 +29,7 @@ TYPO = "profiles.dvs.sinkz: unknown key"
 
 def _no_listener(config: Path) -> Path:
     """``config`` without the health listener (its default port may be taken meanwhile)."""
-    text = config.read_text().replace(
-        "[profiles.dvs]", '[health]\nlisten = ""\n\n[profiles.dvs]', 1
-    )
-    config.write_text(text)
-    return config
+    return set_health(config, "")
 
 
 def _lines(text: str) -> list[str]:
@@ -229,12 +225,7 @@ def test_refresh_refused_by_the_rate_limit_exits_75(
     server: TokenServer, tmp_path: Path, spawn: Spawn
 ) -> None:
     listen = f"127.0.0.1:{free_port()}"
-    config = write_config(tmp_path, server.url)
-    config.write_text(
-        config.read_text().replace(
-            "[profiles.dvs]", f'[health]\nlisten = "{listen}"\n\n[profiles.dvs]', 1
-        )
-    )
+    config = set_health(write_config(tmp_path, server.url), listen)
     agent = spawn(config)
 
     def ready() -> bool:

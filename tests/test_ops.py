@@ -22,6 +22,7 @@ from tests.conftest import (
     metric_samples,
     metric_value,
     run_cli,
+    set_health,
     wait_for,
     write_config,
 )
@@ -31,11 +32,7 @@ from tests.servers import RedisServer, bao_server, free_port
 def _health_config(tmp_path: Path, url: str, **kwargs: str) -> tuple[Path, str]:
     port = free_port()
     listen = f"127.0.0.1:{port}"
-    config = write_config(tmp_path, url, **kwargs)
-    text = config.read_text().replace(
-        "[profiles.dvs]", f'[health]\nlisten = "{listen}"\n\n[profiles.dvs]', 1
-    )
-    config.write_text(text)
+    config = set_health(write_config(tmp_path, url, **kwargs), listen)
     return config, listen
 
 
@@ -295,10 +292,7 @@ def test_systemd_unit_is_hardened() -> None:
 def test_status_and_refresh_need_the_listener(
     server: TokenServer, tmp_path: Path, command: str
 ) -> None:
-    config = write_config(tmp_path, server.url)
-    config.write_text(
-        config.read_text().replace("[profiles.dvs]", '[health]\nlisten = ""\n\n[profiles.dvs]', 1)
-    )
+    config = set_health(write_config(tmp_path, server.url), "")
     result = run_cli(command, "-c", str(config))
     assert result.returncode == 69
     assert "listen" in result.stderr

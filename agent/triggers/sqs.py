@@ -2,8 +2,10 @@
 
 A profile that reads the ``aws`` source and sets ``events_queue_url`` in ``[profiles.NAME.aws]``
 is woken when an event names its secret. One listener runs per distinct queue (and region),
-shared by the profiles that name it. The listener, which imports boto3, is
-:class:`agent.stores.aws.events.SqsRotationListener`, imported only when a profile asks for it.
+shared by the profiles that name it; with ``role_arn`` it reads the queue as that role (the
+first such profile's, when profiles on one queue name different roles: a warning says so).
+The listener, which imports boto3, is :class:`agent.stores.aws.events.SqsRotationListener`,
+imported only when a profile asks for it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import logging
 from collections.abc import Callable, Mapping
 
 from agent.config.schema import ProfileConfig
-from agent.plugin import RotationListener, TriggerKind
-from agent.sources.aws import AwsSourceConfig
+from agent.plugin import RotationListener, TriggerKind, Where
+from agent.sources.aws import AssumedRole, AwsSourceConfig, assumed_role
 
 
 class SqsTrigger(TriggerKind):
@@ -26,6 +28,8 @@ class SqsTrigger(TriggerKind):
         logger: logging.Logger,
     ) -> list[RotationListener]:
         watched: dict[tuple[str, str | None], dict[str, list[str]]] = {}
+        #: the role each queue is read as: that of the first profile naming it with one
+        roles: dict[tuple[str, str | None], tuple[str, AssumedRole]] = {}
         for name, pc in profiles.items():
             aws = pc.table("aws")
             if not isinstance(aws, AwsSourceConfig) or "aws" not in pc.sources:
@@ -34,21 +38,40 @@ class SqsTrigger(TriggerKind):
                 continue
             # the queue's own URL gives the SQS endpoint: a Secrets Manager VPC endpoint
             # (aws.endpoint_url) cannot answer SQS calls
-            watched.setdefault((aws.events_queue_url, aws.region), {})[name] = [aws.secret_id]
+            queue = (aws.events_queue_url, aws.region)
+            watched.setdefault(queue, {})[name] = [aws.secret_id]
+            role = assumed_role(aws, Where.of(name, ["aws"]))
+            if role is None:
+                continue
+            first = roles.setdefault(queue, (name, role))
+            if first[1].arn != role.arn or first[1].external_id != role.external_id:
+                logger.warning(
+                    "profiles %s and %s read the events queue %s as different roles; one "
+                    "listener reads a queue (each message is taken once), as %s's role %s: "
+                    "allow it sqs:ReceiveMessage and sqs:DeleteMessage, or give each role "
+                    "its own queue",
+                    first[0],
+                    name,
+                    aws.events_queue_url,
+                    first[0],
+                    first[1].arn,
+                    extra={"event": "events_role_mismatch"},
+                )
         if not watched:
             return []
         from agent.stores.aws.events import SqsRotationListener
 
         return [
             SqsRotationListener(
-                queue_url=queue_url,
-                region=region,
+                queue_url=queue[0],
+                region=queue[1],
                 endpoint_url=None,  # the queue URL's own endpoint
                 watch=watch,
                 on_rotation=on_rotation,
+                role=roles[queue][1] if queue in roles else None,
                 logger=logger,
             )
-            for (queue_url, region), watch in watched.items()
+            for queue, watch in watched.items()
         ]
 
 

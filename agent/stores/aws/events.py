@@ -31,6 +31,7 @@ import botocore.exceptions as bx
 from agent.masking import outside
 from agent.models import MAX_ANSWER_BYTES
 from agent.retry import Backoff
+from agent.sources.aws import AssumedRole
 from agent.stores.aws.client import guard_botocore_logs, make_client
 from agent.stores.aws.credentials import held_credentials
 from agent.stores.aws.errors import describe_location
@@ -169,7 +170,8 @@ class SqsRotationListener:
 
     ``watch`` maps each profile to the secret ids (names or ARNs) it reads; ``on_rotation``
     is called with ``(profile, detail)`` once per poll for every profile that an event of that
-    poll names. A failing ``on_rotation`` is logged and does not stop anything.
+    poll names. A failing ``on_rotation`` is logged and does not stop anything. ``role``: the
+    queue is read as that assumed role (its sessions renewed as the source's are).
     """
 
     def __init__(
@@ -182,6 +184,7 @@ class SqsRotationListener:
         on_rotation: Callable[[str, str], None],
         wait_seconds: int = 20,
         client: Any | None = None,
+        role: AssumedRole | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         if not 0 <= wait_seconds <= 20:
@@ -203,6 +206,7 @@ class SqsRotationListener:
                 # a long poll holds the connection for wait_seconds before it answers
                 timeout=float(wait_seconds + 10),
                 profile=next(iter(watch), "NAME"),
+                role=role,
             )
         else:
             guard_botocore_logs()
