@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import math
-import os
 import resource
 import socket
 import socketserver
@@ -55,6 +54,7 @@ from agent.clock import Clock, utc_now
 from agent.config.values import parse_listen
 from agent.metrics import Metrics
 from agent.models import rfc3339
+from agent.process import fds_in_use
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -90,17 +90,6 @@ ACCEPT_BACKOFF_SECONDS = 0.1
 _JSON = "application/json"
 
 
-def _fds_in_use() -> int:
-    """The file descriptors this process has open (0 where the system does not list them)."""
-    for directory in ("/proc/self/fd", "/dev/fd"):
-        try:
-            # listdir holds one descriptor of its own while it reads, and lists it
-            return max(0, len(os.listdir(directory)) - 1)
-        except OSError:
-            continue
-    return 0
-
-
 def connection_cap(
     wanted: int = MAX_CONNECTIONS, *, soft_limit: int | None = None, in_use: int | None = None
 ) -> int:
@@ -117,7 +106,7 @@ def connection_cap(
     if soft_limit == resource.RLIM_INFINITY or soft_limit < 0:
         return max(1, wanted)
     if in_use is None:
-        in_use = _fds_in_use()
+        in_use = fds_in_use()
     return max(1, min(wanted, (soft_limit - in_use) // FD_SHARE))
 
 

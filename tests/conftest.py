@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -185,16 +186,25 @@ class AgentProcess:
     logs: list[str] = field(default_factory=list)
     #: more arguments of ``run`` (e.g. ``--log-format text``)
     args: tuple[str, ...] = ()
+    #: RLIMIT_NOFILE (soft and hard) of the child; None: this process's
+    nofile: int | None = None
 
     def start(self) -> AgentProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's lifetime
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "-c", str(self.config), *self.args],
             env=self.env,
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            preexec_fn=limit if nofile is not None else None,
         )
         handle.close()
         return self
@@ -231,13 +241,17 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     started: list[AgentProcess] = []
 
     def _spawn(
-        config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+        config: Path,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        nofile: int | None = None,
     ) -> AgentProcess:
         proc = AgentProcess(
             config=config,
             env=agent_env() if env is None else env,
             log_path=tmp_path / f"agent-{len(started)}.log",
             args=args,
+            nofile=nofile,
         ).start()
         started.append(proc)
         return proc

@@ -97,6 +97,7 @@ def start(tmp_path: Path, spawn: Spawn, server: TokenServer, api: ApiServer) -> 
         directory: Path | None = None,
         token_server: TokenServer | None = None,
         upstream_api: ApiServer | None = None,
+        nofile: int | None = None,
     ) -> Proxied:
         tokens = token_server or server
         behind = upstream_api or api
@@ -125,7 +126,7 @@ upstream = "{upstream or behind.url}"
 {proxy}
 """
         )
-        agent = spawn(config)
+        agent = spawn(config, nofile=nofile)
         proxied = Proxied(
             agent,
             behind,
@@ -535,6 +536,38 @@ def _one_request(p: Proxied) -> int:
             return client.get("/echo").status_code
     except httpx.HTTPError:
         return 0
+
+
+def test_with_few_file_descriptors_the_proxy_takes_its_share_and_the_agent_keeps_working(
+    start: Start, server: TokenServer
+) -> None:
+    """RLIMIT_NOFILE 160 (hard): max_connections 256 is lowered so that clients holding every
+    connection the proxy serves leave descriptors for the agent's own work (a refresh)."""
+    p = start("max_connections = 256", nofile=160)
+    capped = [line for line in _log_lines(p.agent) if line.get("event") == "proxy_capped"]
+    assert len(capped) == 1, p.agent.output()
+    message = str(capped[0]["msg"])
+    cap = int(message.split(" to ", 1)[1].split(":", 1)[0])
+    assert 1 <= cap < 256 and "LimitNOFILE" in message
+    held = []
+    for _ in range(cap):
+        raw = p.connect()
+        raw.sendall(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert _read_response(raw).startswith(b"HTTP/1.1 200")
+        held.append(raw)
+    extra = p.connect()
+    assert extra.recv(4096).startswith(b"HTTP/1.1 503")
+
+    def refreshed() -> int:
+        return sum(1 for line in _log_lines(p.agent) if line.get("event") == "token_refreshed")
+
+    before, done = len(server.token_requests()), refreshed()
+    answer = httpx.post(f"http://127.0.0.1:{p.health}/refresh", timeout=20)
+    assert answer.status_code == 202, answer.text
+    assert wait_for(lambda: refreshed() > done, timeout=20), p.agent.output()[-2000:]
+    assert len(server.token_requests()) == before + 1
+    for raw in held:
+        raw.close()
 
 
 # -------------------------------------------------------------------------- unix socket

@@ -309,3 +309,16 @@ def test_an_upstream_that_trickles_its_body_is_cut_after_request_timeout(
     finally:
         service.stop(2.0)
         upstream.close()
+
+
+def test_descriptor_caps_share_what_is_free_in_proportion() -> None:
+    import resource
+
+    from agent.proxy.service import descriptor_caps
+
+    wanted = {"a": 256, "b": 64}
+    assert descriptor_caps(wanted, soft_limit=65536, in_use=40) == wanted
+    assert descriptor_caps(wanted, soft_limit=resource.RLIM_INFINITY, in_use=40) == wanted
+    # 1024 - 24 free, half of it for the proxies, 3 descriptors a connection: 166 in all
+    assert descriptor_caps(wanted, soft_limit=1024, in_use=24) == {"a": 132, "b": 33}
+    assert descriptor_caps(wanted, soft_limit=30, in_use=29) == {"a": 1, "b": 1}

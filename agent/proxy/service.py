@@ -23,6 +23,7 @@ import errno
 import grp
 import logging
 import os
+import resource
 import socket
 import stat
 import threading
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from agent.oauth import TlsContexts
+from agent.process import fds_in_use, raise_descriptor_limit
 from agent.proxy.edge import TICK_SECONDS, Listener
 from agent.proxy.forward import Forwarder, Tokens
 from agent.proxy.settings import SOCKET_DIR, ProxySpec
@@ -58,6 +60,26 @@ def environment_proxy(upstream: str, environ: Mapping[str, str]) -> str | None:
             return None
     found = variable(f"{scheme}_proxy") or variable("all_proxy")
     return found if found.lower().startswith(("http://", "https://")) else None
+
+
+#: each proxied connection may hold three descriptors: the client's, the upstream's it uses,
+#: and an idle upstream connection kept for later
+FDS_PER_CONNECTION = 3
+#: the proxies together take at most this share of the descriptors free when they start; the
+#: rest stays for token and state files, HTTP clients, hooks and the health listener
+FD_SHARE = 2
+
+
+def descriptor_caps(wanted: Mapping[str, int], *, soft_limit: int, in_use: int) -> dict[str, int]:
+    """Each listener's ``max_connections``, lowered in proportion when together they could
+    take more than 1/FD_SHARE of the descriptors free (``soft_limit`` less ``in_use``)."""
+    if soft_limit == resource.RLIM_INFINITY or soft_limit < 0:
+        return dict(wanted)
+    budget = max(0, soft_limit - in_use) // FD_SHARE // FDS_PER_CONNECTION
+    total = sum(wanted.values())
+    if total <= budget:
+        return dict(wanted)
+    return {name: max(1, count * budget // total) for name, count in wanted.items()}
 
 
 class ProxyListenError(OSError):
@@ -106,8 +128,11 @@ class ProxyService:
         self._thread = threading.Thread(target=loop.run_forever, name="dvs-proxy", daemon=True)
         self._thread.start()
         try:
+            if specs:
+                raise_descriptor_limit()
+            caps = self._caps(specs)
             for spec in specs:
-                self._call(self._start_one(spec))
+                self._call(self._start_one(spec, caps[spec.profile]))
         except BaseException:
             self.stop(timeout=1.0)
             raise
@@ -120,11 +145,14 @@ class ProxyService:
             if wanted.get(name) != running.spec:
                 self._call(self._stop_one(name, timeout=5.0))
                 self._log.info("proxy stopped", extra={"profile": name, "event": "reload"})
-        for name, spec in wanted.items():
-            if name in self._running:
-                continue
+        starting = [spec for name, spec in wanted.items() if name not in self._running]
+        if starting:
+            raise_descriptor_limit()
+        caps = self._caps(starting)
+        for spec in starting:
+            name = spec.profile
             try:
-                self._call(self._start_one(spec))
+                self._call(self._start_one(spec, caps[name]))
             except ProxyListenError as exc:
                 self._log.error("%s", exc, extra={"profile": name, "event": "reload_failed"})
 
@@ -159,6 +187,26 @@ class ProxyService:
             self._loop = self._thread = None
         return clean
 
+    def _caps(self, specs: Sequence[ProxySpec]) -> dict[str, int]:
+        """The connections each listener may serve, within the descriptors free now."""
+        wanted = {spec.profile: spec.config.max_connections for spec in specs}
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        caps = descriptor_caps(wanted, soft_limit=soft, in_use=fds_in_use())
+        for name, cap in caps.items():
+            if cap < wanted[name]:
+                self._log.warning(
+                    "profiles.%s.proxy.max_connections lowered from %d to %d: the agent may "
+                    "open %d files (RLIMIT_NOFILE), and the proxies take at most half of those "
+                    "free, %d per connection; raise LimitNOFILE= in the unit to serve more",
+                    name,
+                    wanted[name],
+                    cap,
+                    soft,
+                    FDS_PER_CONNECTION,
+                    extra={"profile": name, "event": "proxy_capped"},
+                )
+        return caps
+
     def _call(self, coro: Coroutine[object, object, object]) -> None:
         assert self._loop is not None
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(_CALL_TIMEOUT)
@@ -178,12 +226,12 @@ class ProxyService:
             extra={"event": "proxy_internal"},
         )
 
-    async def _start_one(self, spec: ProxySpec) -> None:
+    async def _start_one(self, spec: ProxySpec, max_connections: int) -> None:
         cfg = spec.config
         loop = asyncio.get_running_loop()
         tls = self._tls.get(spec.ca_bundle) if spec.upstream.startswith("https:") else None
         route = route_of(spec.upstream, tls, environment_proxy(spec.upstream, os.environ))
-        pool = UpstreamPool(loop, route, idle_max=cfg.max_connections)
+        pool = UpstreamPool(loop, route, idle_max=max_connections)
         forwarder = Forwarder(
             spec,
             tokens=self._tokens,
@@ -197,7 +245,7 @@ class ProxyService:
             exchange=forwarder,
             refused=forwarder.refused,
             log=self._log,
-            max_connections=cfg.max_connections,
+            max_connections=max_connections,
             max_header_size=int(cfg.max_header_size),
             client_timeout=cfg.client_timeout.total_seconds(),
         )
