@@ -61,9 +61,9 @@ def fds_in_use() -> int:
 
 def raise_descriptor_limit() -> int:
     """Raise ``RLIMIT_NOFILE``'s soft limit to its hard limit (to
-    :data:`DESCRIPTOR_LIMIT_CEILING` when that is unlimited), as Go's runtime does; the soft
-    limit now in force.
-    systemd gives services 1024 soft, 524288 hard: the proxy needs more than 1024."""
+    :data:`DESCRIPTOR_LIMIT_CEILING` when that is unlimited), as Go's runtime does, and
+    return the soft limit now in force. systemd gives services 1024 soft and 524288 hard; a
+    proxy serving 256 connections may need more than 1024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = DESCRIPTOR_LIMIT_CEILING if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and target > soft:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -65,6 +66,20 @@ _CYCLE = bytes(range(256))
 _HELLO = b"hello\n"
 _REALM = 'Bearer realm="dvs-api"'
 _INVALID = 'Bearer error="invalid_token"'
+
+
+def tls_context(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A test CA's certificate file (in ``directory``) and a server context whose certificate
+    it signs, for ``ApiServer(tls=...)``."""
+    from tests.vault_logins import make_ca, make_server_cert
+
+    ca = make_ca("upstream test CA")
+    ca_cert = directory / "ca.pem"
+    ca_cert.write_text(ca.cert_pem)
+    files = make_server_cert(ca, directory / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert, files.key)
+    return ca_cert, context
 
 
 def pattern(size: int, offset: int = 0) -> bytes:

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import ssl
 import stat
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from agent.devserver import Fault, TokenServer
-from tests.api_server import ApiServer, pattern_sha256
+from tests.api_server import ApiServer, pattern_sha256, tls_context
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -475,14 +474,7 @@ def test_a_slow_upstream_is_a_504_after_request_timeout(start: Start) -> None:
 def test_an_untrusted_upstream_certificate_is_a_502_naming_the_ca_setting(
     start: Start, server: TokenServer, tmp_path: Path
 ) -> None:
-    from tests.vault_logins import make_ca, make_server_cert
-
-    ca = make_ca("upstream test CA")
-    ca_cert = tmp_path / "ca.pem"
-    ca_cert.write_text(ca.cert_pem)
-    files = make_server_cert(ca, tmp_path / "certs")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(files.cert, files.key)
+    ca_cert, context = tls_context(tmp_path)
     with ApiServer(server, tls=context) as tls_api:
         untrusted = start(upstream=tls_api.url.replace("http://", "https://"))
         with untrusted.client() as client:

@@ -10,19 +10,17 @@ import dataclasses
 import hashlib
 import re
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
 
-from agent.proxy.service import ProxyService
-from tests.api_server import ApiServer, pattern_sha256
+from tests.api_server import ApiServer, pattern_sha256, tls_context
 from tests.test_proxy_service import Scripted, _serve, _spec
-from tests.vault_logins import make_ca, make_server_cert
 
 Handler = Callable[[socket.socket, bytes], None]
 
@@ -58,6 +56,12 @@ class _Acceptor:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class RawUpstream(_Acceptor):
     """An upstream that answers each request head with ``handler(conn, head)`` (raw bytes),
@@ -89,10 +93,29 @@ class RawUpstream(_Acceptor):
                     return
 
 
-def _raw_service(api: ApiServer, upstream: RawUpstream, **keys: object) -> tuple[ProxyService, int]:
+@contextlib.contextmanager
+def _proxy(
+    api: ApiServer,
+    *,
+    upstream: str | None = None,
+    ca_bundle: str | None = None,
+    tokens: Scripted | None = None,
+    **keys: object,
+) -> Iterator[int]:
+    """A proxy service with one listener (to ``upstream``, default ``api``): its port; it is
+    stopped at the end."""
     spec, url = _spec(api, **keys)
-    spec = dataclasses.replace(spec, upstream=f"http://127.0.0.1:{upstream.port}")
-    return _serve(Scripted(api), spec), int(url.rsplit(":", 1)[1])
+    if upstream is not None:
+        spec = dataclasses.replace(spec, upstream=upstream, ca_bundle=ca_bundle)
+    service = _serve(tokens or Scripted(api), spec)
+    try:
+        yield int(url.rsplit(":", 1)[1])
+    finally:
+        service.stop(2.0)
+
+
+def _raw(upstream: RawUpstream) -> str:
+    return f"http://127.0.0.1:{upstream.port}"
 
 
 def _exchange(port: int, data: bytes, *, shut: bool = False, wait: float = 5.0) -> bytes:
@@ -116,10 +139,7 @@ def _host(port: int) -> bytes:
 
 
 def test_pipelined_requests_are_answered_in_order(api: ApiServer) -> None:
-    spec, url = _spec(api)
-    service = _serve(Scripted(api), spec)
-    port = int(url.rsplit(":", 1)[1])
-    try:
+    with _proxy(api) as port:
         requests = b"".join(
             b"GET /status/%d HTTP/1.1\r\n" % status + _host(port) + b"\r\n"
             for status in (201, 202, 203)
@@ -129,15 +149,10 @@ def test_pipelined_requests_are_answered_in_order(api: ApiServer) -> None:
         )
         statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
         assert statuses == [b"201", b"202", b"203", b"200"], out[:300]
-    finally:
-        service.stop(2.0)
 
 
 def test_a_flood_of_pipelined_requests_is_served_one_by_one(api: ApiServer) -> None:
-    spec, url = _spec(api)
-    service = _serve(Scripted(api), spec)
-    port = int(url.rsplit(":", 1)[1])
-    try:
+    with _proxy(api) as port:
         one = b"GET /status/204 HTTP/1.1\r\n" + _host(port) + b"\r\n"
         out = _exchange(
             port,
@@ -146,51 +161,38 @@ def test_a_flood_of_pipelined_requests_is_served_one_by_one(api: ApiServer) -> N
         )
         assert out.count(b"HTTP/1.1 204 ") == 2000
         assert out.count(b"HTTP/1.1 200 ") == 1
-    finally:
-        service.stop(2.0)
 
 
 def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
     api: ApiServer,
 ) -> None:
-    spec, url = _spec(api)
-    service = _serve(Scripted(api), spec)
-    port = int(url.rsplit(":", 1)[1])
-    try:
+    with _proxy(api) as port:
         out = _exchange(
             port, b"GET /slow?seconds=0.3 HTTP/1.1\r\n" + _host(port) + b"\r\n", shut=True
         )
         assert out.startswith(b"HTTP/1.1 200 "), out
         assert b"Connection: close" in out
-    finally:
-        service.stop(2.0)
 
 
 def test_head_answers_carry_the_length_and_no_body_and_the_connection_is_reused(
     api: ApiServer,
 ) -> None:
-    spec, url = _spec(api)
-    service = _serve(Scripted(api), spec)
-    try:
+    with _proxy(api) as port:
+        url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=10) as client:
             head = client.head("/stream?bytes=5000&length=1")
             assert head.status_code == 200 and head.headers["Content-Length"] == "5000"
             assert head.content == b""
             after = client.get("/stream?bytes=5000&length=1")
             assert after.status_code == 200 and len(after.content) == 5000
-    finally:
-        service.stop(2.0)
 
 
 def test_chunked_answers_are_rechunked_for_http11_and_close_delimited_for_http10(
     api: ApiServer,
 ) -> None:
-    spec, url = _spec(api)
-    service = _serve(Scripted(api), spec)
-    port = int(url.rsplit(":", 1)[1])
-    size = 300_000
-    try:
-        with httpx.Client(base_url=url, timeout=10) as client:
+    with _proxy(api) as port:
+        size = 300_000
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             answer = client.get(f"/stream?bytes={size}")  # chunked by the upstream
             assert answer.headers.get("Transfer-Encoding") == "chunked"
             assert hashlib.sha256(answer.content).hexdigest() == pattern_sha256(size)
@@ -199,8 +201,6 @@ def test_chunked_answers_are_rechunked_for_http11_and_close_delimited_for_http10
         assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head.lower()
         assert b"Connection: close" in head
         assert hashlib.sha256(body).hexdigest() == pattern_sha256(size)
-    finally:
-        service.stop(2.0)
 
 
 def test_a_close_delimited_answer_reaches_the_client_whole(api: ApiServer) -> None:
@@ -208,17 +208,15 @@ def test_a_close_delimited_answer_reaches_the_client_whole(api: ApiServer) -> No
         conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"z" * 100_000)
         conn.close()
 
-    upstream = RawUpstream(handler)
-    service, port = _raw_service(api, upstream)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for _ in range(2):  # the upstream connection is not reused
-                answer = client.get("/x")
-                assert answer.status_code == 200 and answer.content == b"z" * 100_000
+    with (
+        RawUpstream(handler) as upstream,
+        _proxy(api, upstream=_raw(upstream)) as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+    ):
+        for _ in range(2):  # the upstream connection is not reused
+            answer = client.get("/x")
+            assert answer.status_code == 200 and answer.content == b"z" * 100_000
         assert upstream.connections == 2
-    finally:
-        service.stop(2.0)
-        upstream.close()
 
 
 def test_early_hints_are_skipped_and_an_unasked_upgrade_is_a_502(api: ApiServer) -> None:
@@ -233,17 +231,15 @@ def test_early_hints_are_skipped_and_an_unasked_upgrade_is_a_502(api: ApiServer)
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
             )
 
-    upstream = RawUpstream(handler)
-    service, port = _raw_service(api, upstream)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            hints = client.get("/hints")
-            assert hints.status_code == 200 and hints.content == b"ok"
-            upgrade = client.get("/upgrade")
-            assert upgrade.status_code == 502 and "not valid HTTP" in upgrade.json()["error"]
-    finally:
-        service.stop(2.0)
-        upstream.close()
+    with (
+        RawUpstream(handler) as upstream,
+        _proxy(api, upstream=_raw(upstream)) as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+    ):
+        hints = client.get("/hints")
+        assert hints.status_code == 200 and hints.content == b"ok"
+        upgrade = client.get("/upgrade")
+        assert upgrade.status_code == 502 and "not valid HTTP" in upgrade.json()["error"]
 
 
 def test_an_idle_connection_the_upstream_closed_is_not_a_502(api: ApiServer) -> None:
@@ -255,17 +251,15 @@ def test_an_idle_connection_the_upstream_closed_is_not_a_502(api: ApiServer) -> 
         time.sleep(0.1)
         conn.close()
 
-    upstream = RawUpstream(handler)
-    service, port = _raw_service(api, upstream)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for _ in range(5):
-                answer = client.get("/x")
-                assert answer.status_code == 200, answer.text
-                time.sleep(0.3)
-    finally:
-        service.stop(2.0)
-        upstream.close()
+    with (
+        RawUpstream(handler) as upstream,
+        _proxy(api, upstream=_raw(upstream)) as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+    ):
+        for _ in range(5):
+            answer = client.get("/x")
+            assert answer.status_code == 200, answer.text
+            time.sleep(0.3)
 
 
 def test_a_reused_connection_closed_unanswered_is_retried_once_for_idempotent_requests(
@@ -283,27 +277,22 @@ def test_a_reused_connection_closed_unanswered_is_retried_once_for_idempotent_re
         answered.append(head)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    upstream = RawUpstream(handler)
-    service, port = _raw_service(api, upstream)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            assert client.get("/first").status_code == 200
-            answered.clear()
-            again = client.get("/second")  # on the kept connection: dropped, then retried
-            assert again.status_code == 200, again.text
-            post = client.post("/third", content=b"x")
-            assert post.status_code == 502
-            assert "closed the connection without an answer" in post.json()["error"]
-    finally:
-        service.stop(2.0)
-        upstream.close()
+    with (
+        RawUpstream(handler) as upstream,
+        _proxy(api, upstream=_raw(upstream)) as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+    ):
+        assert client.get("/first").status_code == 200
+        answered.clear()
+        again = client.get("/second")  # on the kept connection: dropped, then retried
+        assert again.status_code == 200, again.text
+        post = client.post("/third", content=b"x")
+        assert post.status_code == 502
+        assert "closed the connection without an answer" in post.json()["error"]
 
 
 def test_both_content_length_and_transfer_encoding_is_a_400(api: ApiServer) -> None:
-    spec, url = _spec(api)
-    service = _serve(Scripted(api), spec)
-    port = int(url.rsplit(":", 1)[1])
-    try:
+    with _proxy(api) as port:
         smuggle = (
             b"POST /upload HTTP/1.1\r\n" + _host(port) + b"Content-Length: 4\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /echo HTTP/1.1\r\n\r\n"
@@ -312,15 +301,10 @@ def test_both_content_length_and_transfer_encoding_is_a_400(api: ApiServer) -> N
         assert out.startswith(b"HTTP/1.1 400 "), out
         assert out.count(b"HTTP/1.1 ") == 1
         assert api.requests() == []
-    finally:
-        service.stop(2.0)
 
 
 def test_an_upgrade_request_is_forwarded_without_upgrading_then_closed(api: ApiServer) -> None:
-    spec, url = _spec(api)
-    service = _serve(Scripted(api), spec)
-    port = int(url.rsplit(":", 1)[1])
-    try:
+    with _proxy(api) as port:
         out = _exchange(
             port,
             b"GET /echo HTTP/1.1\r\n"
@@ -330,8 +314,6 @@ def test_an_upgrade_request_is_forwarded_without_upgrading_then_closed(api: ApiS
         assert out.startswith(b"HTTP/1.1 200 "), out
         [seen] = api.requests()
         assert not seen.header("Upgrade")
-    finally:
-        service.stop(2.0)
 
 
 def test_a_large_401_that_is_not_replayed_comes_back_whole(api: ApiServer) -> None:
@@ -342,24 +324,19 @@ def test_a_large_401_that_is_not_replayed_comes_back_whole(api: ApiServer) -> No
     def handler(conn: socket.socket, head: bytes) -> None:
         conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
 
-    upstream = RawUpstream(handler)
-    spec, url = _spec(api)
-    spec = dataclasses.replace(spec, upstream=f"http://127.0.0.1:{upstream.port}")
     tokens = Scripted(api, mint=False)  # a renewal brings the same token: no replay
-    service = _serve(tokens, spec)
-    try:
-        answer = httpx.get(url + "/x", timeout=10)
+    with (
+        RawUpstream(handler) as upstream,
+        _proxy(api, upstream=_raw(upstream), tokens=tokens) as port,
+    ):
+        answer = httpx.get(f"http://127.0.0.1:{port}/x", timeout=10)
         assert answer.status_code == 401 and answer.content == big
         assert tokens.renewals == 1
-    finally:
-        service.stop(2.0)
-        upstream.close()
 
 
 def test_a_held_chunked_body_reaches_the_upstream_with_its_length(api: ApiServer) -> None:
-    spec, url = _spec(api)
-    service = _serve(Scripted(api), spec)
-    try:
+    with _proxy(api) as port:
+        url = f"http://127.0.0.1:{port}"
 
         def body() -> Iterator[bytes]:
             yield b"a" * 1000
@@ -369,8 +346,6 @@ def test_a_held_chunked_body_reaches_the_upstream_with_its_length(api: ApiServer
         assert answer.json()["body_len"] == 2000
         [seen] = api.requests()
         assert seen.header("Content-Length") == ["2000"] and not seen.header("Transfer-Encoding")
-    finally:
-        service.stop(2.0)
 
 
 class ConnectProxy(_Acceptor):
@@ -408,31 +383,21 @@ class ConnectProxy(_Acceptor):
 def test_an_https_upstream_is_reached_through_the_connect_tunnel_of_https_proxy(
     api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    where = tmp_path
-    ca = make_ca("upstream test CA")
-    ca_cert = where / "ca.pem"
-    ca_cert.write_text(ca.cert_pem)
-    files = make_server_cert(ca, where / "certs")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(files.cert, files.key)
+    ca_cert, context = tls_context(tmp_path)
     forward = ConnectProxy()
     monkeypatch.setenv("HTTPS_PROXY", f"http://user:p%40ss@127.0.0.1:{forward.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    with ApiServer(tls=context, check_tokens=False) as tls_api:
-        spec, url = _spec(api)
+    with ApiServer(tls=context, check_tokens=False) as tls_api, forward:
         upstream = tls_api.url.replace("http://", "https://")
-        spec = dataclasses.replace(spec, upstream=upstream, ca_bundle=str(ca_cert))
-        service = _serve(Scripted(api), spec)
-        try:
-            with httpx.Client(base_url=url, timeout=10) as client:
-                for _ in range(3):  # the tunnelled connection is kept alive and reused
-                    answer = client.get("/echo?via=tunnel")
-                    assert answer.status_code == 200, answer.text
-                    assert answer.json()["query"] == "via=tunnel"
-        finally:
-            service.stop(2.0)
-            forward.close()
+        with (
+            _proxy(api, upstream=upstream, ca_bundle=str(ca_cert)) as port,
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+        ):
+            for _ in range(3):  # the tunnelled connection is kept alive and reused
+                answer = client.get("/echo?via=tunnel")
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["query"] == "via=tunnel"
     [head] = forward.heads
     assert head.startswith(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n" % tls_api.port)
     assert b"Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in head  # user:p@ss
@@ -450,26 +415,17 @@ def test_a_forward_proxy_that_refuses_the_tunnel_is_a_502_naming_it(
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{forward.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    spec, url = _spec(api)
-    spec = dataclasses.replace(spec, upstream="https://api.example.test")
-    service = _serve(Scripted(api), spec)
-    try:
-        answer = httpx.get(url + "/x", timeout=10)
+    with forward, _proxy(api, upstream="https://api.example.test") as port:
+        answer = httpx.get(f"http://127.0.0.1:{port}/x", timeout=10)
         assert answer.status_code == 502
         error = answer.json()["error"]
         assert f"forward proxy 127.0.0.1:{forward.port}" in error and "407" in error, error
-    finally:
-        service.stop(2.0)
-        forward.close()
 
 
 def test_a_streamed_body_that_stalls_is_a_408_while_the_upstream_waits(api: ApiServer) -> None:
     """The body's sender waits for the client while the exchange waits for the upstream's
     answer: each has its own deadline (client_timeout for the body)."""
-    spec, url = _spec(api, client_timeout="1s", request_timeout="30s")
-    service = _serve(Scripted(api), spec)
-    port = int(url.rsplit(":", 1)[1])
-    try:
+    with _proxy(api, client_timeout="1s", request_timeout="30s") as port:
         head = (
             b"POST /upload HTTP/1.1\r\n" + _host(port) + b"Content-Length: %d\r\n\r\n" % (3 << 20)
         )
@@ -477,8 +433,6 @@ def test_a_streamed_body_that_stalls_is_a_408_while_the_upstream_waits(api: ApiS
         out = _exchange(port, head + b"x" * (2 << 20), wait=10)
         assert out.startswith(b"HTTP/1.1 408 "), out[:200]
         assert time.monotonic() - began < 6
-    finally:
-        service.stop(2.0)
 
 
 def test_an_answer_nobody_asked_for_is_never_given_to_the_next_request(api: ApiServer) -> None:
@@ -491,14 +445,12 @@ def test_an_answer_nobody_asked_for_is_never_given_to_the_next_request(api: ApiS
         time.sleep(0.2)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!")
 
-    upstream = RawUpstream(handler)
-    service, port = _raw_service(api, upstream)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            assert client.get("/one").content == b"/one"
-            time.sleep(0.5)  # the unasked-for answer has come
-            assert client.get("/two").content == b"/two"
+    with (
+        RawUpstream(handler) as upstream,
+        _proxy(api, upstream=_raw(upstream)) as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+    ):
+        assert client.get("/one").content == b"/one"
+        time.sleep(0.5)  # the unasked-for answer has come
+        assert client.get("/two").content == b"/two"
         assert upstream.connections == 2
-    finally:
-        service.stop(2.0)
-        upstream.close()

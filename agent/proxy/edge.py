@@ -289,8 +289,7 @@ class ClientConnection(asyncio.Protocol):
         # reading paused by the body's flow control, or until the answer ends
         self._read_paused = False
         self._hold_reading = False
-        # writing: paused by the transport (the client reads slowly), since when
-        self._can_write: asyncio.Future[None] | None = None
+        #: when the transport paused writing (the client reads slowly); 0.0: not paused
         self.write_paused_at = 0.0
         # the one future the exchange awaits with a deadline, and what it then fails with
         self._wait: asyncio.Future[Any] | None = None
@@ -329,8 +328,6 @@ class ClientConnection(asyncio.Protocol):
             current.body.end(ClientGone())
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        if self._can_write is not None and not self._can_write.done():
-            self._can_write.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self._parse_dead:
@@ -367,13 +364,9 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        self._can_write = self.loop.create_future()
         self.write_paused_at = time.monotonic()
 
     def resume_writing(self) -> None:
-        if self._can_write is not None and not self._can_write.done():
-            self._can_write.set_result(None)
-        self._can_write = None
         self.write_paused_at = 0.0
         if self.on_writable is not None:
             self.on_writable()
@@ -528,7 +521,7 @@ class ClientConnection(asyncio.Protocol):
                 transport.pause_reading()
 
     def writable(self) -> bool:
-        return self._can_write is None
+        return not self.write_paused_at
 
     # --------------------------------------------------------------------- deadlines
     def waiting(

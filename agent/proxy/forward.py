@@ -35,6 +35,7 @@ import os
 import socket
 import ssl
 import time
+from http import HTTPStatus
 from typing import Protocol
 
 from agent.models import Token
@@ -49,12 +50,14 @@ from agent.proxy.edge import (
 )
 from agent.proxy.settings import REPLAY_BODY_LIMIT, Listen, ProxySpec
 from agent.proxy.upstream import (
+    CONNECT_SECONDS,
     BadAnswer,
     ForwardProxyError,
     Head,
     Upstream,
     UpstreamClosed,
     UpstreamPool,
+    succeeded,
 )
 from agent.recorder import Recorder
 
@@ -126,14 +129,16 @@ _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 _RESPONSE_DROP = HOP_BY_HOP | _REFRAMED
 
 
-def _dropped(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> frozenset[bytes]:
-    """``drop`` and the names listed in the headers' Connection values."""
-    for name, _ in headers:
-        if name.lower() == b"connection":
-            named = _connection_tokens(headers)
-            # most name only keep-alive or close: no new set per request then
-            return drop if named <= _PLAIN_CONNECTION else drop | named
-    return drop
+def _dropped(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes], connection: bool
+) -> frozenset[bytes]:
+    """``drop`` and the names listed in the headers' Connection values (``connection``: the
+    headers hold one, as noted while parsing)."""
+    if not connection:
+        return drop
+    named = _connection_tokens(headers)
+    # most name only keep-alive or close: no new set per message then
+    return drop if named <= _PLAIN_CONNECTION else drop | named
 
 
 def forwarded_request_headers(
@@ -141,7 +146,7 @@ def forwarded_request_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The client's headers as the upstream gets them (framing aside), with the bearer token
     (``connection``: a Connection header may name more to drop)."""
-    drop = _dropped(headers, _REQUEST_DROP) if connection else _REQUEST_DROP
+    drop = _dropped(headers, _REQUEST_DROP, connection)
     out = [(n, v) for n, v in headers if n.lower() not in drop]
     out.append((b"Authorization", b"Bearer " + bearer))
     return out
@@ -151,11 +156,14 @@ def _reason(status: int, text: bytes) -> bytes:
     if text and len(text) <= 64 and text.isascii() and text.decode("ascii").isprintable():
         return text
     try:
-        from http import HTTPStatus
-
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b"Unknown"
+
+
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body (never empty: that would end the body)."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"
 
 
 class _Relay:
@@ -167,10 +175,7 @@ class _Relay:
         self.conn, self.chunked = conn, chunked
 
     def body(self, chunk: bytes) -> None:
-        if self.chunked:
-            self.conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-        else:
-            self.conn.send(chunk)
+        self.conn.send(_chunk(chunk) if self.chunked else chunk)
 
     def writable(self) -> bool:
         return self.conn.writable()
@@ -201,6 +206,7 @@ class Forwarder:
         self._access = access
         self._access_log = self._cfg.access_log
         self._max_body = int(self._cfg.max_body)
+        self._too_large = f"the body is larger than max_body ({self._max_body} bytes)"
         self._hosts = self._allowed_hosts(spec.listen)
         self._client_timeout = self._cfg.client_timeout.total_seconds()
         self._request_timeout = self._cfg.request_timeout.total_seconds()
@@ -349,7 +355,7 @@ class Forwarder:
                 return 403, "requests with an Origin header (from a browser) are refused"
         length = request.body.length
         if length is not None and length > self._max_body:
-            return 413, f"the body is larger than max_body ({self._max_body} bytes)"
+            return 413, self._too_large
         return None
 
     def _no_token(self, conn: ClientConnection, request: Request) -> int:
@@ -401,9 +407,7 @@ class Forwarder:
                 held += chunk
                 self._held += len(chunk)
                 if len(held) > self._max_body:
-                    raise BodyError(
-                        413, f"the body is larger than max_body ({self._max_body} bytes)"
-                    )
+                    raise BodyError(413, self._too_large)
         except BaseException:
             self._held -= len(held)
             raise
@@ -415,14 +419,14 @@ class Forwarder:
         chunk = first
         while True:
             if chunk:
-                up.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n" if chunked else chunk)
+                up.write(_chunk(chunk) if chunked else chunk)
                 await up.drain()
             chunk = await body.read()
             if not chunk:
                 break
             total += len(chunk)
             if total > self._max_body:
-                raise BodyError(413, f"the body is larger than max_body ({self._max_body} bytes)")
+                raise BodyError(413, self._too_large)
         if chunked:
             up.write(b"0\r\n\r\n")
 
@@ -463,7 +467,7 @@ class Forwarder:
         return b"".join(parts)
 
     async def _connect(self) -> Upstream:
-        async with asyncio.timeout(min(10.0, self._request_timeout)):
+        async with asyncio.timeout(min(CONNECT_SECONDS, self._request_timeout)):
             return await self._pool.connect()
 
     async def _ask(
@@ -561,7 +565,7 @@ class Forwarder:
         try:
             await self._relay(conn, request, up, head)
         finally:
-            if sender is not None and not _sent(sender):
+            if sender is not None and not succeeded(sender):
                 # the upstream answered before it took the whole body (or the body broke
                 # off after its answer began): neither connection can carry another request
                 sender.cancel()
@@ -571,7 +575,7 @@ class Forwarder:
         return head.status
 
     def _discard(self, up: Upstream) -> None:
-        if up.done.done() and not up.done.cancelled() and up.done.exception() is None:
+        if succeeded(up.done):
             self._pool.give_back(up)
         else:
             up.abort()
@@ -586,22 +590,15 @@ class Forwarder:
             if len(self._status_lines) < 64:
                 self._status_lines[(status, head.reason)] = line
         parts = [line]
-        drop = _dropped(head.headers, _RESPONSE_DROP)
-        length: bytes | None = None
-        framed = False  # chunked by the upstream
+        drop = _dropped(head.headers, _RESPONSE_DROP, head.connection)
         for name, value in head.headers:
-            lower = name.lower()
-            if lower in drop:
-                if lower == b"content-length":
-                    length = value
-                elif lower == b"transfer-encoding":
-                    framed = True
-                continue
-            parts += (name, b": ", value, b"\r\n")
+            if name.lower() not in drop:
+                parts += (name, b": ", value, b"\r\n")
+        length = head.length
         bodiless = request.method == b"HEAD" or status in _NO_BODY
         chunked = False
         close = not request.keep_alive or conn.closing_after
-        if not bodiless and (length is None or framed):
+        if not bodiless and (length is None or head.encoded):
             length = None
             if request.version == "1.1":
                 chunked = True
@@ -625,17 +622,15 @@ class Forwarder:
         sink = _Relay(conn, chunked)
         held_chunks = up.relay(sink)
         if held_chunks:  # the head and the body received so far in one write
-            parts.append(
-                b"%x\r\n" % len(held_chunks) + held_chunks + b"\r\n" if chunked else held_chunks
-            )
-        if chunked and up.done.done() and up.done.exception() is None:
+            parts.append(_chunk(held_chunks) if chunked else held_chunks)
+        ended = succeeded(up.done)
+        if chunked and ended:
             parts.append(b"0\r\n\r\n")
-            chunked = False
         conn.send(b"".join(parts))
         conn.answer_began = True
         if up.done.done():
-            if up.done.exception() is not None:
-                conn.abort()
+            if not ended:
+                conn.abort()  # it broke off before the answer was sent
             return
         cut: list[str] = []
 
@@ -748,11 +743,6 @@ class Forwarder:
             "%s", error, extra={"profile": self._profile, "event": "proxy_upstream_error"}
         )
         return self._answer(conn, request, status, error)
-
-
-def _sent(task: asyncio.Task[None]) -> bool:
-    """The body's sender ended having sent it whole."""
-    return task.done() and not task.cancelled() and task.exception() is None
 
 
 def _sender_ended(up: Upstream, task: asyncio.Task[None]) -> None:

@@ -128,8 +128,6 @@ class ProxyService:
         self._thread = threading.Thread(target=loop.run_forever, name="dvs-proxy", daemon=True)
         self._thread.start()
         try:
-            if specs:
-                raise_descriptor_limit()
             caps = self._caps(specs)
             for spec in specs:
                 self._call(self._start_one(spec, caps[spec.profile]))
@@ -146,8 +144,6 @@ class ProxyService:
                 self._call(self._stop_one(name, timeout=5.0))
                 self._log.info("proxy stopped", extra={"profile": name, "event": "reload"})
         starting = [spec for name, spec in wanted.items() if name not in self._running]
-        if starting:
-            raise_descriptor_limit()
         caps = self._caps(starting)
         for spec in starting:
             name = spec.profile
@@ -188,9 +184,12 @@ class ProxyService:
         return clean
 
     def _caps(self, specs: Sequence[ProxySpec]) -> dict[str, int]:
-        """The connections each listener may serve, within the descriptors free now."""
+        """The connections each listener may serve, within the descriptors free once the
+        soft limit is raised to the hard one."""
         wanted = {spec.profile: spec.config.max_connections for spec in specs}
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if not wanted:
+            return {}
+        soft = raise_descriptor_limit()
         caps = descriptor_caps(wanted, soft_limit=soft, in_use=fds_in_use())
         for name, cap in caps.items():
             if cap < wanted[name]:

@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -55,14 +55,25 @@ class ForwardProxyError(OSError):
 
 
 class Head(NamedTuple):
-    """An upstream answer's status line and headers (raw bytes, as sent)."""
+    """An upstream answer's status line and headers (raw bytes, as sent), and its framing as
+    noted while they were parsed."""
 
     status: int
     reason: bytes
     headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
+    #: the Content-Length value (the last one), None without one
+    length: bytes | None
+    #: a Transfer-Encoding header came (the body is framed by it, not by a length)
+    encoded: bool
+    #: a Connection header came (it may name more headers to drop)
+    connection: bool
     #: the answer's body is delimited by the connection's close (no length, not chunked)
     until_close: bool
+
+
+def succeeded(future: asyncio.Future[Any]) -> bool:
+    """``future`` is done with a result (neither cancelled nor failed)."""
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 class Sink(Protocol):
@@ -86,6 +97,8 @@ class Upstream(asyncio.Protocol):
         self.done: asyncio.Future[None] = loop.create_future()
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
+        self._length: bytes | None = None
+        self._encoded = self._chunked = self._connection = False
         self._head_bytes = self._head_size = 0
         self._in_head = False
         self._head_only = False
@@ -107,6 +120,7 @@ class Upstream(asyncio.Protocol):
         self.head = self._loop.create_future()
         self.done = self._loop.create_future()
         self._headers, self._reason, self._head_bytes, self._head_size = [], b"", 0, 0
+        self._length, self._encoded, self._chunked, self._connection = None, False, False, False
         self._in_head, self._head_only, self._reusable = True, head_only, False
         self._sink, self._held, self._held_size = None, [], 0
         self.last_read = self._sent = time.monotonic()
@@ -120,7 +134,7 @@ class Upstream(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait while the upstream reads slower than the request body comes."""
         if self._can_write is not None:
-            await asyncio.shield(self._can_write)
+            await self._can_write
         if self.closed:
             raise UpstreamClosed(began=self.head.done())
 
@@ -207,6 +221,14 @@ class Upstream(asyncio.Protocol):
             if self._head_size > HEAD_LIMIT:
                 self._fail(BadAnswer())
                 raise BadAnswer  # stops the parser
+            lower = name.lower()
+            if lower == b"content-length":
+                self._length = value
+            elif lower == b"transfer-encoding":
+                self._encoded = True
+                self._chunked = self._chunked or b"chunked" in value.lower()
+            elif lower == b"connection":
+                self._connection = True
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -214,20 +236,28 @@ class Upstream(asyncio.Protocol):
             if status == 101:
                 self._fail(BadAnswer())  # no upgrade was asked for
                 return
-            self._headers, self._reason = [], b""  # 103 Early Hints and the like: skipped
+            # 103 Early Hints and the like: skipped
+            self._headers, self._reason = [], b""
+            self._length, self._encoded, self._chunked, self._connection = None, False, False, False
             return
         self._in_head = False
         self.waited = time.monotonic() - self._sent
-        keep_alive = self._parser.should_keep_alive()
-        until_close = self._until_close_headers(status)
+        until_close = (
+            status not in (204, 304)
+            and self._length is None
+            and not self._chunked
+            and not self._head_only
+        )
         if not self.head.done():
             self.head.set_result(
                 Head(
                     status,
                     self._reason,
                     self._headers,
-                    keep_alive,
-                    until_close and not self._head_only,
+                    self._length,
+                    self._encoded,
+                    self._connection,
+                    until_close,
                 )
             )
         if self._head_only:  # HEAD: llhttp would wait for the body that Content-Length names
@@ -259,22 +289,7 @@ class Upstream(asyncio.Protocol):
 
     # ------------------------------------------------------------------------- helpers
     def _until_close(self) -> bool:
-        return (
-            self.head.done()
-            and not self.head.cancelled()
-            and (self.head.exception() is None and self.head.result().until_close)
-        )
-
-    def _until_close_headers(self, status: int) -> bool:
-        if status in (204, 304):
-            return False
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                return False
-            if lower == b"transfer-encoding" and b"chunked" in value.lower():
-                return False
-        return True
+        return succeeded(self.head) and self.head.result().until_close
 
     def _fail(self, exc: BaseException) -> None:
         self._reusable = False
