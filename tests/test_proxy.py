@@ -29,6 +29,7 @@ from tests.conftest import (
     CLIENT_SECRET,
     AgentProcess,
     Spawn,
+    agent_env,
     metric_samples,
     metric_value,
     wait_for,
@@ -97,6 +98,7 @@ def start(tmp_path: Path, spawn: Spawn, server: TokenServer, api: ApiServer) -> 
         token_server: TokenServer | None = None,
         upstream_api: ApiServer | None = None,
         nofile: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proxied:
         tokens = token_server or server
         behind = upstream_api or api
@@ -125,7 +127,7 @@ upstream = "{upstream or behind.url}"
 {proxy}
 """
         )
-        agent = spawn(config, nofile=nofile)
+        agent = spawn(config, env, nofile=nofile)
         proxied = Proxied(
             agent,
             behind,
@@ -717,6 +719,51 @@ def test_a_reload_of_the_proxy_table_restarts_only_the_listener(
     assert extra.recv(4096).startswith(b"HTTP/1.1 503")  # the new cap
     held.close()
     assert len(server.token_requests()) == before  # the profile kept its token
+
+
+def test_wall_clock_steps_do_not_expire_the_token_the_proxy_uses(
+    start: Start, tmp_path: Path
+) -> None:
+    """Under libfaketime the agent's wall clock jumps 3 h ahead, then 1 h back: the proxy goes
+    on answering with its 2-hour token (validity follows real elapsed time), asks for no new
+    one, and its deadlines (monotonic) neither fire early nor stall."""
+    from tests.test_clock_steps import _libfaketime
+
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    env = agent_env(
+        LD_PRELOAD=_libfaketime(),
+        FAKETIME_TIMESTAMP_FILE=str(offset),
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+        FAKETIME_NO_CACHE="1",
+    )
+    with (
+        TokenServer(clients={CLIENT_ID: CLIENT_SECRET}, expires_in=7200) as server,
+        ApiServer(server) as api,
+    ):
+        p = start(
+            'request_timeout = "2s"',
+            env=env,
+            directory=tmp_path / "agent",
+            token_server=server,
+            upstream_api=api,
+        )
+        _step_and_ask(p, offset)
+        assert len(server.token_requests()) == 1
+    assert '"event":"clock_step"' in p.agent.output()
+
+
+def _step_and_ask(p: Proxied, offset: Path) -> None:
+    with p.client() as client:
+        assert client.get("/echo").status_code == 200
+        for step in ("+3h", "-1h"):
+            offset.write_text(f"{step}\n")
+            time.sleep(1.0)
+            for _ in range(5):
+                answer = client.get("/echo")
+                assert answer.status_code == 200, answer.text
+            slow = client.get("/slow?seconds=6")  # request_timeout still counts real time
+            assert slow.status_code == 504, slow.text
 
 
 def test_a_burst_of_sighups_leaves_the_proxy_serving_on_its_kept_connections(

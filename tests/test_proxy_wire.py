@@ -454,3 +454,24 @@ def test_an_answer_nobody_asked_for_is_never_given_to_the_next_request(api: ApiS
         time.sleep(0.5)  # the unasked-for answer has come
         assert client.get("/two").content == b"/two"
         assert upstream.connections == 2
+
+
+def test_an_upstream_that_trickles_its_answer_head_is_a_504_at_request_timeout(
+    api: ApiServer,
+) -> None:
+    """request_timeout bounds the whole wait for the answer's head: bytes that come one by
+    one do not extend it."""
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 100:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.1)
+
+    with (
+        RawUpstream(handler) as upstream,
+        _proxy(api, upstream=_raw(upstream), request_timeout="1s") as port,
+    ):
+        began = time.monotonic()
+        answer = httpx.get(f"http://127.0.0.1:{port}/x", timeout=20)
+        assert answer.status_code == 504 and "request_timeout (1s)" in answer.json()["error"]
+        assert time.monotonic() - began < 5
