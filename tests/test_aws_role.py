@@ -1039,7 +1039,7 @@ path = "/nonexistent/token"
     assert iam.sessions(role), "the queue was read through an assumed session"
 
 
-def test_profiles_reading_one_queue_as_different_roles_share_one_listener_and_are_warned(
+def test_profiles_reading_one_queue_as_different_identities_share_one_listener_and_are_warned(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Each message is taken once, so one queue has one listener, as the first role."""
@@ -1054,17 +1054,19 @@ sources = ["aws"]
 secret_id = "dvs/{name}"
 region = "us-east-1"
 events_queue_url = "{queue}"
-role_arn = "arn:aws:iam::123456789012:role/{role}"
+{f'role_arn = "arn:aws:iam::123456789012:role/{role}"' if role else ""}
 [[profiles.{name}.sinks]]
 path = "/nonexistent/{name}"
 """
-        for name, role in (("a", "reader-a"), ("b", "reader-b"), ("c", "reader-a"))
+        for name, role in (("a", "reader-a"), ("b", "reader-b"), ("c", "reader-a"), ("d", ""))
     )
     profiles = parse_config(tables, source="test").profiles
     with caplog.at_level(logging.WARNING, logger="test"):
         listeners = SQS_KIND.listeners(profiles, lambda p, d: None, logging.getLogger("test"))
     assert len(listeners) == 1
-    [warning] = [r.getMessage() for r in caplog.records if "different roles" in r.getMessage()]
-    assert "profiles a and b" in warning and "role/reader-a" in warning
+    warnings = [r.getMessage() for r in caplog.records if "different identities" in r.getMessage()]
+    assert len(warnings) == 2  # b (another role) and d (no role); not c (the same role)
+    assert "profiles a and b" in warnings[0] and "the role arn:aws:iam::" in warnings[0]
+    assert "role/reader-a" in warnings[0] and "profiles a and d" in warnings[1]
     for listener in listeners:
         listener.stop()

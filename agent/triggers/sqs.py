@@ -2,8 +2,9 @@
 
 A profile that reads the ``aws`` source and sets ``events_queue_url`` in ``[profiles.NAME.aws]``
 is woken when an event names its secret. One listener runs per distinct queue (and region),
-shared by the profiles that name it; with ``role_arn`` it reads the queue as that role (the
-first such profile's, when profiles on one queue name different roles: a warning says so).
+shared by the profiles that name it; with ``role_arn`` it reads the queue as that role (as
+the first profile's identity, role or none, when profiles on one queue differ: a warning
+says so).
 The listener, which imports boto3, is :class:`agent.stores.aws.events.SqsRotationListener`,
 imported only when a profile asks for it.
 """
@@ -28,8 +29,9 @@ class SqsTrigger(TriggerKind):
         logger: logging.Logger,
     ) -> list[RotationListener]:
         watched: dict[tuple[str, str | None], dict[str, list[str]]] = {}
-        #: the role each queue is read as: that of the first profile naming it with one
-        roles: dict[tuple[str, str | None], tuple[str, AssumedRole]] = {}
+        #: the identity each queue is read as: the first profile's that names it (its role,
+        #: or None: the agent's own credentials)
+        roles: dict[tuple[str, str | None], tuple[str, AssumedRole | None]] = {}
         for name, pc in profiles.items():
             aws = pc.table("aws")
             if not isinstance(aws, AwsSourceConfig) or "aws" not in pc.sources:
@@ -41,20 +43,18 @@ class SqsTrigger(TriggerKind):
             queue = (aws.events_queue_url, aws.region)
             watched.setdefault(queue, {})[name] = [aws.secret_id]
             role = assumed_role(aws, Where.of(name, ["aws"]))
-            if role is None:
-                continue
             first = roles.setdefault(queue, (name, role))
-            if first[1].arn != role.arn or first[1].external_id != role.external_id:
+            if _identity(first[1]) != _identity(role):
                 logger.warning(
-                    "profiles %s and %s read the events queue %s as different roles; one "
-                    "listener reads a queue (each message is taken once), as %s's role %s: "
-                    "allow it sqs:ReceiveMessage and sqs:DeleteMessage, or give each role "
-                    "its own queue",
+                    "profiles %s and %s read the events queue %s as different identities; "
+                    "one listener reads a queue (each message is taken once), as %s's: %s. "
+                    "Allow that identity sqs:ReceiveMessage and sqs:DeleteMessage, or give "
+                    "each identity its own queue",
                     first[0],
                     name,
                     aws.events_queue_url,
                     first[0],
-                    first[1].arn,
+                    f"the role {first[1].arn}" if first[1] else "the agent's own credentials",
                     extra={"event": "events_role_mismatch"},
                 )
         if not watched:
@@ -68,11 +68,16 @@ class SqsTrigger(TriggerKind):
                 endpoint_url=None,  # the queue URL's own endpoint
                 watch=watch,
                 on_rotation=on_rotation,
-                role=roles[queue][1] if queue in roles else None,
+                role=roles[queue][1],
                 logger=logger,
             )
             for queue, watch in watched.items()
         ]
+
+
+def _identity(role: AssumedRole | None) -> tuple[str, str | None] | None:
+    """What decides who a queue is read as: the role and its external id (None: no role)."""
+    return (role.arn, role.external_id) if role is not None else None
 
 
 KIND = SqsTrigger()
